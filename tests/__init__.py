@@ -1,0 +1,1 @@
+"""Test package marker (lets tests import shared helpers from conftest)."""
