@@ -1,0 +1,384 @@
+"""The network: a decoder-only transformer on one device.
+
+Two architectures share one module:
+  - "modern" (default): rotary position embeddings, RMSNorm (pre-norm), SwiGLU MLP, no biases,
+    grouped-query attention. Exports to transformers' LlamaForCausalLM.
+  - "gpt2": learned absolute positions, LayerNorm, GELU (tanh approximation) MLP, biases.
+    Exports to transformers' GPT2LMHeadModel.
+
+This module knows nothing of ranks, autocast, optimizers or compilation; the training machinery applies those
+from outside. Shapes in comments: B batch, T time (query length), S key length, C = n_embd, H heads,
+K kv heads, D head size, V vocab.
+
+FLOPs per token, the one definition used everywhere (MFU in the trainer and the benchmark):
+    6 * (weights of every matmul, the output head included, embedding lookups excluded)
+  + 12 * n_layer * n_embd * block_size          (attention scores and weighted values, forward + backward)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("modern", "gpt2")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048  # tokens in the vocabulary; the tokenizer is trained to exactly this size
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 means n_head (plain multi-head)
+    n_embd: int = 128  # residual stream width
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * n_embd (rounded up to a multiple of 8)
+    dropout: float = 0.0  # dropout on attention weights and residual branches (training only)
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    arch: str = "modern"  # "modern" (RoPE, RMSNorm, SwiGLU) or "gpt2" (learned positions, LayerNorm, GELU)
+    bias: bool = False  # biases in linear layers and norms (GPT-2 has them, Llama does not)
+    rope_theta: float = 10000.0  # rotary base frequency (modern only)
+    norm_eps: float = 1e-5  # epsilon of RMSNorm / LayerNorm
+    init_std: float = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 n_layer)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch={self.arch!r}: expected one of {ARCHS}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}")
+        if self.arch == "modern" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 8 * math.ceil(self.mlp_ratio * self.n_embd / 8)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}: expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Named shapes. Each fixes the tokenizer's vocab size too (the tokenizer is trained to vocab_size).
+PRESETS: dict[str, dict] = {
+    # The CPU default: ~1M parameters, sized for the 10-minute speedrun on 2 cores.
+    "tiny": dict(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128, mlp_ratio=4.0),
+    # A laptop-GPU / long-CPU-run model: ~20M parameters.
+    "small": dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_embd=384, mlp_ratio=4.0),
+    # GPT-2 small (124M): learned positions, LayerNorm, GELU, biases; vocab padded 50257 -> 50304.
+    "gpt2": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp_ratio=4.0,
+                 arch="gpt2", bias=True),
+    # GPT-2 medium shape (~350M).
+    "medium": dict(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024, mlp_ratio=4.0,
+                   arch="gpt2", bias=True),
+}
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding. k, v: (B, K, S_max, D) per layer."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0  # tokens already stored
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) after the cached ones; return all keys/values so far (B, K, pos+T, D)."""
+        t = k.shape[2]
+        assert self.pos + t <= self.max_len, "KV cache overflow"
+        self.k[layer][:, :, self.pos : self.pos + t] = k
+        self.v[layer][:, :, self.pos : self.pos + t] = v
+        return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
+
+
+def rope_tables(cfg: GPTConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, D/2), fp32. Half-split convention (as Llama in transformers)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by cos/sin (T, D/2) or (B, 1, T, D/2): pairs are (i, i + D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.o_proj.residual = True  # scaled init
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, K, S, D), S = cached + T
+        if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves H/K query heads
+            rep = cfg.n_head // cfg.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        dropout_p = cfg.dropout if self.training else 0.0
+        if isinstance(mask, str):  # "causal": plain training/prefill from position 0, fastest kernels
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # None (one query sees every key) or an explicit boolean (B|1, 1, T, S) mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(b, t, cfg.n_embd)  # (B, T, C)
+        return self.resid_drop(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.gated = cfg.arch == "modern"
+        h = cfg.mlp_hidden
+        if self.gated:  # SwiGLU: down(silu(gate(x)) * up(x))
+            self.gate_proj = nn.Linear(cfg.n_embd, h, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, h, bias=cfg.bias)
+        self.down_proj = nn.Linear(h, cfg.n_embd, bias=cfg.bias)
+        self.down_proj.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.drop(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, kv_cache, layer) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, kv_cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.arch == "modern":
+            cos, sin = rope_tables(cfg, cfg.block_size)
+            # Not part of the state dict: derived from the config.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layer) so the residual
+        stream's variance does not grow with depth; zero biases; unit norm weights."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "residual", False) else 1.0
+                nn.init.normal_(m.weight, 0.0, std * scale)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.reset_parameters()
+        if self.cfg.arch == "modern":
+            cos, sin = rope_tables(self.cfg, self.cfg.block_size)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V).
+
+        positions (B, T): position of each token (restarting per packed document); default 0..T-1, or continuing
+            after the cache. doc_ids (B, T): packed rows; a token attends only to earlier tokens of its own doc id.
+        kv_cache: incremental decoding; the new tokens attend to every cached token and causally among themselves.
+        """
+        b, t = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if positions is None and past + t > self.cfg.block_size:
+            raise ValueError(f"sequence of {past + t} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+
+        # Positions: either a plain range (fast path: slice the tables) or per-token positions (gather).
+        if positions is None:
+            pos_slice = slice(past, past + t)
+        if self.wpe is not None:
+            x = x + (self.wpe.weight[pos_slice] if positions is None else self.wpe(positions))
+            rope = None
+        elif positions is None:
+            rope = (self.rope_cos[pos_slice], self.rope_sin[pos_slice])  # (T, D/2) each
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, D/2)
+        x = self.drop(x)
+
+        # Attention mask. SDPA's is_causal aligns the triangle to the top-left, right only when queries and keys
+        # start at the same position; with a cache the T queries come after `past` keys (lower-right alignment).
+        if doc_ids is not None:
+            assert kv_cache is None, "packed rows are a training-time input"
+            causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+            mask = (causal & same_doc).unsqueeze(1)  # (B, 1, T, T)
+        elif past == 0:
+            mask = "causal"
+        elif t == 1:
+            mask = None  # a single new query may see every key
+        else:
+            s = past + t
+            mask = torch.ones(t, s, dtype=torch.bool, device=idx.device).tril(diagonal=past)  # (T, S)
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += t
+        return self.lm_head(self.norm_f(x))  # (B, T, V)
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: tuple[int, ...] | list[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue idx (B, T) by up to max_new_tokens tokens; returns (B, T + n). temperature 0 decodes greedily.
+
+        Uses a KV cache; once the sequence fills the context, the cache is rebuilt from the last block_size // 2
+        tokens (learned-position models cannot look further, and rotary ones were not trained to). Generation stops
+        when every row has produced a stop token (kept in the output); finished rows are padded with that token.
+        """
+        cfg = self.cfg
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        out = idx
+        cache, logits = None, None
+        for _ in range(max_new_tokens):
+            if cache is None or cache.pos >= cfg.block_size:
+                ctx = out[:, -(cfg.block_size // 2 if out.shape[1] >= cfg.block_size else cfg.block_size):]
+                dtype = next(self.parameters()).dtype
+                cache = KVCache(cfg, out.shape[0], cfg.block_size, idx.device, dtype)
+                logits = self(ctx, kv_cache=cache)[:, -1, :]  # prefill
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if len(stop):
+                nxt = torch.where(done, out[:, -1], nxt)
+                done = done | torch.isin(nxt, stop)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if len(stop) and bool(done.all()):
+                break
+            if cache.pos < cfg.block_size:
+                logits = self(nxt[:, None], kv_cache=cache)[:, -1, :]
+        return out
+
+    # ---------------------------------------------------------------- accounting
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters; non_embedding leaves out the token and position embeddings (and so a tied head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 x matmul weights (head included, embeddings excluded) + 12 L C T."""
+        cfg = self.cfg
+        kv = cfg.n_kv_head * cfg.head_dim
+        attn = cfg.n_embd * (2 * cfg.n_embd + 2 * kv)  # q, o and k, v projections
+        mlp = (3 if cfg.arch == "modern" else 2) * cfg.n_embd * cfg.mlp_hidden
+        matmul_weights = cfg.n_layer * (attn + mlp) + cfg.n_embd * cfg.vocab_size
+        return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

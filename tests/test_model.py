@@ -1,0 +1,133 @@
+"""Model tests: causality, KV-cache parity, packing, init loss, parameter and FLOP counts, generation."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, token_ce_sum
+
+ARCH_CFGS = {
+    "modern": dict(arch="modern", vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
+    "gpt2": dict(arch="gpt2", vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=True),
+}
+
+
+def make(arch: str, **kw) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**ARCH_CFGS[arch], **kw})).eval()
+    # Non-trivial norm weights and biases, so parity tests also exercise them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_causality(arch):
+    model = make(arch)
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % 97
+    a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :11], b[:, :11])
+    assert not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_kv_cache_matches_full_forward(arch):
+    model = make(arch)
+    idx = torch.randint(0, 97, (2, 24))
+    full = model(idx)
+    # Chunked prefill (needs the lower-right causal mask), then one token at a time (no mask).
+    cache = KVCache(model.cfg, 2, 32, "cpu", torch.float32)
+    parts = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:15], kv_cache=cache)]
+    parts += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(15, 24)]
+    inc = torch.cat(parts, dim=1)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_packed_rows_equal_separate_documents(arch):
+    model = make(arch)
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 12))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(9), torch.arange(12)])[None]
+    doc_ids = torch.cat([torch.zeros(9), torch.ones(12)]).long()[None]
+    out = model(packed, positions=positions, doc_ids=doc_ids)
+    torch.testing.assert_close(out[:, :9], model(a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 9:], model(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_fresh_model_loss_near_ln_vocab(arch):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**ARCH_CFGS[arch], "vocab_size": 2048, "n_layer": 4, "n_embd": 64})
+    model = GPT(cfg)
+    idx = torch.randint(0, 2048, (4, 32))
+    tgt = torch.randint(0, 2048, (4, 32))
+    loss_sum, n = token_ce_sum(model(idx), tgt)
+    assert abs((loss_sum / n).item() - math.log(2048)) < 0.1 * math.log(2048)
+
+
+def test_param_and_flop_counts_by_hand():
+    # modern: V=10, C=8, H=2, K=1 (D=4, kv dim 4), L=2, mlp hidden = 8*ceil(2.0*8/8) = 16, tied, no bias.
+    cfg = GPTConfig(vocab_size=10, block_size=6, n_layer=2, n_head=2, n_kv_head=1, n_embd=8, mlp_ratio=2.0)
+    model = GPT(cfg)
+    attn = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8  # q, k, v, o = 192
+    mlp = 3 * 8 * 16  # gate, up, down = 384
+    norms = 2 * 8  # two RMSNorm weights per block
+    per_layer = attn + mlp + norms  # 592
+    total = 10 * 8 + 2 * per_layer + 8  # embedding (tied head) + blocks + final norm = 1272
+    assert model.num_params() == total == 1272
+    assert model.num_params(non_embedding=True) == total - 80
+    # 6 x (2 x (192 + 384) + 8 x 10) + 12 x 2 x 8 x 6 = 6 x 1232 + 1152
+    assert model.flops_per_token() == 6 * 1232 + 1152 == 8544
+
+    # gpt2: learned positions, LayerNorm with bias, untied head, biases in linears; hidden 4*8 = 32.
+    cfg = GPTConfig(vocab_size=10, block_size=6, n_layer=1, n_head=2, n_embd=8, arch="gpt2", bias=True,
+                    tie_embeddings=False)
+    model = GPT(cfg)
+    attn = 4 * (8 * 8 + 8)  # 288
+    mlp = (8 * 32 + 32) + (32 * 8 + 8)  # 552
+    norms = 2 * 16
+    total = 10 * 8 + 6 * 8 + (attn + mlp + norms) + 16 + 80  # wte, wpe, block, final norm, head = 1096
+    assert model.num_params() == total == 1096
+    assert model.num_params(non_embedding=True) == total - 80 - 48
+    assert model.flops_per_token() == 6 * (4 * 64 + 2 * 8 * 32 + 80) + 12 * 1 * 8 * 6 == 5088 + 576 == 5664
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_greedy_generate_matches_argmax_without_cache(arch):
+    model = make(arch)
+    prompt = torch.randint(0, 97, (1, 5))
+    out = model.generate(prompt, 40, temperature=0)  # runs past block_size=32: exercises the cache rebuild
+    ref = prompt
+    for _ in range(40):
+        ctx = ref[:, -32:] if ref.shape[1] <= 32 else ref[:, -16:]
+        ref = torch.cat([ref, model(ctx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out[:, :32], ref[:, :32])  # identical while the context fits
+    assert out.shape == (1, 45)
+
+
+def test_generate_stop_tokens_and_sampling_filters():
+    model = make("modern")
+    prompt = torch.randint(0, 97, (1, 4))
+    greedy = model.generate(prompt, 10, temperature=0)
+    stop = int(greedy[0, 6])
+    out = model.generate(prompt, 10, temperature=0, stop_tokens=[stop])
+    assert out[0, -1].item() == stop and stop not in out[0, 4:-1].tolist()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_k=1, generator=g), greedy)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 10, temperature=0.7, top_p=1e-6, generator=g), greedy)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="arch"):
+        GPTConfig(arch="llama")
+    with pytest.raises(ValueError, match="preset"):
+        GPTConfig.from_preset("huge")
