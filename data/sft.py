@@ -119,8 +119,7 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
         own = val_name if split == "validation" else "train"
         if own not in splits:
             raise ValueError(f"{label}: no {split!r} split; splits are {names}")
-        ds = splits[own]
-        return [(i, ds[i]) for i in range(len(ds))], _split_label(path, own, label)
+        return list(enumerate(splits[own].to_list())), _split_label(path, own, label)
     # No validation split: carve a fixed held-out part out of "train" (or of the only split there is).
     base = "train" if "train" in splits else names[0] if len(names) == 1 else None
     if base is None:
@@ -128,7 +127,8 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
     ds = splits[base]
     held = _held_out(len(ds))
     keep = sorted(held) if split == "validation" else [i for i in range(len(ds)) if i not in held]
-    return [(i, ds[i]) for i in keep], label if len(names) == 1 else _split_label(path, base, label)
+    rows = ds.to_list()  # one Arrow-to-Python conversion; indexing row by row is much slower
+    return [(i, rows[i]) for i in keep], label if len(names) == 1 else _split_label(path, base, label)
 
 
 def _split_label(path: Path, split_name: str, label: str) -> str:
