@@ -317,7 +317,9 @@ def _load_files(files: list[Path], text_column: str, cache_dir: str | None, fmt:
             check_utf8(p)
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:
-        ds = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs)
+        ds = datasets.load_dataset(
+            fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
+        )
     except Exception as e:  # malformed JSON/CSV surface as assorted `datasets`/pyarrow errors
         raise ValueError(f"cannot read {fmt} data from {files[0]}{' ...' if len(files) > 1 else ''}: {e}") from e
     where = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
