@@ -1,0 +1,103 @@
+"""Checkpoints: one file per save, written atomically, a `latest` pointer, keep the newest k.
+
+Layout of a run folder's checkpoints:
+    RUN/checkpoints/step_00000100.pt   a complete checkpoint (torch.save of a dict, full un-sharded state)
+    RUN/checkpoints/latest             the file name of the newest complete checkpoint
+A save writes `step_....pt.tmp`, flushes and fsyncs it, renames it into place, and only then rewrites `latest`
+(the same way). A process killed mid-write leaves at most a stray .tmp file, which is ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write state as the checkpoint of `step`, point `latest` at it, delete all but the newest `keep`."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(ckpt_dir)
+    atomic_write_bytes(ckpt_dir / LATEST, path.name.encode())
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    for stray in ckpt_dir.glob("*.tmp"):
+        stray.unlink()
+    return path
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None. A checkpoint file or folder path is returned as is."""
+    p = Path(run_dir)
+    if p.is_file():
+        return p
+    ckpt_dir = p / CKPT_DIR
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        target = ckpt_dir / pointer.read_text().strip()
+        if target.is_file():
+            return target
+    # No pointer (or it names a deleted file): fall back to the newest complete file; .tmp files never count.
+    done = sorted(ckpt_dir.glob("step_*.pt")) if ckpt_dir.is_dir() else []
+    return done[-1] if done else None
+
+
+def load(run_dir: str | Path, map_location="cpu") -> dict:
+    """Load the newest complete checkpoint of `run_dir` (or a checkpoint file). Clear error if there is none."""
+    path = latest(run_dir)
+    if path is None:
+        if not Path(run_dir).exists():
+            raise FileNotFoundError(f"{run_dir}: no such run folder or checkpoint file")
+        raise ValueError(f"{run_dir} holds no checkpoint (expected {Path(run_dir) / CKPT_DIR / 'step_*.pt'})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable gptrain checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a gptrain checkpoint (no model/config entries)")
+    state["path"] = str(path)
+    return state
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip wrapper prefixes (torch.compile's `_orig_mod.`, DDP's `module.`) so any wrapper loads any checkpoint."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k.replace("._orig_mod.", ".")] = v
+    return out

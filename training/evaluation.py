@@ -1,0 +1,82 @@
+"""Held-out measurements shared by the trainer's validation and scripts/evaluate.py.
+
+Sums are reduced over ranks once at the end (every rank takes part), then normalised:
+    loss = summed nats / target tokens;  bits_per_byte = summed nats / (ln 2 x UTF-8 bytes of the target tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from data import chat
+from data.synthetic import answer_matches
+from data.tokenizer import END_ID
+from model.gpt import GPT
+from model.losses import IGNORE, token_ce_sum
+from training.distributed import all_reduce
+
+
+@torch.no_grad()
+def lm_figures(model, batches: Iterable, byte_lengths: torch.Tensor | None, autocast) -> dict[str, float]:
+    """Loss (and bits per byte when byte_lengths is given) over (inputs, targets) batches."""
+    was_training = model.training
+    model.eval()
+    sums = None
+    for x, y in batches:
+        with autocast:
+            loss_sum, n = token_ce_sum(model(x), y)
+        nbytes = byte_lengths[y.clamp(min=0)][y != IGNORE].sum() if byte_lengths is not None else n
+        part = torch.stack([loss_sum.double(), n.double(), nbytes.double()])
+        sums = part if sums is None else sums + part
+    model.train(was_training)
+    device = next(model.parameters()).device
+    sums = all_reduce(sums if sums is not None else torch.zeros(3, dtype=torch.float64, device=device))
+    nats, tokens, nbytes = sums.tolist()
+    if tokens == 0:
+        raise ValueError("validation scored no tokens")
+    figures = {"loss": nats / tokens, "perplexity": math.exp(min(nats / tokens, 700)), "tokens": tokens}
+    if byte_lengths is not None:
+        figures["bpb"] = nats / (math.log(2) * nbytes)
+        figures["bytes"] = nbytes
+    return figures
+
+
+@torch.no_grad()
+def chat_accuracy(model, tok, items: list[tuple[list[dict], str]], autocast, device, max_new_tokens: int = 32) -> float:
+    """Exact-match accuracy of greedy replies (stopping at <|end|>) against reference answers.
+
+    Every rank answers every item (deterministic, and safe when the forward is a collective, as under FSDP)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for messages, reference in items:
+        idx = torch.tensor([chat.render_prompt(messages, tok)], device=device)
+        with autocast:
+            out = GPT.generate(model, idx, max_new_tokens, temperature=0.0, stop_tokens=(END_ID,))
+        reply = chat.decode_reply(out[0, idx.shape[1]:].tolist(), tok)
+        correct += answer_matches(reply, reference)
+    model.train(was_training)
+    return correct / max(len(items), 1)
+
+
+@torch.no_grad()
+def preference_figures(model, objective, batches: list[dict], autocast, split: str = "validation") -> dict:
+    """DPO loss and TRL's reward metrics averaged over pairs; `logps/accuracies` is the reference-free share of
+    pairs where the policy alone gives the chosen answer the higher log-probability."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    names = ("loss",) + objective.metric_names
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+    for batch in batches:
+        with autocast:
+            loss_sum, metrics = objective(model, batch, split=split)
+        row = [loss_sum] + [metrics[k] for k in objective.metric_names] + [objective.count(batch)]
+        sums += torch.stack([v.to(device).double() for v in row])
+    model.train(was_training)
+    all_reduce(sums)
+    n = max(sums[-1].item(), 1)
+    return {name: sums[i].item() / n for i, name in enumerate(names)} | {"pairs": sums[-1].item()}

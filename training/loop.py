@@ -1,0 +1,434 @@
+"""The one training loop, shared by pre-training, SFT and DPO.
+
+run(cfg) reads top to bottom: set up processes -> tokenizer and data -> model (fresh, --init-from or --resume)
+-> precision, wrapping, compilation -> optimizer -> the loop -> final validation, sample and checkpoint.
+Stages differ only in their data (training/inputs.py) and their objective (training/objectives.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.gpt import GPT, GPTConfig
+from training import checkpoint, distributed
+from training.config import Config, check_resume_compatible, from_dict, to_dict, to_toml
+from training.distributed import DistInfo, all_reduce, maybe_no_sync
+from training.health import activation_hooks, block_grad_norms, update_ratios
+from training.inputs import build_stage_data, resolve_tokenizer
+from training.monitor import Monitor, Throughput, fmt_duration, print0
+from training.optim import build_optimizer, lr_at
+from training.runinfo import environment_info, measure_peak_flops
+
+# Under fp16, this many GradScaler-skipped steps in a row mean the run has diverged.
+MAX_CONSECUTIVE_SKIPS = 20
+# Steps timed before a wall-clock budget is turned into a step count (after one untimed warm-up step).
+BUDGET_TIMING_STEPS = 10
+# Model fields that --init-from never lets the command line change (the weights fix them).
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "arch",
+                "tie_embeddings", "bias", "rope_theta")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, diverged fp16 run); the last good checkpoint stays intact."""
+
+
+# ----------------------------------------------------------------------------------------------- set-up helpers
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            print0("warning: fp16 on CPU is emulated and slow; it is meant for tests")
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"  # a CPU without bf16 matrix units runs bf16 matmuls ~100x slower than fp32
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return nullcontext()
+
+
+def model_config(cfg: Config, base: dict | None, vocab_size: int) -> GPTConfig:
+    """The model's shape: the preset plus explicit overrides, or (fine-tuning) the starting checkpoint's shape."""
+    overrides = {k: v for k, v in to_dict(cfg)["model"].items() if k != "preset" and v is not None}
+    if base is not None:
+        for k, v in overrides.items():
+            if k in SHAPE_FIELDS and v != base[k]:
+                raise ValueError(f"--model.{k}={v!r}: the starting checkpoint has {k}={base[k]!r}; a model's shape "
+                                 "cannot change when fine-tuning (only model.dropout can)")
+        return GPTConfig.from_dict({**base, **{k: v for k, v in overrides.items() if k not in SHAPE_FIELDS}})
+    overrides.setdefault("vocab_size", vocab_size)
+    return GPTConfig.from_preset(cfg.model.preset, **overrides)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Each step's random state (dropout) derives from (seed, step, rank): resume is exact on any world size."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state on CPU, keyed by parameter name, from any wrapper (plain, DDP,
+    FSDP2, compiled). Under FSDP every rank must call this: it gathers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    return checkpoint.clean_state_dict(msd), osd
+
+
+def load_full_state(model, optimizer, msd: dict, osd: dict | None) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd or {}, options=opts)
+
+
+def load_weights(model: GPT, msd: dict) -> None:
+    """Load a checkpoint's weights into an unwrapped model; a tied head may be absent from the dict."""
+    msd = checkpoint.clean_state_dict(msd)
+    missing, unexpected = model.load_state_dict(msd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+class StopSignal:
+    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print0(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+def check_run_dir(cfg: Config) -> None:
+    out = Path(cfg.out)
+    holds_run = (out / "config.toml").exists() or (out / checkpoint.CKPT_DIR).exists()
+    if cfg.resume:
+        if checkpoint.latest(out) is None:
+            raise ValueError(f"--resume: {out} holds no complete checkpoint to resume from")
+    elif holds_run:
+        raise ValueError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+
+
+def write_run_files(cfg: Config, tok, info: DistInfo) -> None:
+    if not info.is_main:
+        return
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_bytes(out / "config.toml", to_toml(cfg).encode())
+    tok.save(out / "tokenizer.json")
+    env = environment_info()
+    env["world_size"] = info.world_size
+    checkpoint.atomic_write_bytes(out / ("env.json" if not cfg.resume else "env.resume.json"),
+                                  json.dumps(env, indent=2).encode())
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def run(cfg: Config) -> dict:
+    """Train according to cfg; returns a summary (final validation figures, steps, run folder)."""
+    info = distributed.init(cfg.dist, cfg.train.device)
+    stop = StopSignal()
+    try:
+        return _run(cfg, info, stop)
+    finally:
+        stop.restore()
+        distributed.teardown()
+
+
+def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
+    t = cfg.train
+    check_run_dir(cfg)
+    device = info.device
+    precision = resolve_precision(t.precision, device)
+    if precision == "fp16" and cfg.dist.strategy == "fsdp":
+        raise ValueError("--train.precision=fp16 is not supported with --dist.strategy=fsdp (use bf16)")
+
+    # ---- where the weights come from: a resumed checkpoint, a starting run (--init-from), or nothing
+    resumed = checkpoint.load(cfg.out) if cfg.resume else None
+    start = checkpoint.load(cfg.init_from) if cfg.init_from and not cfg.resume else None
+    if resumed is not None:
+        check_resume_compatible(from_dict(resumed["config"]), cfg)
+    base_model_cfg = (resumed or start or {}).get("model_config")
+
+    # ---- tokenizer, model shape, data
+    tok = resolve_tokenizer(cfg, info, resumed or start)
+    gcfg = model_config(cfg, base_model_cfg, tok.vocab_size)
+    if gcfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={gcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    data = build_stage_data(cfg, tok, gcfg, info)
+
+    print0(f"gptrain | stage {cfg.stage} | out {cfg.out} | device {device} | precision {precision}")
+    print0(to_toml(cfg))
+    # ---- model
+    torch.manual_seed(t.seed)
+    raw = GPT(gcfg).to(device)
+    if resumed is not None:
+        load_weights(raw, resumed["model"])
+    elif start is not None:
+        load_weights(raw, start["model"])
+    reference = None
+    if cfg.stage == "dpo":  # a frozen copy of the starting weights: eval mode, no gradients, never wrapped
+        reference = copy.deepcopy(raw).eval().requires_grad_(False)
+    objective = data.make_objective(reference)
+    if cfg.stage == "dpo" and cfg.dpo.ref_cache:
+        reference = None  # the objective holds cached log-probs; the copy can go
+    flops_per_token = raw.flops_per_token()
+    print0(f"model: {gcfg.arch}, {raw.num_params() / 1e6:.2f}M parameters "
+           f"({raw.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token")
+
+    param_dtype = torch.bfloat16 if precision == "bf16" else None
+    model = distributed.wrap_model(raw, cfg.dist.strategy, info, param_dtype)
+    if t.compile:
+        model = torch.compile(model)
+    # FSDP2 applies its own mixed precision; autocast is for the unsharded model.
+    autocast = autocast_ctx(precision if cfg.dist.strategy != "fsdp" or not info.distributed else "fp32", device)
+    # Validation and sampling use the plain module (no DDP hooks, no recompilation for odd shapes), except under
+    # FSDP, where the forward itself gathers the shards and every rank runs it.
+    eval_model = model if cfg.dist.strategy == "fsdp" and info.distributed else raw
+    optimizer = build_optimizer(model, t, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+    # ---- state: fresh or resumed
+    step, sched_step, skipped, consecutive_skips, tokens_seen, elapsed_before = 0, 0, 0, 0, 0, 0.0
+    max_steps = t.max_steps if t.time_budget_min <= 0 else None
+    if resumed is not None:
+        load_full_state(model, optimizer, resumed["model"], resumed["optimizer"])
+        if resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        data.train.load_state_dict(resumed["loader"])
+        set_rng_state(resumed["rng"])
+        step, sched_step = resumed["step"], resumed["sched_step"]
+        skipped, tokens_seen = resumed["skipped_steps"], resumed["tokens_seen"]
+        elapsed_before = resumed["elapsed"]
+        # The step count of a time budget was fixed once and saved: the resumed run follows the same schedule.
+        max_steps = resumed["max_steps"] if t.time_budget_min > 0 or cfg.train.max_steps == \
+            from_dict(resumed["config"]).train.max_steps else t.max_steps
+        print0(f"resumed from {resumed['path']} at step {step}")
+    write_run_files(cfg, tok, info)
+    del resumed, start
+
+    monitor = Monitor(cfg.out, enabled=info.is_main, tensorboard=cfg.log.tensorboard)
+    monitor.text("config", to_toml(cfg), step)
+    peak = t.peak_flops or measure_peak_flops(device, precision)
+    tokens_per_step = data.tokens_per_micro_batch * t.grad_accum * info.world_size
+    print0(f"world size {info.world_size} ({info.backend or 'single process'}), per-device batch {t.batch_size} x "
+           f"{gcfg.block_size} tokens, accumulation {t.grad_accum}, global batch {tokens_per_step} tokens/step")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def save(reason: str) -> None:
+        msd, osd = full_state(model, optimizer)  # every rank takes part (FSDP gathers)
+        if info.is_main:
+            state = {
+                "model": msd, "optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "step": step, "sched_step": sched_step, "max_steps": max_steps, "skipped_steps": skipped,
+                "tokens_seen": tokens_seen, "elapsed": elapsed_before + (time.perf_counter() - t_start),
+                "config": to_dict(cfg), "model_config": gcfg.to_dict(), "tokenizer": tok.backend.to_str(),
+                "tokenizer_hash": tok.hash, "loader": data.train.state_dict(), "rng": rng_state(),
+                "world_size": info.world_size, "init_from": cfg.init_from, "stage": cfg.stage,
+            }
+            path = checkpoint.save(cfg.out, step, state, keep=cfg.ckpt.keep)
+            print0(f"saved {path} ({reason})")
+        distributed.barrier()
+
+    def run_validation() -> dict[str, float]:
+        figures = data.validate(eval_model, autocast, info)
+        monitor.scalars(step, {f"val/{k}": v for k, v in figures.items()})
+        print0("val " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+        return figures
+
+    def sample() -> None:
+        text = data.sample(eval_model, autocast)
+        print0(f"--- sample at step {step} ---\n{text}\n---")
+        monitor.text("sample", text, step)
+
+    # ---- the loop
+    t_start = time.perf_counter()
+    val_figures = run_validation() if step == 0 and cfg.eval.interval > 0 else {}
+    first_val = dict(val_figures)
+    throughput = Throughput(flops_per_token, peak * info.world_size)
+    budget_window_start = None
+    health_due = False
+    while max_steps is None or step < max_steps:
+        if t.stop_after_steps and step >= t.stop_after_steps:
+            save("stop_after_steps")
+            break
+        torch.manual_seed(step_seed(t.seed, step, info.rank))
+        # All micro-batches of the step first: their supervised-token count, summed over ranks, is the divisor.
+        batches = [data.train_batch() for _ in range(t.grad_accum)]
+        count = sum(objective.count(b) for b in batches).to(device=device, dtype=torch.float32)
+        all_reduce(count)
+        lr = lr_at(sched_step, max_steps or 10**9, t) if max_steps is not None else lr_at(sched_step, 10**9, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        health_due = cfg.log.health_interval > 0 and (step + 1) % cfg.log.health_interval == 0
+        hist_due = cfg.log.hist_interval > 0 and (step + 1) % cfg.log.hist_interval == 0
+        hooks = activation_hooks(raw, monitor, step + 1) if hist_due and info.is_main else []
+
+        loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            with maybe_no_sync(model, cfg.dist.strategy, sync=(i == t.grad_accum - 1)), autocast:
+                part, metrics = objective(model, batch)
+                # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so
+                # the update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
+                loss = part / count.clamp(min=1) * info.world_size
+            scaler.scale(loss).backward()
+            loss_sum += part.detach()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+        for h in hooks:
+            h.remove()
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        block_norms = block_grad_norms(raw) if health_due and info.is_main else None
+        before = [p.detach().clone() for p in params] if health_due else None
+
+        # One host sync per step: the reduced loss and metrics, the stop request of any rank.
+        flags = torch.tensor([float(stop.requested)], device=device)
+        all_reduce(loss_sum)
+        all_reduce(flags, op="max")
+        for v in metric_sums.values():
+            all_reduce(v)
+        loss_value, grad_norm_value, stop_any = loss_sum.item() / max(count.item(), 1), grad_norm.item(), flags.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}: stopping before the optimizer "
+                                f"step; the last good checkpoint in {cfg.out} is intact")
+        skipped_now = False
+        if scaler.is_enabled():
+            old_scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
+            scaler.update()
+            skipped_now = scaler.get_scale() < old_scale
+        elif not math.isfinite(grad_norm_value):
+            raise TrainingError(f"non-finite gradient norm ({grad_norm_value}) at step {step + 1}: stopping before "
+                                f"the optimizer step; the last good checkpoint in {cfg.out} is intact")
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if skipped_now:
+            skipped += 1
+            consecutive_skips += 1
+            print0(f"step {step + 1}: fp16 gradients overflowed, update skipped (scale now {scaler.get_scale():g})")
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise TrainingError(f"{consecutive_skips} fp16 steps in a row were skipped (inf/NaN gradients): "
+                                    f"the run has diverged; the last good checkpoint in {cfg.out} is intact")
+        else:
+            consecutive_skips = 0
+            sched_step += 1  # a skipped step does not advance the LR schedule
+        step += 1
+        tokens_seen += tokens_per_step
+        throughput.add(tokens_per_step)
+
+        # ---- a wall-clock budget becomes a step count once, after a short timing window
+        if max_steps is None:
+            if step == 1:
+                budget_window_start = time.perf_counter()
+            elif step == 1 + BUDGET_TIMING_STEPS:
+                per_step = (time.perf_counter() - budget_window_start) / BUDGET_TIMING_STEPS
+                spent = time.perf_counter() - t_start
+                evals = (1 if cfg.eval.interval else 0) + 1  # validations still to come, counted below
+                val_time = data.last_val_seconds
+                remaining = t.time_budget_min * 60 - spent - val_time
+                per_step_all = per_step + (val_time / cfg.eval.interval if cfg.eval.interval else 0)
+                max_steps = step + max(int(remaining / per_step_all), 0)
+                del evals
+                print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> max_steps={max_steps}")
+
+        # ---- logging
+        if health_due:
+            ratios = update_ratios(optimizer, before)
+            if info.is_main:
+                monitor.scalars(step, {**{f"grad_norm/{k}": v for k, v in block_norms.items()},
+                                       **{f"update_ratio/{k}": v for k, v in ratios.items()}})
+        if hist_due and info.is_main:
+            for name, p in raw.named_parameters():
+                monitor.histogram(f"weights/{name}", p, step)
+        if step % cfg.log.interval == 0 or step == max_steps:
+            tps, mfu = throughput.report()
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            eta = (max_steps - step) * (elapsed - elapsed_before) / max(step - (elapsed_before and 0), 1) \
+                if max_steps else float("nan")
+            scal = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm_value,
+                    "train/tokens_per_sec": tps, "train/mfu": mfu, "train/tokens_seen": tokens_seen}
+            if scaler.is_enabled():
+                scal["train/grad_scale"] = scaler.get_scale()
+                scal["train/skipped_steps"] = skipped
+            units = count.item()
+            scal.update({f"train/{k}": v.item() / max(units, 1) for k, v in metric_sums.items()})
+            monitor.scalars(step, scal)
+            extra = "".join(f" | {k} {v.item() / max(units, 1):.3f}" for k, v in metric_sums.items()
+                            if k in ("rewards/accuracies", "rewards/margins"))
+            print0(f"step {step:5d}/{max_steps or '?'} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm "
+                   f"{grad_norm_value:.3f} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{extra} | "
+                   f"{fmt_duration(elapsed)} elapsed | eta {fmt_duration(eta) if math.isfinite(eta) else '?'}")
+
+        done = max_steps is not None and step >= max_steps
+        if cfg.eval.interval and step % cfg.eval.interval == 0 and not done:
+            val_figures = run_validation()
+            throughput.reset()
+        if cfg.eval.sample_interval and step % cfg.eval.sample_interval == 0 and not done:
+            sample()
+            throughput.reset()
+        if stop_any:
+            save("signal")
+            break
+        if step % cfg.ckpt.interval == 0 and not done:
+            save("interval")
+            throughput.reset()
+    else:
+        # ---- the end of the schedule: final validation, a sample, the last checkpoint
+        val_figures = run_validation()
+        sample()
+        save("end")
+        monitor.hparams({f"{k}": v for k, v in {"stage": cfg.stage, "preset": cfg.model.preset, "lr": t.lr,
+                                                "batch_size": t.batch_size, "max_steps": max_steps}.items()},
+                        {f"hparam/val_{k}": v for k, v in val_figures.items()})
+    monitor.close()
+    return {"out": cfg.out, "step": step, "max_steps": max_steps, "val": val_figures, "first_val": first_val,
+            "skipped_steps": skipped}

@@ -1,0 +1,102 @@
+"""Monitoring: console lines, TensorBoard and metrics.jsonl, written by rank 0 only.
+
+On every other rank the Monitor is a no-op, so the loop calls it unconditionally (no `if rank == 0` around it).
+metrics.jsonl holds one JSON object per logged step, its keys named as the TensorBoard tags.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (torch.distributed may or may not be initialised)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        print(*args, **kwargs, flush=True)
+    elif torch.distributed.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Monitor:
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        """Log scalars under their tags to TensorBoard and as one line of metrics.jsonl."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            # TensorBoard renders text as markdown: keep generated code readable.
+            self.writer.add_text(tag, "```\n" + text + "\n```", step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.enabled and self.writer is not None:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self.writer.add_hparams(clean, metrics, run_name=".")
+
+    def flush(self) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        self.jsonl.close()
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report (host time; the loop syncs once per step anyway)."""
+
+    def __init__(self, flops_per_token: int, peak_flops: float) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops
+        self.t_last = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def report(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        dt = max(now - self.t_last, 1e-9)
+        tps = self.tokens / dt
+        self.t_last, self.tokens = now, 0
+        mfu = tps * self.flops_per_token / self.peak if self.peak > 0 else 0.0
+        return tps, mfu
+
+    def reset(self) -> None:
+        self.t_last, self.tokens = time.perf_counter(), 0
