@@ -327,7 +327,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         block_norms = block_grad_norms(raw) if health_due and info.is_main else None
-        before = [p.detach().clone() for p in params] if health_due else None
+        before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]] if health_due else None
 
         # One host sync per step: the reduced loss and metrics, the stop request of any rank.
         flags = torch.tensor([float(stop.requested)], device=device)

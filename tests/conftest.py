@@ -1,0 +1,66 @@
+"""Shared test fixtures: a small real corpus on disk and one tiny pre-trained run, made once per session.
+
+Tests that need a trained checkpoint (sampling, evaluation, export, fine-tuning) reuse `tiny_run` instead of
+training their own. Everything runs offline, on CPU, with caches inside the session's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Standard-library modules copied (as .txt documents) into the test corpus: ~400 KB of real Python source.
+TRAIN_MODULES = ["argparse.py", "textwrap.py", "string.py", "shlex.py", "difflib.py", "fnmatch.py", "glob.py",
+                 "heapq.py", "bisect.py", "functools.py", "contextlib.py", "dataclasses.py", "enum.py", "abc.py",
+                 "copy.py", "pprint.py", "reprlib.py", "operator.py", "keyword.py", "colorsys.py"]
+VAL_MODULES = ["calendar.py", "fractions.py"]
+
+# The tiny model every reuse-test shares: 2 layers x 64 wide, vocab 384, context 64.
+TINY_ARGS = ["--model.vocab_size=384", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=4",
+             "--model.block_size=64", "--train.batch_size=16", "--train.lr=3e-3", "--train.warmup_steps=10",
+             "--eval.max_tokens=4096", "--log.interval=10", "--eval.sample_tokens=16", "--data.num_proc=1"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Tokenizers and shards go to a per-session cache, never to ~/.cache."""
+    cache = tmp_path_factory.mktemp("gptrain-cache")
+    old = os.environ.get("GPTRAIN_CACHE")
+    os.environ["GPTRAIN_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("GPTRAIN_CACHE", None)
+    else:
+        os.environ["GPTRAIN_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A folder source with train/ and val/ subfolders of real Python source as .txt documents."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for split, names in (("train", TRAIN_MODULES), ("val", VAL_MODULES)):
+        (root / split).mkdir()
+        for name in names:
+            src = stdlib / name
+            if src.exists():
+                (root / split / (name[:-3] + ".txt")).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_dir) -> Path:
+    """One tiny model pre-trained for 150 steps on corpus_dir (about 10 s on 2 cores); read-only for tests."""
+    from train import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    main(["--data", str(corpus_dir), "--out", str(out), "--train.max_steps=150", "--eval.interval=50",
+          "--ckpt.interval=150", *TINY_ARGS])
+    return out
