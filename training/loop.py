@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -142,6 +143,69 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+# ----------------------------------------------------------------------------------------------- one step's parts
+def accumulate_gradients(model, objective, batches: list[dict], count: torch.Tensor, world_size: int, autocast,
+                         scaler: torch.amp.GradScaler, strategy: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward every micro-batch of a step; gradients end up as d(sum of losses)/d(params) / count.
+
+    count is the step's global number of normalisation units (all micro-batches, all ranks). Gradient
+    synchronisation runs only on the last micro-batch. Returns the local loss sum and metric sums (detached).
+    """
+    loss_sum = torch.zeros((), device=count.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        with maybe_no_sync(model, strategy, sync=(i == len(batches) - 1)), autocast:
+            part, metrics = objective(model, batch)
+            # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so the
+            # update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
+            loss = part / count.clamp(min=1) * world_size
+        scaler.scale(loss).backward()
+        loss_sum += part.detach()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+    return loss_sum, metric_sums
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, optimizer, scaler) -> torch.Tensor:
+    """Unscale (fp16), clip the global norm to max_norm (0 = no clipping); returns the norm before clipping."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+
+def apply_update(optimizer, scaler) -> bool:
+    """The optimizer step; under fp16 the GradScaler skips it when the gradients hold inf/NaN. Returns skipped."""
+    if not scaler.is_enabled():
+        optimizer.step()
+        return False
+    old_scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < old_scale  # the scale backs off exactly when the step was skipped
+
+
+class FaultInjection:
+    """Test hook: GPTRAIN_FAULT="nan_loss@STEP" or "inf_grad@STEP", optionally ":RANK" (default every rank), makes
+    that step's loss NaN or one gradient inf, to exercise the non-finite paths with real processes."""
+
+    def __init__(self, spec: str) -> None:
+        kind, _, where = spec.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in ("nan_loss", "inf_grad") or not step.isdigit():
+            raise ValueError(f"GPTRAIN_FAULT={spec!r}: expected nan_loss@STEP[:RANK] or inf_grad@STEP[:RANK]")
+        self.kind, self.step, self.rank = kind, int(step), int(rank) if rank else None
+
+    def due(self, step: int, rank: int) -> bool:
+        return step == self.step and self.rank in (None, rank)
+
+    def apply(self, loss_sum: torch.Tensor, params: list[torch.Tensor]) -> None:
+        if self.kind == "nan_loss":
+            loss_sum.fill_(float("nan"))
+        else:
+            params[0].grad.view(-1)[0] = float("inf")
+
+
 # ----------------------------------------------------------------------------------------------- run folder
 def check_run_dir(cfg: Config) -> None:
     out = Path(cfg.out)
@@ -257,6 +321,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     print0(f"world size {info.world_size} ({info.backend or 'single process'}), per-device batch {t.batch_size} x "
            f"{gcfg.block_size} tokens, accumulation {t.grad_accum}, global batch {tokens_per_step} tokens/step")
     params = [p for p in model.parameters() if p.requires_grad]
+    fault = FaultInjection(os.environ["GPTRAIN_FAULT"]) if os.environ.get("GPTRAIN_FAULT") else None
 
     def save(reason: str) -> None:
         msd, osd = full_state(model, optimizer)  # every rank takes part (FSDP gathers)
@@ -285,7 +350,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         monitor.text("sample", text, step)
 
     # ---- the loop
-    t_start = time.perf_counter()
+    t_start, start_step = time.perf_counter(), step
     val_figures = run_validation() if step == 0 and cfg.eval.interval > 0 else {}
     first_val = dict(val_figures)
     throughput = Throughput(flops_per_token, peak * info.world_size)
@@ -300,32 +365,21 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         batches = [data.train_batch() for _ in range(t.grad_accum)]
         count = sum(objective.count(b) for b in batches).to(device=device, dtype=torch.float32)
         all_reduce(count)
-        lr = lr_at(sched_step, max_steps or 10**9, t) if max_steps is not None else lr_at(sched_step, 10**9, t)
+        # Until a time budget has been turned into max_steps, the schedule is in its warmup/stable part.
+        lr = lr_at(sched_step, max_steps if max_steps is not None else 10**9, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
         health_due = cfg.log.health_interval > 0 and (step + 1) % cfg.log.health_interval == 0
         hist_due = cfg.log.hist_interval > 0 and (step + 1) % cfg.log.hist_interval == 0
         hooks = activation_hooks(raw, monitor, step + 1) if hist_due and info.is_main else []
 
-        loss_sum = torch.zeros((), device=device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            with maybe_no_sync(model, cfg.dist.strategy, sync=(i == t.grad_accum - 1)), autocast:
-                part, metrics = objective(model, batch)
-                # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so
-                # the update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
-                loss = part / count.clamp(min=1) * info.world_size
-            scaler.scale(loss).backward()
-            loss_sum += part.detach()
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+        loss_sum, metric_sums = accumulate_gradients(model, objective, batches, count, info.world_size, autocast,
+                                                     scaler, cfg.dist.strategy)
         for h in hooks:
             h.remove()
-        if scaler.is_enabled():
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
+        if fault is not None and fault.due(step + 1, info.rank):
+            fault.apply(loss_sum, params)
+        grad_norm = clip_gradients(params, t.grad_clip, optimizer, scaler)
         block_norms = block_grad_norms(raw) if health_due and info.is_main else None
         before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]] if health_due else None
 
@@ -339,17 +393,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         if not math.isfinite(loss_value):
             raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}: stopping before the optimizer "
                                 f"step; the last good checkpoint in {cfg.out} is intact")
-        skipped_now = False
-        if scaler.is_enabled():
-            old_scale = scaler.get_scale()
-            scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
-            scaler.update()
-            skipped_now = scaler.get_scale() < old_scale
-        elif not math.isfinite(grad_norm_value):
+        if not scaler.is_enabled() and not math.isfinite(grad_norm_value):
             raise TrainingError(f"non-finite gradient norm ({grad_norm_value}) at step {step + 1}: stopping before "
                                 f"the optimizer step; the last good checkpoint in {cfg.out} is intact")
-        else:
-            optimizer.step()
+        skipped_now = apply_update(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         if skipped_now:
             skipped += 1
@@ -371,13 +418,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 budget_window_start = time.perf_counter()
             elif step == 1 + BUDGET_TIMING_STEPS:
                 per_step = (time.perf_counter() - budget_window_start) / BUDGET_TIMING_STEPS
-                spent = time.perf_counter() - t_start
-                evals = (1 if cfg.eval.interval else 0) + 1  # validations still to come, counted below
-                val_time = data.last_val_seconds
-                remaining = t.time_budget_min * 60 - spent - val_time
-                per_step_all = per_step + (val_time / cfg.eval.interval if cfg.eval.interval else 0)
+                # The budget covers the steps and the periodic validations (timed once at step 0).
+                remaining = t.time_budget_min * 60 - (time.perf_counter() - t_start)
+                per_step_all = per_step + (data.last_val_seconds / cfg.eval.interval if cfg.eval.interval else 0)
                 max_steps = step + max(int(remaining / per_step_all), 0)
-                del evals
                 print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> max_steps={max_steps}")
 
         # ---- logging
@@ -392,7 +436,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         if step % cfg.log.interval == 0 or step == max_steps:
             tps, mfu = throughput.report()
             elapsed = elapsed_before + time.perf_counter() - t_start
-            eta = (max_steps - step) * (elapsed - elapsed_before) / max(step - (elapsed_before and 0), 1) \
+            eta = (max_steps - step) * (time.perf_counter() - t_start) / max(step - start_step, 1) \
                 if max_steps else float("nan")
             scal = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm_value,
                     "train/tokens_per_sec": tps, "train/mfu": mfu, "train/tokens_seen": tokens_seen}
