@@ -25,6 +25,7 @@ from data.sft import SFTBatcher, load_records, load_sft, record_to_messages
 from data.sources import describe_source, load_source
 from data.tokenizer import END_ID, Tokenizer, train_tokenizer
 from model.gpt import GPT, PRESETS, GPTConfig
+from model.losses import IGNORE
 from training.config import Config
 from training.distributed import DistInfo, all_reduce, barrier
 from training.evaluation import chat_accuracy, lm_figures, preference_figures
@@ -194,17 +195,32 @@ class SFTData:
 
     def validate(self, model, autocast, info: DistInfo) -> dict[str, float]:
         t0 = time.perf_counter()
-        b = SFTBatcher(self.val_examples, self.cfg.train.batch_size, seed=0, rank=info.rank,
-                       world_size=info.world_size, shuffle=False)
-        n_batches = -(-len(self.val_examples) // (self.cfg.train.batch_size * info.world_size))
-        batches = (_to(b.next_batch(), self.device) for _ in range(n_batches))
-        figures = lm_figures(model, ((x["input_ids"], x["labels"]) for x in batches), None, autocast)
+        figures = lm_figures(model, self.val_batches(info), None, autocast)
         figures["accuracy"] = chat_accuracy(model, self.tok, self.eval_items, autocast, self.device)
         self.last_val_seconds = time.perf_counter() - t0
         return figures
 
+    def val_batches(self, info: DistInfo):
+        """(input_ids, labels) of every validation example exactly once, this rank's share (see eval_shares)."""
+        for idx in eval_shares(len(self.val_examples), self.cfg.train.batch_size, info.rank, info.world_size):
+            rows = [self.val_examples[i] for i in idx] or self.val_examples[:1]
+            b = _to(SFTBatcher(rows, len(rows), shuffle=False).next_batch(), self.device)
+            if not idx:  # an idle rank's stand-in row: its forward runs, none of its tokens count
+                b["labels"].fill_(IGNORE)
+            yield b["input_ids"], b["labels"]
+
     def sample(self, model, autocast) -> str:
         return chat_sample(model, self.tok, self.eval_items, autocast, self.device)
+
+
+def eval_shares(n: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """Indices of n held-out examples in validation batches for one rank: global batches of batch_size *
+    world_size consecutive examples, rank r taking rows [r*B, (r+1)*B). Every example is scored exactly once
+    (no wrap-around), and every rank gets the same number of batches -- a forward under FSDP is a collective, so
+    a rank whose share of the last batch is empty gets [] and runs a stand-in row that counts for nothing."""
+    step = batch_size * world_size
+    return [list(range(min(s + rank * batch_size, n), min(s + (rank + 1) * batch_size, n)))
+            for s in range(0, n, step)]
 
 
 def chat_sample(model, tok: Tokenizer, items, autocast, device) -> str:
@@ -241,11 +257,17 @@ class DPOData:
     def batch_tokens(self, batch: dict) -> int:
         return batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel()
 
-    def _all_batches(self, examples, world_size: int, rank: int):
-        b = PreferenceBatcher(examples, self.cfg.train.batch_size, seed=0, rank=rank, world_size=world_size,
-                              shuffle=False)
-        n_batches = -(-len(examples) // (self.cfg.train.batch_size * world_size))
-        return [_to(b.next_batch(), self.device) for _ in range(n_batches)]
+    def _all_batches(self, examples, world_size: int, rank: int) -> list[dict]:
+        """Every pair exactly once, this rank's share (see eval_shares); `index` is the pair's position in
+        `examples` (the key of cached reference log-probs), `valid` is False on an idle rank's stand-in pair."""
+        batches = []
+        for idx in eval_shares(len(examples), self.cfg.train.batch_size, rank, world_size):
+            rows = [examples[i] for i in idx] or examples[:1]
+            b = PreferenceBatcher(rows, len(rows), shuffle=False).next_batch()
+            b["index"] = torch.tensor(idx or [0], dtype=torch.long)
+            b["valid"] = torch.full((len(rows),), bool(idx))
+            batches.append(_to(b, self.device))
+        return batches
 
     def make_objective(self, reference):
         d = self.cfg.dpo

@@ -41,6 +41,8 @@ class DPO:
         self.ref_cache = ref_cache  # dict split -> tensor (N, 2) of [chosen, rejected] reference log-probs
 
     def count(self, batch: dict) -> torch.Tensor:
+        if "valid" in batch:  # validation batches may hold a stand-in pair that counts for nothing
+            return batch["valid"].sum()
         return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
 
     def logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +67,14 @@ class DPO:
         pc, pr = self.logps(model, batch)
         rc, rr = self.reference_logps(batch, split)
         losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing)
+        w = batch["valid"].float() if "valid" in batch else torch.ones_like(losses)  # (B,) 0 = stand-in pair
         metrics = {
-            "rewards/chosen": chosen_r.sum(),
-            "rewards/rejected": rejected_r.sum(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
-            "rewards/margins": (chosen_r - rejected_r).sum(),
-            "logps/chosen": pc.detach().sum(),
-            "logps/rejected": pr.detach().sum(),
-            "logps/accuracies": (pc > pr).float().sum(),  # reference-free: does the policy prefer chosen?
+            "rewards/chosen": (w * chosen_r).sum(),
+            "rewards/rejected": (w * rejected_r).sum(),
+            "rewards/accuracies": (w * (chosen_r > rejected_r).float()).sum(),
+            "rewards/margins": (w * (chosen_r - rejected_r)).sum(),
+            "logps/chosen": (w * pc.detach()).sum(),
+            "logps/rejected": (w * pr.detach()).sum(),
+            "logps/accuracies": (w * (pc > pr).float()).sum(),  # reference-free: does the policy prefer chosen?
         }
-        return losses.sum(), metrics
+        return (w * losses).sum(), metrics
