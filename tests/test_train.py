@@ -1,0 +1,297 @@
+"""The pre-training loop: accumulation, exact resume, signals, atomic checkpoints, precision, clipping, monitoring,
+configuration errors and a real run on the built-in corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from tests.conftest import TINY_ARGS
+from train import main
+from training import checkpoint
+from training.config import parse_args
+from training.loop import TrainingError, accumulate_gradients, apply_update, clip_gradients
+from training.objectives import LanguageModeling
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
+
+
+def small_model(dropout: float = 0.0) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+
+
+def batch(b: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (b, 17), generator=g)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+# ----------------------------------------------------------------------------------------------- step maths
+def test_grad_accumulation_equals_one_large_batch():
+    big = batch(4, 0)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grads, params = [], []
+    for batches in ([big], halves):
+        model = small_model()
+        count = sum(LanguageModeling().count(b) for b in batches).float()
+        accumulate_gradients(model, LanguageModeling(), batches, count, 1, torch.autocast("cpu", enabled=False),
+                             scaler, "ddp")
+        grads.append([p.grad.clone() for p in model.parameters()])
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_clipping_caps_applied_norm_and_reports_pre_clip_norm():
+    model = small_model()
+    b = batch(4, 1)
+    (LanguageModeling()(model, b)[0] * 100).backward()  # large gradients
+    params = list(model.parameters())
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+    opt = torch.optim.SGD(params, lr=0.1)
+    norm = clip_gradients(params, 0.5, opt, torch.amp.GradScaler("cpu", enabled=False))
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-5) and norm.item() > 0.5
+    after = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+    assert after.item() <= 0.5 * (1 + 1e-5)
+
+
+def test_fp16_scaler_skips_a_step_with_inf_gradient_and_leaves_parameters():
+    model = small_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(LanguageModeling()(model, batch(2, 2))[0]).backward()
+    next(model.parameters()).grad.view(-1)[0] = float("inf")
+    clip_gradients(list(model.parameters()), 1.0, opt, scaler)
+    assert apply_update(opt, scaler) is True
+    assert scaler.get_scale() == 512.0
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not opt.state  # no moments were touched
+    # The next, finite step goes through.
+    opt.zero_grad()
+    scaler.scale(LanguageModeling()(model, batch(2, 3))[0]).backward()
+    clip_gradients(list(model.parameters()), 1.0, opt, scaler)
+    assert apply_update(opt, scaler) is False
+    assert not torch.equal(before[0], next(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def run_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(corpus), "--out", str(out), *TINY_ARGS, "--log.interval=1", "--eval.interval=0",
+            *extra]
+
+
+def test_exact_resume_is_bitwise(tmp_path, corpus_dir):
+    common = ["--train.max_steps=20", "--model.dropout=0.1", "--ckpt.interval=100", "--train.batch_size=8"]
+    main(run_args(corpus_dir, tmp_path / "full", *common))
+    main(run_args(corpus_dir, tmp_path / "split", *common, "--train.stop_after_steps=10"))
+    stopped = train_losses(tmp_path / "split")
+    assert max(stopped) == 10 and checkpoint.latest(tmp_path / "split").name == "step_00000010.pt"
+    main(["--out", str(tmp_path / "split"), "--resume"])
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert sorted(full) == sorted(resumed) == list(range(1, 21))
+    assert all(full[s] == resumed[s] for s in full), [(s, full[s], resumed[s]) for s in full if full[s] != resumed[s]]
+    # The end states agree too.
+    a = torch.load(checkpoint.latest(tmp_path / "full"), weights_only=False)["model"]
+    b = torch.load(checkpoint.latest(tmp_path / "split"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus_dir):
+    common = ["--train.max_steps=40", "--ckpt.interval=1000", "--train.batch_size=8", "--model.dropout=0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *run_args(corpus_dir, out, *common)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training is under way
+        if (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output
+    ckpt = checkpoint.latest(out)
+    stopped_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 3 <= stopped_at < 40
+    main(["--out", str(out), "--resume"])
+    main(run_args(corpus_dir, tmp_path / "straight", *common))
+    full, resumed = train_losses(tmp_path / "straight"), train_losses(out)
+    assert sorted(resumed) == list(range(1, 41))
+    assert all(full[s] == resumed[s] for s in full)
+
+
+def test_partial_checkpoint_is_ignored(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    main(run_args(corpus_dir, out, "--train.max_steps=4", "--ckpt.interval=2", "--ckpt.keep=3"))
+    ckdir = out / checkpoint.CKPT_DIR
+    assert [p.name for p in sorted(ckdir.glob("step_*.pt"))] == ["step_00000002.pt", "step_00000004.pt"]
+    # A save killed mid-write: a truncated temporary file of the next checkpoint, pointer untouched.
+    good = (ckdir / "step_00000004.pt").read_bytes()
+    (ckdir / "step_00000006.pt.tmp").write_bytes(good[: len(good) // 3])
+    assert checkpoint.latest(out).name == "step_00000004.pt"
+    assert checkpoint.load(out)["step"] == 4
+    # Resuming continues from step 4 and cleans the stray file up at its next save.
+    main(["--out", str(out), "--resume", "--train.max_steps=6"])
+    assert checkpoint.load(out)["step"] == 6
+    assert not list(ckdir.glob("*.tmp"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus_dir, monkeypatch):
+    out = tmp_path / "nan"
+    monkeypatch.setenv("GPTRAIN_FAULT", "nan_loss@5")
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 5"):
+        main(run_args(corpus_dir, out, "--train.max_steps=8", "--ckpt.interval=3"))
+    assert checkpoint.load(out)["step"] == 3
+    monkeypatch.setenv("GPTRAIN_FAULT", "inf_grad@2")
+    with pytest.raises(TrainingError, match="non-finite gradient norm"):
+        main(run_args(corpus_dir, tmp_path / "inf", "--train.max_steps=4"))
+
+
+def test_fp16_run_counts_skipped_step_without_advancing_schedule(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_FAULT", "inf_grad@2")
+    out = tmp_path / "fp16"
+    summary = main(run_args(corpus_dir, out, "--train.precision=fp16", "--train.max_steps=4", "--model.n_layer=1",
+                            "--train.batch_size=2", "--model.block_size=32", "--train.warmup_steps=3"))
+    assert summary["skipped_steps"] == 1
+    rows = {r["step"]: r for r in read_metrics(out) if "train/lr" in r}
+    # Step 2 was skipped, so step 3 reuses step 2's learning rate (warmup 1/3, 2/3, 2/3, 3/3 of the peak).
+    lrs = [rows[s]["train/lr"] for s in (1, 2, 3, 4)]
+    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 3e-3])
+    ck = checkpoint.load(out)
+    assert ck["skipped_steps"] == 1 and ck["sched_step"] == 3 and ck["scaler"] is not None
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, corpus_dir):
+    summary = main(run_args(corpus_dir, tmp_path / "bf16", "--train.precision=bf16", "--train.max_steps=3",
+                            "--model.n_layer=1", "--train.batch_size=2", "--model.block_size=32"))
+    losses = train_losses(tmp_path / "bf16")
+    assert summary["step"] == 3 and all(math.isfinite(v) for v in losses.values())
+
+
+def test_tensorboard_events_match_metrics_jsonl(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny_run), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu",
+                "train/tokens_seen", "val/loss", "val/bpb", "grad_norm/block_0", "grad_norm/embedding",
+                "update_ratio/matrices", "update_ratio/vectors"):
+        assert tag in tags, (tag, sorted(tags))
+    text_tags = set(acc.Tags()["tensors"])
+    assert {"config/text_summary", "sample/text_summary"} <= text_tags, text_tags
+    rows = read_metrics(tiny_run)
+    compared = 0
+    for tag in ("train/loss", "train/lr", "val/loss", "val/bpb", "grad_norm/block_1"):
+        jsonl = {r["step"]: r[tag] for r in rows if tag in r}
+        events = {e.step: e.value for e in acc.Scalars(tag)}
+        assert set(jsonl) == set(events), tag
+        for s, v in jsonl.items():
+            assert events[s] == pytest.approx(v, rel=1e-6)
+            compared += 1
+    assert compared > 20
+
+
+def test_default_corpus_run_lowers_validation_loss(tmp_path):
+    """A short real run on the built-in stdlib corpus (small vocab to keep tokenizer training quick)."""
+    out = tmp_path / "stdlib"
+    summary = main(["--out", str(out), "--model.vocab_size=512", "--data.tokenizer_max_mb=1", "--model.n_layer=2",
+                    "--model.n_embd=64", "--model.block_size=64", "--train.batch_size=16", "--train.max_steps=60",
+                    "--train.warmup_steps=10", "--eval.interval=30", "--eval.max_tokens=8192",
+                    "--eval.sample_tokens=8"])
+    assert summary["val"]["loss"] < summary["first_val"]["loss"] - 1.0
+    manifest = json.loads(next((Path(os.environ["GPTRAIN_CACHE"]) / "shards").glob("stdlib-*/val.json")).read_text())
+    assert manifest["python_version"] == sys.version.split()[0]
+    run_files = {p.name for p in out.iterdir()}
+    assert {"config.toml", "tokenizer.json", "env.json", "metrics.jsonl", "checkpoints"} <= run_files
+    env = json.loads((out / "env.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__ and env["python"] == sys.version.split()[0]
+    assert env["git_revision"]
+
+
+def test_time_budget_becomes_a_saved_step_count(tmp_path, corpus_dir):
+    out = tmp_path / "budget"
+    summary = main(run_args(corpus_dir, out, "--train.time_budget_min=0.1", "--train.batch_size=4"))
+    ck = checkpoint.load(out)
+    assert summary["max_steps"] == ck["max_steps"] == ck["step"] > 11
+    # Resumed with another step limit on the command line, the saved count still rules.
+    cfg = parse_args(["--out", str(out), "--resume", "--train.stop_after_steps=3"])
+    assert cfg.train.time_budget_min == 0.1
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def test_existing_run_folder_is_not_overwritten(tiny_run, corpus_dir):
+    before = sorted(p.name for p in (tiny_run / checkpoint.CKPT_DIR).iterdir())
+    with pytest.raises(ValueError, match="already holds a run"):
+        main(run_args(corpus_dir, tiny_run, "--train.max_steps=2"))
+    assert sorted(p.name for p in (tiny_run / checkpoint.CKPT_DIR).iterdir()) == before
+
+
+def test_resume_refuses_shape_and_setting_changes(tmp_path, corpus_dir):
+    out = tmp_path / "r"
+    main(run_args(corpus_dir, out, "--train.max_steps=2"))
+    with pytest.raises(ValueError, match=r"model.n_layer was 2 in the saved run but is 3 now"):
+        main(["--out", str(out), "--resume", "--model.n_layer=3"])
+    with pytest.raises(ValueError, match=r"train.lr was 0.003 .* is 0.01 now"):
+        main(["--out", str(out), "--resume", "--train.lr=0.01"])
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        main(["--out", str(tmp_path / "empty"), "--resume"])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown option --train.lrr .*did you mean 'train.lr'"):
+        parse_args(["--train.lrr=3"])
+    with pytest.raises(ValueError, match=r"--train.max_steps='ten': expected int"):
+        parse_args(["--train.max_steps=ten"])
+    with pytest.raises(ValueError, match=r"train.precision='fp8': expected one of"):
+        parse_args(["--train.precision=fp8"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nbatch_sise = 4\n")
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key 'train.batch_sise' \(did you mean 'train.batch_size'"):
+        parse_args(["--config", str(bad)])
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('[train]\nlr = "fast"\n')
+    with pytest.raises(ValueError, match=r"'train.lr': expected float"):
+        parse_args(["--config", str(wrong)])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nlr = 1\n")
+    with pytest.raises(ValueError, match="broken.toml: invalid TOML"):
+        parse_args(["--config", str(broken)])
+    good = tmp_path / "good.toml"
+    good.write_text('stage = "pretrain"\n[train]\nlr = 1\nbatch_size = 4\n[model]\npreset = "small"\n')
+    cfg = parse_args(["--config", str(good), "--train.batch_size=8"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.model.preset) == (1.0, 8, "small")
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for key in ("--train.lr=<float>  default 0.003", "--model.preset=<str>", "--dist.strategy", "--dpo.beta"):
+        assert key in text
