@@ -204,6 +204,8 @@ def test_tensorboard_events_match_metrics_jsonl(tiny_run):
                 "train/tokens_seen", "val/loss", "val/bpb", "grad_norm/block_0", "grad_norm/embedding",
                 "update_ratio/matrices", "update_ratio/vectors"):
         assert tag in tags, (tag, sorted(tags))
+    hist_tags = set(acc.Tags()["histograms"])
+    assert {"weights/blocks.0.attn.q_proj.weight", "activations/block_1"} <= hist_tags, sorted(hist_tags)[:5]
     text_tags = set(acc.Tags()["tensors"])
     assert {"config/text_summary", "sample/text_summary"} <= text_tags, text_tags
     rows = read_metrics(tiny_run)
@@ -295,3 +297,20 @@ def test_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for key in ("--train.lr=<float>  default 0.003", "--model.preset=<str>", "--dist.strategy", "--dpo.beta"):
         assert key in text
+
+
+def test_compiled_and_eager_checkpoints_load_into_each_other(tmp_path, corpus_dir):
+    """eager steps 1-2 -> resume compiled for 3-4 -> resume eager for 5-6; losses track a straight eager run."""
+    tiny = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--model.block_size=32",
+            "--train.batch_size=4", "--train.max_steps=6"]
+    main(run_args(corpus_dir, tmp_path / "eager", *tiny))
+    out = tmp_path / "mixed"
+    main(run_args(corpus_dir, out, *tiny, "--train.stop_after_steps=2"))
+    main(["--out", str(out), "--resume", "--train.compile=true", "--train.stop_after_steps=4"])
+    sd = torch.load(checkpoint.latest(out), weights_only=False)["model"]
+    assert not any("_orig_mod" in k for k in sd)  # saved without the compile wrapper's prefix
+    main(["--out", str(out), "--resume", "--train.compile=false"])
+    eager, mixed = train_losses(tmp_path / "eager"), train_losses(out)
+    assert sorted(mixed) == list(range(1, 7))
+    for s in range(1, 7):
+        assert mixed[s] == pytest.approx(eager[s], rel=1e-4), (s, mixed[s], eager[s])

@@ -56,9 +56,10 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 2000  # optimizer steps (the LR schedule ends here); replaced by time_budget_min when set
+    max_steps: int = 2000  # optimizer steps (the LR schedule ends here); replaced by time_budget_min when that is set
     stop_after_steps: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0 = off
-    time_budget_min: float = 0.0  # wall-clock budget of the training loop; converted once into max_steps
+    time_budget_min: float = 0.0  # wall-clock budget of the training loop, converted once into max_steps (pretrain
+    # defaults to 10, the CPU speedrun; giving train.max_steps without a budget switches the budget off)
     batch_size: int = 32  # sequences per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 3e-3  # peak learning rate
@@ -136,7 +137,7 @@ class Config:
 
 # Stage defaults: applied before the TOML file and the command line, so anything can still be overridden.
 STAGE_DEFAULTS: dict[str, dict] = {
-    "pretrain": {},
+    "pretrain": {"train.time_budget_min": 10.0},
     "sft": {"data.source": "synthetic", "train.lr": 1e-3, "train.max_steps": 300, "train.warmup_steps": 20,
             "train.batch_size": 32, "train.weight_decay": 0.0, "eval.interval": 100, "eval.max_tokens": 0,
             "ckpt.interval": 300},
@@ -394,6 +395,9 @@ def parse_args(argv: list[str]) -> Config:
         set_key(cfg, key, value)
     for key, value in overrides:
         set_key(cfg, key, value, from_string=True)
+    explicit = set(file_values) | set(given)
+    if not resume and "train.max_steps" in explicit and "train.time_budget_min" not in explicit:
+        cfg.train.time_budget_min = 0.0  # an explicit step count means a step-based schedule
     if resume:
         cfg.resume = True
     validate(cfg)
