@@ -117,8 +117,24 @@ class PretrainData:
         return LanguageModeling()
 
     def val_batches(self, max_tokens: int | None):
-        return shards.eval_batches(self.val_path, self.cfg.train.batch_size, self.block_size, max_tokens=max_tokens,
-                                   rank=self.info.rank, world_size=self.info.world_size, device=self.device)
+        """This rank's validation batches (rank r scores blocks r, r + world_size, ...). Every rank yields the same
+        number of batches -- a forward under FSDP is a collective -- so a rank whose share runs out first adds a
+        stand-in batch whose targets are all ignored (it counts for nothing)."""
+        B, T, W = self.cfg.train.batch_size, self.block_size, self.info.world_size
+        n_blocks = (self.manifests["val"]["tokens"] - 1) // T  # the grid of shards.eval_batches
+        if max_tokens is not None:
+            n_blocks = min(n_blocks, max(1, max_tokens // T))
+        most = -(-n_blocks // W)  # rank 0 holds the most blocks: ceil(n_blocks / W)
+        n_batches = -(-most // B)
+        done = 0
+        for x, y in shards.eval_batches(self.val_path, B, T, max_tokens=max_tokens, rank=self.info.rank,
+                                        world_size=W, device=self.device):
+            done += 1
+            yield x, y
+        assert done <= n_batches, (done, n_batches)
+        for _ in range(n_batches - done):
+            yield (torch.zeros(1, T, dtype=torch.long, device=self.device),
+                   torch.full((1, T), IGNORE, dtype=torch.long, device=self.device))
 
     def validate(self, model, autocast, info: DistInfo) -> dict[str, float]:
         t0 = time.perf_counter()
