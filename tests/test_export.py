@@ -1,0 +1,221 @@
+"""Export to / import from Hugging Face transformers: parity with the native model, the tokenizer and chat template
+through AutoTokenizer, the import round trip, and refusals that leave nothing half-written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+
+from data.chat import render, render_prompt
+from data.synthetic import make_preferences, make_sft
+from data.tokenizer import END_ID, EOT_ID
+from model.gpt import GPT, GPTConfig
+from tests.conftest import TINY_ARGS
+from training.load import load_run, save_run
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it, so these tests run there
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"gptrain_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_hf = load_script("export_hf")
+import_hf = load_script("import_hf")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and spin-waiting threads cost a lot on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_run(path: Path, tok, **shape) -> GPT:
+    """A run folder holding a model with random weights far from init (non-trivial norms and biases)."""
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64, mlp_ratio=3.0, **shape)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_run(path, model.state_dict(), cfg, tok)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory, corpus_dir) -> Path:
+    """A gpt2-architecture model trained briefly (for greedy generation parity, which needs a trained model)."""
+    from train import main
+
+    out = tmp_path_factory.mktemp("gpt2") / "run"
+    main(["--data", str(corpus_dir), "--out", str(out), "--train.max_steps=40", "--eval.interval=0",
+          "--model.arch=gpt2", "--model.bias=true", "--log.tensorboard=false", "--log.health_interval=0",
+          "--log.hist_interval=0", *TINY_ARGS, "--train.batch_size=8", "--eval.max_tokens=512"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    return export_hf.main([str(tiny_run), str(tmp_path_factory.mktemp("exports") / "tiny")])
+
+
+@pytest.mark.parametrize("shape", [
+    dict(arch="modern", n_kv_head=2, bias=True, tie_embeddings=False),  # GQA, every bias, separate head
+    dict(arch="gpt2", bias=False),  # exported with zero biases
+    dict(arch="gpt2", bias=True, tie_embeddings=False),
+], ids=["modern-gqa-bias-untied", "gpt2-nobias-tied", "gpt2-bias-untied"])
+def test_export_logits_match_native(tiny_run, tmp_path, shape):
+    model = random_run(tmp_path / "run", load_run(tiny_run, "cpu").tok, **shape)
+    out = export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(hf).__name__ == {"modern": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[shape["arch"]]
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        native, theirs = model(ids), hf(ids).logits
+    assert native.abs().max() > 1.0  # logits far from zero: the comparison means something
+    torch.testing.assert_close(theirs, native, atol=1e-4, rtol=0)
+
+
+def _greedy_matches(run, hf, prompt: str, n: int = 20) -> int:
+    """Compare 20 greedy tokens of transformers' generate with the native ones; a divergence is accepted only at a
+    step where the native top-two logits are within 1e-3 (a near tie that rounding may flip). Returns tokens made."""
+    idx = torch.tensor([run.tok.encode(prompt)])
+    native = run.model.generate(idx, n, temperature=0.0, stop_tokens=(EOT_ID, END_ID))[0].tolist()
+    theirs = hf.generate(idx, max_new_tokens=n, do_sample=False)[0].tolist()
+    for t in range(idx.shape[1], max(len(native), len(theirs))):
+        if t >= len(native) or t >= len(theirs) or native[t] != theirs[t]:
+            with torch.no_grad():
+                top2 = run.model(torch.tensor([native[:t]]))[0, -1].topk(2).values
+            assert (top2[0] - top2[1]).item() < 1e-3, (prompt, t, native, theirs)
+            return t - idx.shape[1]
+    return len(native) - idx.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_export_greedy_generation_identical(arch, tiny_run, gpt2_run, tiny_export, tmp_path):
+    run_dir = tiny_run if arch == "modern" else gpt2_run
+    folder = tiny_export if arch == "modern" else export_hf.main([str(gpt2_run), str(tmp_path / "hf")])
+    run = load_run(run_dir, "cpu", "fp32")
+    assert run.gcfg.arch == arch
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    made = [_greedy_matches(run, hf, p) for p in ("def main(", "import os\n", "class Parser:\n    ")]
+    assert sum(made) >= 30  # mostly full-length continuations, not immediate stops
+
+
+def test_exported_tokenizer_and_chat_template(tiny_run, tiny_export):
+    tok = load_run(tiny_run, "cpu").tok
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_export)
+    convs = [r["messages"] for r in make_sft(12, 5)] + [r["prompt"] + r["chosen"] for r in make_preferences(4, 5)]
+    convs.append([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "héllo  wörld\n\tdef f():"},
+                  {"role": "assistant", "content": " ok "}])
+    for conv in convs:
+        assert hf_tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"] == render(conv, tok)[0]
+        prompt = hf_tok.apply_chat_template(conv[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)
+        assert prompt["input_ids"] == render_prompt(conv[:-1], tok)
+    text = "def f(x):\n    return  x ** 2  # ünïcode ✓\n"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert hf_tok.decode(tok.encode(text)) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (EOT_ID, 1)
+    gen = json.loads((tiny_export / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [EOT_ID, END_ID]
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_import_round_trip(arch, tiny_run, tiny_export, gpt2_run, tmp_path):
+    if arch == "modern":
+        src, folder = tiny_run, tiny_export
+    else:  # a bias-free GPT-2 comes back bias-free (its exported biases are all zero)
+        random_run(tmp_path / "src", load_run(tiny_run, "cpu").tok, arch="gpt2", bias=False)
+        src, folder = tmp_path / "src", export_hf.main([str(tmp_path / "src"), str(tmp_path / "hf")])
+    out = import_hf.main([str(folder), str(tmp_path / "imported")])
+    a, b = load_run(src, "cpu", "fp32"), load_run(out, "cpu", "fp32")
+    assert b.gcfg == a.gcfg
+    assert b.tok.encode("def f(x):\n  return 'ünï'") == a.tok.encode("def f(x):\n  return 'ünï'")
+    ids = torch.randint(0, a.gcfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(b.model(ids), a.model(ids))
+
+
+def test_imported_run_fine_tunes(tiny_export, tmp_path):
+    from train import main
+
+    run = import_hf.main([str(tiny_export), str(tmp_path / "imported")])
+    summary = main(["--stage", "sft", "--init-from", str(run), "--out", str(tmp_path / "sft"), "--train.max_steps=2",
+                    "--train.batch_size=4", "--data.synthetic_train=32", "--data.synthetic_val=8",
+                    "--eval.interval=0", "--log.tensorboard=false", "--eval.sample_tokens=4"])
+    assert summary["step"] == 2 and (tmp_path / "sft" / "checkpoints" / "latest").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_export_refuses_unsupported_config(tiny_run, tmp_path):
+    random_run(tmp_path / "run", load_run(tiny_run, "cpu").tok, arch="gpt2", n_kv_head=2)
+    before = _siblings(tmp_path / "hf")
+    with pytest.raises(ValueError, match="n_kv_head=2"):
+        export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert _siblings(tmp_path / "hf") == before  # no folder, no temporary left
+
+
+def test_export_refuses_used_folder_and_cleans_up_failures(tiny_run, tmp_path, monkeypatch):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        export_hf.main([str(tiny_run), str(used)])
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="no checkpoint"):
+        export_hf.main([str(tmp_path), str(tmp_path / "out")])
+
+    def broken(folder, model, seed=0):  # the saved model does not compute the same function
+        return 1.0
+
+    monkeypatch.setattr(export_hf, "verify", broken)
+    before = _siblings(tmp_path / "hf")
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        export_hf.main([str(tiny_run), str(tmp_path / "hf")])
+    assert _siblings(tmp_path / "hf") == before
+
+
+def test_import_refusals(tiny_export, tmp_path):
+    # a tokenizer without gptrain's special tokens
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_export, foreign)
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    words.save(str(foreign / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"special tokens .* at ids 0\.\.5"):
+        import_hf.main([str(foreign), str(tmp_path / "run1")])
+    assert not (tmp_path / "run1").exists()
+    # a setting gptrain cannot express
+    gelu = tmp_path / "gelu"
+    shutil.copytree(tiny_export, gelu)
+    config = json.loads((gelu / "config.json").read_text())
+    (gelu / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        import_hf.main([str(gelu), str(tmp_path / "run2")])
+    assert not (tmp_path / "run2").exists()
+    # an existing run is never overwritten; a folder that is not a transformers folder is named
+    (tmp_path / "run3").mkdir()
+    (tmp_path / "run3" / "config.toml").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        import_hf.main([str(tiny_export), str(tmp_path / "run3")])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        import_hf.main([str(tmp_path / "run3"), str(tmp_path / "run4")])
