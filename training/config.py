@@ -67,7 +67,9 @@ class TrainSection:
     warmup_steps: int = 50  # linear warmup from 0
     schedule: str = "wsd"  # cosine | wsd (warmup, stable, then linear decay over the last decay_frac of steps)
     decay_frac: float = 0.3  # wsd: share of steps spent decaying
-    optimizer: str = "adamw"  # adamw
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW at train.lr for the rest)
+    muon_lr: float = 0.02  # peak learning rate of the Muon matrices
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1  # applied to matrices only (2-D weights), never to norms and biases
     beta1: float = 0.9
     beta2: float = 0.95
@@ -151,7 +153,7 @@ CHOICES = {
     "model.preset": ("tiny", "small", "gpt2", "medium"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.schedule": ("cosine", "wsd"),
-    "train.optimizer": ("adamw",),
+    "train.optimizer": ("adamw", "muon"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.strategy": ("ddp", "fsdp"),
     "dist.backend": ("auto", "nccl", "gloo"),

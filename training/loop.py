@@ -27,7 +27,7 @@ from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.health import activation_hooks, block_grad_norms, update_ratios
 from training.inputs import build_stage_data, resolve_tokenizer
 from training.monitor import Monitor, Throughput, fmt_duration, print0
-from training.optim import build_optimizer, lr_at
+from training.optim import build_optimizer, lr_at, set_lr
 from training.runinfo import environment_info, measure_peak_flops
 
 # Under fp16, this many GradScaler-skipped steps in a row mean the run has diverged.
@@ -249,6 +249,9 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     precision = resolve_precision(t.precision, device)
     if precision == "fp16" and cfg.dist.strategy == "fsdp":
         raise ValueError("--train.precision=fp16 is not supported with --dist.strategy=fsdp (use bf16)")
+    if t.optimizer == "muon" and cfg.dist.strategy == "fsdp" and info.distributed:
+        raise ValueError("--train.optimizer=muon needs whole gradient matrices; it is not supported with "
+                         "--dist.strategy=fsdp (use ddp, or adamw)")
 
     # ---- where the weights come from: a resumed checkpoint, a starting run (--init-from), or nothing
     resumed = checkpoint.load(cfg.out) if cfg.resume else None
@@ -367,8 +370,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         all_reduce(count)
         # Until a time budget has been turned into max_steps, the schedule is in its warmup/stable part.
         lr = lr_at(sched_step, max_steps if max_steps is not None else 10**9, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr / t.lr)
         health_due = cfg.log.health_interval > 0 and (step + 1) % cfg.log.health_interval == 0
         hist_due = cfg.log.hist_interval > 0 and (step + 1) % cfg.log.hist_interval == 0
         hooks = activation_hooks(raw, monitor, step + 1) if hist_due and info.is_main else []

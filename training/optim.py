@@ -1,4 +1,8 @@
-"""Parameter groups, the optimizer and the learning-rate schedule."""
+"""Parameter groups, the optimizers (AdamW; Muon for hidden matrices) and the learning-rate schedule.
+
+The schedule gives a factor in [0, 1] of each group's own peak learning rate (`peak_lr`), so AdamW and Muon groups
+follow one schedule with their own peaks.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainSection, device_type: str) -> torch.optim.Optimizer:
+    if t.optimizer == "muon":
+        return build_muon(model, t)
     groups = param_groups(model, t.weight_decay)
+    for g in groups:
+        g["peak_lr"] = t.lr
     # The fused kernel updates all parameters in one pass; it exists for CUDA and (recent torch) CPU tensors.
     fused = device_type in ("cuda", "cpu")
     try:
@@ -53,3 +61,92 @@ def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
         return peak
     progress = (step - decay_start + 1) / max(max_steps - decay_start, 1)
     return peak + (floor - peak) * min(progress, 1.0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Apply the schedule: every group runs at factor x its own peak learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+
+
+# ----------------------------------------------------------------------------------------------- Muon
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately replace g (rows x cols) by the nearest semi-orthogonal matrix U V^T (its singular values pushed
+    towards 1) with a quintic Newton-Schulz iteration; coefficients (3.4445, -4.7750, 2.0315) as in Muon (Jordan et
+    al. 2024), chosen to converge fast from singular values in (0, 1] rather than exactly."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum + orthogonalised updates) for the 2-D weights inside the blocks, AdamW for the rest.
+
+    Groups with `muon=True` take Nesterov momentum, orthogonalise it, and step by lr x sqrt(max(1, rows/cols));
+    the other groups (embeddings, output head, norms, biases) are plain AdamW. One optimizer object, so checkpoints,
+    the GradScaler and the schedule treat it like AdamW. Single-device maths: under FSDP the gradients are shards,
+    which Muon cannot orthogonalise, so the trainer refuses that combination.
+    """
+
+    def __init__(self, groups: list[dict], momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8) -> None:
+        super().__init__(groups, dict(lr=0.02, weight_decay=0.0, momentum=momentum, betas=betas, eps=eps,
+                                      muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                if group["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                    p.add_(orthogonalize(update).to(p.dtype), alpha=-lr * scale)
+                else:
+                    b1, b2 = group["betas"]
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    t = state["step"].item()
+                    state["exp_avg"].lerp_(p.grad, 1 - b1)
+                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+        return None
+
+
+def build_muon(model: torch.nn.Module, t: TrainSection) -> Muon:
+    hidden, other_matrices, vectors = [], [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() == 2 and ".blocks." in f".{name}" and "wte" not in name and "wpe" not in name:
+            hidden.append(p)
+        elif p.dim() >= 2:
+            other_matrices.append(p)
+        else:
+            vectors.append(p)
+    groups = [
+        {"params": hidden, "muon": True, "lr": t.muon_lr, "peak_lr": t.muon_lr, "weight_decay": 0.0,
+         "name": "muon"},
+        {"params": other_matrices, "lr": t.lr, "peak_lr": t.lr, "weight_decay": t.weight_decay, "name": "matrices"},
+        {"params": vectors, "lr": t.lr, "peak_lr": t.lr, "weight_decay": 0.0, "name": "vectors"},
+    ]
+    return Muon([g for g in groups if g["params"]], momentum=t.muon_momentum, betas=(t.beta1, t.beta2))
