@@ -314,3 +314,20 @@ def test_compiled_and_eager_checkpoints_load_into_each_other(tmp_path, corpus_di
     assert sorted(mixed) == list(range(1, 7))
     for s in range(1, 7):
         assert mixed[s] == pytest.approx(eager[s], rel=1e-4), (s, mixed[s], eager[s])
+
+
+def test_muon_orthogonalizes_and_resumes_exactly(tmp_path, corpus_dir):
+    from training.optim import orthogonalize
+
+    g = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed towards 1 (quintic NS, not exact)
+    s_tall = torch.linalg.svdvals(orthogonalize(g.T))
+    assert s_tall.min() > 0.5 and s_tall.max() < 1.3
+    common = ["--train.optimizer=muon", "--train.max_steps=6", "--model.dropout=0.1", "--train.batch_size=4"]
+    main(run_args(corpus_dir, tmp_path / "full", *common))
+    main(run_args(corpus_dir, tmp_path / "split", *common, "--train.stop_after_steps=3"))
+    main(["--out", str(tmp_path / "split"), "--resume"])
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert sorted(resumed) == list(range(1, 7)) and all(full[k] == resumed[k] for k in full)
+    assert full[6] < full[1]
