@@ -382,7 +382,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         if fault is not None and fault.due(step + 1, info.rank):
             fault.apply(loss_sum, params)
         grad_norm = clip_gradients(params, t.grad_clip, optimizer, scaler)
-        block_norms = block_grad_norms(raw) if health_due and info.is_main else None
+        block_norms = block_grad_norms(raw) if health_due else None  # every rank: under FSDP this gathers
         before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]] if health_due else None
 
         # One host sync per step: the reduced loss and metrics, the stop request of any rank.
@@ -432,9 +432,9 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             if info.is_main:
                 monitor.scalars(step, {**{f"grad_norm/{k}": v for k, v in block_norms.items()},
                                        **{f"update_ratio/{k}": v for k, v in ratios.items()}})
-        if hist_due and info.is_main:
+        if hist_due:  # every rank: under FSDP each full weight is gathered (a collective); rank 0 writes it
             for name, p in raw.named_parameters():
-                monitor.histogram(f"weights/{name}", p, step)
+                monitor.histogram(f"weights/{name}", p.full_tensor() if hasattr(p, "full_tensor") else p, step)
         if step % cfg.log.interval == 0 or step == max_steps:
             tps, mfu = throughput.report()
             elapsed = elapsed_before + time.perf_counter() - t_start
