@@ -84,8 +84,9 @@ class TrainSection:
 @dataclass
 class EvalSection:
     interval: int = 200  # validate every N steps (and at the start and end); 0 = only at the end
-    max_tokens: int = 131072  # tokens of the validation split scored per validation (0 = all)
-    sample_interval: int = 0  # print/log a generated sample every N steps (0 = only at the end)
+    max_tokens: int = 131072  # tokens of the validation split scored per periodic validation (0 = all); the final
+    # pre-training validation always scores the whole split
+    sample_interval: int = 500  # print/log a generated sample every N steps (and at the end; 0 = only at the end)
     sample_prompt: str = "def "  # prompt of the generated samples (chat stages use a validation prompt)
     sample_tokens: int = 96  # tokens generated per sample
     temperature: float = 0.8
@@ -407,9 +408,10 @@ def parse_args(argv: list[str]) -> Config:
 
 
 # Settings that may differ between a run and its resumption; every other difference is refused.
+# train.batch_size may change with the number of processes; the loop then requires batch_size x world size to stay.
 RESUMABLE_CHANGES = ("resume", "init_from", "train.stop_after_steps", "train.max_steps", "train.time_budget_min",
-                     "train.compile", "train.device", "train.peak_flops", "data.num_proc", "data.cache_dir",
-                     "eval.", "log.", "ckpt.", "dist.")
+                     "train.compile", "train.device", "train.peak_flops", "train.batch_size", "data.num_proc",
+                     "data.cache_dir", "eval.", "log.", "ckpt.", "dist.")
 
 
 def check_resume_compatible(saved: Config, new: Config) -> None:

@@ -136,9 +136,11 @@ class PretrainData:
             yield (torch.zeros(1, T, dtype=torch.long, device=self.device),
                    torch.full((1, T), IGNORE, dtype=torch.long, device=self.device))
 
-    def validate(self, model, autocast, info: DistInfo) -> dict[str, float]:
+    def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
+        """Loss and bits per byte on the first eval.max_tokens of the validation split (all of it when full)."""
         t0 = time.perf_counter()
-        figures = lm_figures(model, self.val_batches(self.cfg.eval.max_tokens or None), self.byte_lengths, autocast)
+        max_tokens = None if full else self.cfg.eval.max_tokens or None
+        figures = lm_figures(model, self.val_batches(max_tokens), self.byte_lengths, autocast)
         self.last_val_seconds = time.perf_counter() - t0
         return figures
 
@@ -209,7 +211,7 @@ class SFTData:
     def make_objective(self, reference=None):
         return LanguageModeling()
 
-    def validate(self, model, autocast, info: DistInfo) -> dict[str, float]:
+    def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
         figures = lm_figures(model, self.val_batches(info), None, autocast)
         figures["accuracy"] = chat_accuracy(model, self.tok, self.eval_items, autocast, self.device)
@@ -316,7 +318,7 @@ class DPOData:
                              ref_cache={"train": cache["train"], "validation": cache["validation"]})
         return self.objective
 
-    def validate(self, model, autocast, info: DistInfo) -> dict[str, float]:
+    def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
         batches = self._all_batches(self.val_examples, info.world_size, info.rank)
         figures = preference_figures(model, self.objective, batches, autocast, split="validation")

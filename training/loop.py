@@ -207,6 +207,17 @@ class FaultInjection:
 
 
 # ----------------------------------------------------------------------------------------------- run folder
+def check_global_batch(resumed: dict, batch_size: int, world_size: int) -> None:
+    """A run resumes on any number of processes when batch_size x world size (the sequences of one micro-step) is
+    kept: the data order and the step size then continue unchanged. Anything else is refused."""
+    old_b, old_w = resumed["config"]["train"]["batch_size"], resumed.get("world_size", 1)
+    if old_b * old_w != batch_size * world_size:
+        hint = f"; use --train.batch_size={old_b * old_w // world_size}" if old_b * old_w % world_size == 0 else ""
+        raise ValueError(f"--resume: the checkpoint was trained with {old_w} process(es) x train.batch_size={old_b}; "
+                         f"this run has {world_size} x {batch_size}. The global batch must stay {old_b * old_w} "
+                         f"sequences per micro-step to continue the same data order and schedule{hint}")
+
+
 def check_run_dir(cfg: Config) -> None:
     out = Path(cfg.out)
     holds_run = (out / "config.toml").exists() or (out / checkpoint.CKPT_DIR).exists()
@@ -258,6 +269,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     start = checkpoint.load(cfg.init_from) if cfg.init_from and not cfg.resume else None
     if resumed is not None:
         check_resume_compatible(from_dict(resumed["config"]), cfg)
+        check_global_batch(resumed, t.batch_size, info.world_size)
     base_model_cfg = (resumed or start or {}).get("model_config")
 
     # ---- tokenizer, model shape, data
@@ -341,8 +353,9 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             print0(f"saved {path} ({reason})")
         distributed.barrier()
 
-    def run_validation() -> dict[str, float]:
-        figures = data.validate(eval_model, autocast, info)
+    def run_validation(final: bool = False) -> dict[str, float]:
+        # The final validation scores the whole held-out split; periodic ones may score a fixed prefix.
+        figures = data.validate(eval_model, autocast, info, full=final)
         monitor.scalars(step, {f"val/{k}": v for k, v in figures.items()})
         print0("val " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
         return figures
@@ -469,7 +482,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             throughput.reset()
     else:
         # ---- the end of the schedule: final validation, a sample, the last checkpoint
-        val_figures = run_validation()
+        val_figures = run_validation(final=True)
         sample()
         save("end")
         monitor.hparams({f"{k}": v for k, v in {"stage": cfg.stage, "preset": cfg.model.preset, "lr": t.lr,
