@@ -62,6 +62,12 @@ def init(dcfg: DistSection, device_request: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
+def elastic_restarts() -> int:
+    """How often torchrun may restart the workers (`--max-restarts`); 0 when not launched that way. With restarts,
+    `--resume` on a folder without a checkpoint starts the run, so one command line serves every attempt."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

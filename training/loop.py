@@ -223,7 +223,10 @@ def check_run_dir(cfg: Config) -> None:
     holds_run = (out / "config.toml").exists() or (out / checkpoint.CKPT_DIR).exists()
     if cfg.resume:
         if checkpoint.latest(out) is None:
-            raise ValueError(f"--resume: {out} holds no complete checkpoint to resume from")
+            if not distributed.elastic_restarts():
+                raise ValueError(f"--resume: {out} holds no complete checkpoint to resume from")
+            # torchrun --max-restarts: one command line starts the run and resumes it after each restart
+            print0(f"--resume: {out} holds no checkpoint yet; starting the run")
     elif holds_run:
         raise ValueError(f"{out} already holds a run; use --resume to continue it or choose another --out")
 
@@ -256,6 +259,7 @@ def run(cfg: Config) -> dict:
 def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     t = cfg.train
     check_run_dir(cfg)
+    distributed.barrier()  # every rank has looked at the run folder before rank 0 writes to it
     device = info.device
     precision = resolve_precision(t.precision, device)
     if precision == "fp16" and cfg.dist.strategy == "fsdp":
@@ -265,7 +269,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                          "--dist.strategy=fsdp (use ddp, or adamw)")
 
     # ---- where the weights come from: a resumed checkpoint, a starting run (--init-from), or nothing
-    resumed = checkpoint.load(cfg.out) if cfg.resume else None
+    resumed = checkpoint.load(cfg.out) if cfg.resume and checkpoint.latest(cfg.out) is not None else None
     start = checkpoint.load(cfg.init_from) if cfg.init_from and not cfg.resume else None
     if resumed is not None:
         check_resume_compatible(from_dict(resumed["config"]), cfg)
