@@ -1,0 +1,401 @@
+"""Measure a checkpoint: language modelling, instruction following, preferences, and a few samples.
+
+    python scripts/evaluate.py runs/tiny --json eval.json                   # the run's own validation data
+    python scripts/evaluate.py runs/tiny --data stdlib --max-tokens 100000  # any text source of the data pipeline
+    python scripts/evaluate.py runs/sft --chat-data synthetic --prompt "What is 2+3?" --json eval.json
+    python scripts/evaluate.py runs/dpo --preference-data prefs.jsonl --reference runs/sft --tensorboard
+    torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu --max-tokens 1e7
+
+What is measured, on the validation split of each source (--split train|all for others):
+  text        val_loss (nats per target token), perplexity, bits_per_byte = summed nats / (ln 2 x UTF-8 bytes of the
+              scored target tokens), tokens, bytes. Blocks of block_size tokens, as the trainer's validation.
+  chat        accuracy: exact match of the greedy reply (stopping at <|end|>) with the reference, for records with
+              `messages` (the last assistant turn is the reference) or `prompt` + `completion`; per task when the
+              records name one (the built-in `synthetic` tasks do).
+  preference  on `prompt`/`chosen`/`rejected` records: preference_accuracy (share of pairs whose DPO reward, beta x
+              the log-ratio to the reference model, is higher for the chosen answer) and reward_margin (mean
+              chosen - rejected reward) against --reference (default: the run's --init-from), and the same without a
+              reference: logp_accuracy, logp_margin (summed completion log-probs of the model alone).
+Sources: --data SOURCE is sorted by its fields (`text`-like -> text, chat records -> chat, pairs -> preference;
+`synthetic` is the built-in chat task, or its preference pairs for a DPO run); --chat-data / --preference-data name the
+kind explicitly (`--preference-data synthetic` for the built-in pairs). Without any of them the run's own
+validation data is measured: text for a pre-training run, chat for SFT, preference and chat (chosen answers) for DPO.
+
+Output: a table on the console, --json FILE with every figure and what it was measured on (checkpoint, step, data,
+tokens, bytes, examples, pairs, reference), --tensorboard adds the figures to the run's TensorBoard and
+metrics.jsonl under eval/ at the checkpoint's step. Under torchrun the text blocks, chat items and pairs are split
+across ranks and the sums reduced, so figures equal the single-process ones; rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data import shards
+from data.chat import render_prompt
+from data.preference import PreferenceBatcher, load_preferences, record_to_pair
+from data.sft import load_records, record_to_messages
+from data.sources import LOCAL_FORMATS
+from training import distributed
+from training.config import DistSection
+from training.evaluation import chat_accuracy, lm_figures, preference_figures
+from training.inputs import cache_root
+from training.load import PRECISIONS, LoadedRun, load_run
+from training.monitor import Monitor, print0
+from training.objectives import DPO
+
+KINDS = ("text", "chat", "preference")
+SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
+
+
+# ----------------------------------------------------------------------------------------------- which data
+def peek_fields(source: str) -> set[str] | None:
+    """Field names of a local tabular source's records (None for plain text); read from the first file only."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None  # stdlib, hub names, missing paths: the loaders give the precise error
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_FORMATS
+        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files or files[0].suffix.lower() == ".txt":
+        return None
+    f, suffix = files[0], files[0].suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return set(pq.read_schema(f).names)
+    with open(f, encoding="utf-8") as fh:
+        if suffix == ".csv":
+            return set(next(csv.reader(fh), []))
+        if suffix == ".jsonl":
+            line = next((ln for ln in fh if ln.strip()), "{}")
+            record = json.loads(line)
+        else:
+            data = json.load(fh)
+            record = data[0] if isinstance(data, list) and data else data
+    return set(record) if isinstance(record, dict) else set()
+
+
+def detect_kind(source: str, stage: str, text_column: str) -> str:
+    """text | chat | preference, from the records' fields (see the module docstring)."""
+    if source == "synthetic":
+        return "preference" if stage == "dpo" else "chat"
+    fields = peek_fields(source)
+    if fields is None:
+        return "text"
+    if {"prompt", "chosen", "rejected"} <= fields:
+        return "preference"
+    if "messages" in fields or {"prompt", "completion"} <= fields:
+        return "chat"
+    if text_column in fields:
+        return "text"
+    raise ValueError(f"--data {source}: its records have fields {sorted(fields)}, none of which evaluation can use: "
+                     f"it needs {text_column!r} (language modelling; see --text-column), 'messages' or 'prompt' + "
+                     "'completion' (accuracy), or 'prompt' + 'chosen' + 'rejected' (preferences)")
+
+
+def plan(args, run: LoadedRun) -> dict[str, str]:
+    """kind -> source to measure."""
+    todo: dict[str, str] = {}
+    if args.data:
+        todo[detect_kind(args.data, run.cfg.stage, args.text_column)] = args.data
+    for kind, source in (("chat", args.chat_data), ("preference", args.preference_data)):
+        if source:
+            if kind in todo:
+                raise ValueError(f"--data {args.data} is {kind} data and --{kind}-data is given too: give one")
+            todo[kind] = source
+    if not todo:
+        if run.ckpt.get("imported_from"):
+            raise ValueError(f"{run.ckpt['path']} was imported from {run.ckpt['imported_from']} and has no data of its "
+                             "own: give --data, --chat-data or --preference-data")
+        own = run.cfg.data.source
+        stage = run.cfg.stage
+        if stage == "pretrain":
+            todo["text"] = own
+        elif stage == "sft":
+            todo["chat"] = own
+        else:
+            todo["preference"] = todo["chat"] = own
+    return todo
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
+    """Loss, perplexity, bits per byte over the source's blocks (the trainer's validation, without a token cap)."""
+    cfg, T = run.cfg, run.gcfg.block_size
+    shard_dir = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok)
+    paths, n_batches = [], 0
+    for split in SPLITS[args.split]:
+        shards.prepare(source, run.tok, shard_dir, split, args.text_column, block_size=T, verbose=info.is_main,
+                       num_proc=cfg.data.num_proc or None)
+        path = shards.shard_paths(shard_dir, split)[0]
+        n = (shards.read_manifest(path)["tokens"] - 1) // T
+        n = min(n, max(1, args.max_tokens // T)) if args.max_tokens else n
+        mine = len(range(info.rank, n, info.world_size))
+        paths.append(path)
+        n_batches += -(-mine // args.batch_size)
+    budget = args.max_tokens or None
+
+    def batches():
+        for path in paths:
+            yield from shards.eval_batches(path, args.batch_size, T, max_tokens=budget, rank=info.rank,
+                                           world_size=info.world_size, device=run.device)
+
+    byte_lengths = torch.as_tensor(run.tok.token_byte_lengths(), device=run.device).long()
+    bar = tqdm(batches(), total=n_batches, desc="text", unit="batch", disable=not info.is_main)
+    f = lm_figures(run.model, bar, byte_lengths, run.autocast)
+    figures = {"val_loss": f["loss"], "perplexity": f["perplexity"], "bits_per_byte": f["bpb"],
+               "tokens": int(f["tokens"]), "bytes": int(f["bytes"])}
+    label = f"{source} ({'+'.join(SPLITS[args.split])} split{'s' if args.split == 'all' else ''}"
+    return figures, label + (f", first {args.max_tokens} tokens)" if args.max_tokens else ")")
+
+
+def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[int, dict]], str]:
+    out, labels = [], []
+    for split in SPLITS[args.split]:
+        n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
+        recs, label = load_records(source, split, kind, run.cfg.train.seed, n)
+        out += recs
+        labels.append(label)
+    if args.max_examples:
+        out = out[: args.max_examples]
+    return out, " + ".join(labels)
+
+
+def chat_items(source: str, args, run: LoadedRun) -> tuple[list[tuple[list[dict], str, str]], str]:
+    """(prompt messages, reference answer, task) of each record: the last assistant turn is the reference; for
+    preference records (a DPO run's own data) the chosen answer is."""
+    kind = "dpo" if source == "synthetic" and run.cfg.stage == "dpo" else "sft"
+    records, label = _records(source, kind, args, run)
+    items = []
+    for i, rec in records:
+        where = f"record {i} of {label}"
+        if rec.get("chosen") is not None:
+            prompt, chosen, _ = record_to_pair(rec, where)
+            messages = prompt + chosen
+        else:
+            messages = record_to_messages(rec, where)
+        last = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        if not last:
+            raise ValueError(f"{where}: no assistant turn to use as the reference answer")
+        render_prompt(messages[: last[-1]], run.tok)  # validates roles and contents with a clear error
+        items.append((messages[: last[-1]], messages[last[-1]]["content"], str(rec.get("task") or "")))
+    if not items:
+        raise ValueError(f"{label}: no records to evaluate")
+    return items, label
+
+
+def accuracy_figures(run: LoadedRun, items, info) -> dict:
+    """Exact-match accuracy of greedy replies (training/evaluation.chat_accuracy per item), overall and per task."""
+    tasks = sorted({t for _, _, t in items})
+    mine = list(range(info.rank, len(items), info.world_size))
+    # per task: [correct, count]; the last row is the total
+    sums = torch.zeros(len(tasks) + 1, 2, dtype=torch.float64, device=run.device)
+    for i in tqdm(mine, desc="chat", unit="example", disable=not info.is_main):
+        messages, reference, task = items[i]
+        # the trainer's 32 tokens, or room for a long reference written in up to twice as many tokens
+        budget = max(32, 2 * len(run.tok.encode(reference)) + 2)
+        correct = chat_accuracy(run.model, run.tok, [(messages, reference)], run.autocast, run.device, budget)
+        for row in (tasks.index(task), len(tasks)):
+            sums[row] += torch.tensor([correct, 1.0], dtype=torch.float64, device=run.device)
+    distributed.all_reduce(sums)
+    figures = {"accuracy": sums[-1, 0].item() / sums[-1, 1].item(), "examples": int(sums[-1, 1].item())}
+    if tasks != [""]:
+        figures["accuracy_by_task"] = {t or "(none)": sums[j, 0].item() / sums[j, 1].item() for j, t in
+                                       enumerate(tasks)}
+    return figures
+
+
+def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[dict], int, str]:
+    """This rank's share of the pairs as padded batches, each pair exactly once (global `index` kept)."""
+    examples, label, n_dropped = [], [], 0
+    for split in SPLITS[args.split]:
+        ex, stats = load_preferences(source, split, run.tok, run.gcfg.block_size, seed=run.cfg.train.seed,
+                                     n_synthetic=run.cfg.data.synthetic_val if split == "val"
+                                     else run.cfg.data.synthetic_train)
+        examples += ex
+        label.append(stats["source"])
+        n_dropped += stats["n_dropped"]
+    if args.max_examples:
+        examples = examples[: args.max_examples]
+    if n_dropped:
+        print0(f"preference data: {n_dropped} pairs dropped (no completion token left within block_size)")
+    mine = list(range(info.rank, len(examples), info.world_size))
+    batches = []
+    for i in range(0, len(mine), args.batch_size):
+        idx = mine[i: i + args.batch_size]
+        batch = PreferenceBatcher([examples[j] for j in idx], len(idx), shuffle=False).next_batch()
+        batch["index"] = torch.tensor(idx, dtype=torch.long)
+        batches.append({k: v.to(run.device) for k, v in batch.items()})
+    return batches, len(examples), " + ".join(label)
+
+
+def reference_path(run: LoadedRun, given: str | None) -> str | None:
+    if given:
+        return given
+    init_from = run.ckpt.get("init_from") or run.cfg.init_from
+    if init_from and not Path(init_from).exists():
+        raise ValueError(f"the run's reference {init_from!r} (its --init-from) is not found from {os.getcwd()}; "
+                         "give --reference RUN_DIR")
+    return init_from or None
+
+
+def pref_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
+    batches, n, label = preference_batches(run, source, args, info)
+    d = run.cfg.dpo
+    ref_path = reference_path(run, args.reference)
+    figures: dict = {"pairs": n, "beta": d.beta}
+    bar = tqdm(batches, desc="preference", unit="batch", disable=not info.is_main)
+    if ref_path is not None:
+        ref = load_run(ref_path, str(run.device), run.precision)
+        if ref.tok.hash != run.tok.hash:
+            raise ValueError(f"--reference {ref_path} uses another tokenizer than {run.ckpt['path']}")
+        objective = DPO(d.beta, d.loss_type, d.label_smoothing, reference=ref.model)
+        f = preference_figures(run.model, objective, bar, run.autocast)
+        figures.update({"preference_accuracy": f["rewards/accuracies"], "reward_margin": f["rewards/margins"],
+                        "chosen_reward": f["rewards/chosen"], "rejected_reward": f["rewards/rejected"],
+                        "preference_loss": f["loss"], "reference": ref.ckpt["path"]})
+    else:  # no reference: log-probs of the model alone (a zero reference leaves the policy's log-probs as they are)
+        print0("preference: no reference model (the run has no --init-from; give --reference RUN_DIR): only the "
+               "reference-free log-prob comparison is measured")
+        zeros = {"validation": torch.zeros(n, 2)}
+        objective = DPO(d.beta, d.loss_type, d.label_smoothing, ref_cache=zeros)
+        f = preference_figures(run.model, objective, bar, run.autocast)
+    figures.update({"logp_accuracy": f["logps/accuracies"], "logp_margin": f["logps/chosen"] - f["logps/rejected"],
+                    "chosen_logp": f["logps/chosen"], "rejected_logp": f["logps/rejected"]})
+    return figures, label
+
+
+def samples(run: LoadedRun, prompts: list[str], args) -> list[dict]:
+    chat_mode = args.chat if args.chat is not None else run.cfg.stage in ("sft", "dpo")
+    g = torch.Generator(device=run.device).manual_seed(args.seed)
+    return [{"prompt": p, "completion": run.generate_text(p, args.max_new_tokens, args.temperature, args.top_k,
+                                                          None, chat_mode, g)} for p in prompts]
+
+
+# ----------------------------------------------------------------------------------------------- the program
+def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
+    """Every figure asked for, as one dict (identical on every rank)."""
+    info = distributed.init(DistSection(), "cuda" if args.device.startswith("cuda") else args.device)
+    device = args.device if args.device.startswith("cuda:") and not info.distributed else str(info.device)
+    run = load_run(args.checkpoint, device, args.precision)
+    if args.text_column is None:
+        args.text_column = run.cfg.data.text_column
+    todo = plan(args, run)
+    t0 = time.perf_counter()
+    result: dict = {"checkpoint": str(Path(run.ckpt["path"]).resolve()), "step": run.step, "stage": run.cfg.stage, "data": {}}
+    if "text" in todo:
+        figures, result["data"]["text"] = text_figures(run, todo["text"], args, info)
+        result.update(figures)
+    if "chat" in todo:
+        items, result["data"]["chat"] = chat_items(todo["chat"], args, run)
+        result.update(accuracy_figures(run, items, info))
+    if "preference" in todo:
+        figures, result["data"]["preference"] = pref_figures(run, todo["preference"], args, info)
+        result.update(figures)
+    if args.prompt:
+        result["samples"] = samples(run, args.prompt, args)
+    result.update({"device": str(run.device), "precision": run.precision, "world_size": info.world_size,
+                   "seconds": round(time.perf_counter() - t0, 3)})
+    return result, run, info
+
+
+def print_table(result: dict) -> None:
+    rows = []
+    for k, v in result.items():
+        if k in ("samples", "data", "accuracy_by_task"):
+            continue
+        rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    for k, v in result.get("accuracy_by_task", {}).items():
+        rows.append((f"accuracy/{k}", f"{v:.4f}"))
+    for kind, label in result["data"].items():
+        rows.append((f"data/{kind}", label))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    for s in result.get("samples", []):
+        print(f"--- {s['prompt']!r} ->\n{s['completion']}")
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """The numeric figures as eval/ tags (per-task accuracies as eval/accuracy/TASK)."""
+    skip = {"step", "world_size", "seconds"}
+    out = {f"eval/{k}": float(v) for k, v in result.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+    out.update({f"eval/accuracy/{t}": v for t, v in result.get("accuracy_by_task", {}).items()})
+    return out
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("checkpoint", help="run folder (its newest checkpoint) or a checkpoint file")
+    p.add_argument("--data", help="a source of the data pipeline; its kind is read from its fields")
+    p.add_argument("--chat-data", help="instruction data with reference answers (`synthetic`: the built-in tasks)")
+    p.add_argument("--preference-data", help="prompt/chosen/rejected pairs (`synthetic`: the built-in pairs)")
+    p.add_argument("--split", choices=tuple(SPLITS), default="val", help="which split of each source (default val)")
+    p.add_argument("--text-column", default=None, help="column of tabular text sources (default: the run's)")
+    p.add_argument("--max-tokens", type=float, default=0, help="score at most this many text tokens (0 = all)")
+    p.add_argument("--max-examples", type=int, default=0, help="at most this many chat examples / pairs (0 = all)")
+    p.add_argument("--reference", help="reference run for DPO rewards (default: the run's --init-from)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--prompt", action="append", default=[], help="generate a sample for this prompt (repeatable)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="samples answer the prompt as a user turn (default: for SFT and DPO runs)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="of the samples; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--tensorboard", action="store_true", help="log the figures under eval/ in the run's TensorBoard")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    args = p.parse_args(argv)
+    args.max_tokens = int(args.max_tokens)
+    if args.max_tokens < 0 or args.max_examples < 0 or args.batch_size < 1:
+        raise ValueError("--max-tokens and --max-examples must be >= 0, --batch-size >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        if args.tensorboard and not (Path(args.checkpoint).is_dir()
+                                     or Path(args.checkpoint).parent.name == "checkpoints"):
+            raise ValueError("--tensorboard writes into the run folder: give a run folder or one of its checkpoints")
+        result, run, info = evaluate(args)
+        if info.is_main:
+            print_table(result)
+            if args.json:
+                path = Path(args.json)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+                os.replace(tmp, path)
+                print(f"wrote {path}")
+            if args.tensorboard:
+                monitor = Monitor(run.run_dir, enabled=True, tensorboard=True)
+                monitor.scalars(run.step, scalars(result))
+                for s in result.get("samples", []):
+                    monitor.text("eval/sample", f"{s['prompt']}\n-> {s['completion']}", run.step)
+                monitor.close()
+                print(f"logged {len(scalars(result))} eval/ figures at step {run.step} to {run.run_dir}")
+        return result
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,170 @@
+"""scripts/evaluate.py: every figure in the JSON, bits per byte by hand, accuracy that SFT lifts, agreement with
+the trainer's own validation, TensorBoard output, torchrun, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.load import load_run
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gptrain_script_evaluate", ROOT / "scripts" / "evaluate.py")
+evaluate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate)
+
+VAL_TEXT = "\n".join(f"def area_{i}(width, height):\n    return width * height + {i}  # rectangle number {i}\n"
+                     for i in range(12))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and spin-waiting threads cost a lot on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
+    """tiny_run fine-tuned on the built-in synthetic tasks for 80 steps (about 10 s); (run folder, summary)."""
+    from train import main
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    summary = main(["--stage", "sft", "--init-from", str(tiny_run), "--out", str(out), "--train.max_steps=80",
+                    "--train.lr=3e-3", "--train.warmup_steps=5", "--data.synthetic_train=1000", "--eval.interval=0",
+                    "--log.health_interval=0", "--log.hist_interval=0", "--eval.sample_tokens=8"])
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small_text")
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    (root / "train" / "a.txt").write_text("x = 1\n" * 50)
+    (root / "val" / "b.txt").write_text(VAL_TEXT)
+    return root
+
+
+def run_eval(*argv) -> dict:
+    return evaluate.main([str(a) for a in argv] + ["--device", "cpu"])
+
+
+def test_json_has_every_field(tiny_run, sft_run, small_text, tmp_path):
+    run_dir, _ = sft_run
+    out = tmp_path / "eval.json"
+    result = run_eval(run_dir, "--data", small_text, "--chat-data", "synthetic", "--preference-data", "synthetic",
+                      "--max-examples", 24, "--prompt", "What is 2+3?", "--json", out)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    for key in ("val_loss", "perplexity", "bits_per_byte", "accuracy", "preference_accuracy", "reward_margin",
+                "checkpoint", "data", "tokens", "bytes", "logp_accuracy", "logp_margin", "examples", "pairs",
+                "reference", "samples", "accuracy_by_task"):
+        assert key in saved, key
+    assert set(saved["data"]) == {"text", "chat", "preference"}
+    assert saved["checkpoint"] == str(Path(load_run(run_dir, "cpu").ckpt["path"]).resolve())
+    assert saved["examples"] == saved["pairs"] == 24
+    assert saved["perplexity"] == pytest.approx(math.exp(saved["val_loss"]))
+    assert saved["reward_margin"] == pytest.approx(saved["chosen_reward"] - saved["rejected_reward"], abs=1e-6)
+    assert saved["reference"] == load_run(tiny_run, "cpu").ckpt["path"]  # the default reference: the run's init_from
+    assert 0 <= saved["preference_accuracy"] <= 1 and 0 <= saved["logp_accuracy"] <= 1
+    assert saved["samples"][0]["prompt"] == "What is 2+3?" and "<|" not in saved["samples"][0]["completion"]
+
+
+def test_bits_per_byte_by_hand(tiny_run, small_text):
+    result = run_eval(tiny_run, "--data", small_text, "--batch-size", 3)
+    run = load_run(tiny_run, "cpu", "fp32")
+    T = run.gcfg.block_size
+    ids = run.tok.encode(VAL_TEXT) + [0]  # the document and its end-of-text token
+    n_blocks = (len(ids) - 1) // T
+    assert n_blocks >= 3
+    x = torch.tensor([ids[i * T: i * T + T] for i in range(n_blocks)])
+    y = torch.tensor([ids[i * T + 1: i * T + T + 1] for i in range(n_blocks)])
+    with torch.no_grad():
+        nats = F.cross_entropy(run.model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+    tokens = y.numel()
+    nbytes = sum(len(run.tok.decode([t]).encode("utf-8")) for t in y.flatten().tolist() if t != 0)  # ASCII text
+    assert (result["tokens"], result["bytes"]) == (tokens, nbytes)
+    assert result["val_loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nats / tokens / math.log(2) * tokens / nbytes, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] / math.log(2) * tokens / nbytes, rel=1e-12)
+
+
+def test_default_data_is_the_runs_validation_split(tiny_run):
+    """Without --data a pre-training run is scored on its own validation split: with the trainer's token budget
+    the figures equal its last validation."""
+    result = run_eval(tiny_run, "--max-tokens", 4096)
+    last_val = [r for r in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
+    assert result["data"] == {"text": f"{load_run(tiny_run, 'cpu').cfg.data.source} (val split, first 4096 tokens)"}
+    assert result["tokens"] == last_val[-1]["val/tokens"] == 4096
+    assert result["val_loss"] == pytest.approx(last_val[-1]["val/loss"], rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(last_val[-1]["val/bpb"], rel=1e-5)
+
+
+def test_sft_lifts_accuracy(tiny_run, sft_run):
+    run_dir, summary = sft_run
+    before = run_eval(tiny_run, "--chat-data", "synthetic", "--max-examples", 100)
+    after = run_eval(run_dir)  # an SFT run's default: its own chat validation data
+    assert after["data"] == {"chat": before["data"]["chat"]} and after["examples"] == 200
+    after = run_eval(run_dir, "--max-examples", 100)  # the trainer's 100 accuracy examples
+    assert after["accuracy"] == summary["val"]["accuracy"]  # the same criterion as the trainer's validation
+    assert after["accuracy"] > before["accuracy"], (before, after)
+    assert set(after["accuracy_by_task"]) == {"add", "count", "reverse", "sort"}
+
+
+def test_tensorboard_writes_eval_scalars(sft_run):
+    run_dir, _ = sft_run
+    n_events = len(list(run_dir.glob("events.out.tfevents.*")))
+    run_eval(run_dir, "--chat-data", "synthetic", "--max-examples", 8, "--tensorboard", "--prompt", "Sort: 3 1 2")
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 80 and "eval/accuracy" in last and "eval/accuracy/sort" in last
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == n_events + 1
+
+
+def test_bad_input_is_a_clear_error(tiny_run, tmp_path):
+    out = tmp_path / "eval.json"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        run_eval(tmp_path / "empty", "--json", out)
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        run_eval(tmp_path / "missing", "--json", out)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"question": "2+2?", "answer": "4"}\n' * 5)
+    with pytest.raises(ValueError, match=r"fields \['answer', 'question'\]"):
+        run_eval(tiny_run, "--data", odd, "--json", out)
+    with pytest.raises(ValueError, match="needs 'messages', or 'prompt' and 'completion'"):
+        run_eval(tiny_run, "--chat-data", odd, "--json", out)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"prompt": "2+2?", "completion": "4"}\n' * 5)
+    with pytest.raises(ValueError, match=r"missing \['chosen', 'rejected'\]"):
+        run_eval(tiny_run, "--preference-data", chats, "--json", out)
+    assert not out.exists()
+
+
+def test_torchrun_figures_equal_single_process(tiny_run, small_text, tmp_path):
+    """Two processes split the blocks, examples and pairs; the reduced figures are the single-process ones."""
+    args = [str(tiny_run), "--data", str(small_text), "--preference-data", "synthetic", "--reference", str(tiny_run),
+            "--max-examples", 6, "--device", "cpu"]
+    args = [str(a) for a in args]
+    single = evaluate.main(args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "evaluate.py"), *args, "--json", str(tmp_path / "dist.json")]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=120)
+    dist = json.loads((tmp_path / "dist.json").read_text())
+    assert dist["world_size"] == 2
+    for key in ("tokens", "bytes", "pairs"):
+        assert dist[key] == single[key]
+    for key in ("val_loss", "bits_per_byte", "logp_accuracy", "logp_margin", "preference_accuracy"):
+        assert dist[key] == pytest.approx(single[key], rel=1e-5, abs=1e-5), key  # sums in another order
