@@ -292,7 +292,8 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
         args.text_column = run.cfg.data.text_column
     todo = plan(args, run)
     t0 = time.perf_counter()
-    result: dict = {"checkpoint": str(Path(run.ckpt["path"]).resolve()), "step": run.step, "stage": run.cfg.stage, "data": {}}
+    result: dict = {"checkpoint": str(Path(run.ckpt["path"]).resolve()), "step": run.step, "stage": run.cfg.stage,
+                    "data": {}}
     if "text" in todo:
         figures, result["data"]["text"] = text_figures(run, todo["text"], args, info)
         result.update(figures)

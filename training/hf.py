@@ -221,7 +221,8 @@ def from_hf_state_dict(hsd: dict[str, torch.Tensor], gcfg: GPTConfig) -> tuple[d
         sd.update({
             b + "norm1.weight": hsd[t + "ln_1.weight"], b + "norm1.bias": hsd[t + "ln_1.bias"],
             b + "norm2.weight": hsd[t + "ln_2.weight"], b + "norm2.bias": hsd[t + "ln_2.bias"],
-            b + "attn.o_proj.weight": hsd[t + "attn.c_proj.weight"].t(), b + "attn.o_proj.bias": hsd[t + "attn.c_proj.bias"],
+            b + "attn.o_proj.weight": hsd[t + "attn.c_proj.weight"].t(),
+            b + "attn.o_proj.bias": hsd[t + "attn.c_proj.bias"],
             b + "mlp.up_proj.weight": hsd[t + "mlp.c_fc.weight"].t(), b + "mlp.up_proj.bias": hsd[t + "mlp.c_fc.bias"],
             b + "mlp.down_proj.weight": hsd[t + "mlp.c_proj.weight"].t(),
             b + "mlp.down_proj.bias": hsd[t + "mlp.c_proj.bias"],
