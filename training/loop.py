@@ -292,9 +292,17 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         load_weights(raw, resumed["model"])
     elif start is not None:
         load_weights(raw, start["model"])
+    # The exact checkpoint file this run started from: recorded in every checkpoint, and where a resumed DPO run
+    # finds its reference (the run folder named by init_from may have moved on since).
+    init_ckpt = str(Path(start["path"]).resolve()) if start is not None else (resumed or {}).get("init_from_checkpoint")
     reference = None
     if cfg.stage == "dpo":  # a frozen copy of the starting weights: eval mode, no gradients, never wrapped
         reference = copy.deepcopy(raw).eval().requires_grad_(False)
+        if resumed is not None:  # raw now holds the trained policy; the reference is the run's starting point
+            if not init_ckpt or not Path(init_ckpt).is_file():
+                raise ValueError(f"--resume of a DPO run needs its reference, the starting checkpoint "
+                                 f"{init_ckpt or cfg.init_from!r}, which is gone")
+            load_weights(reference, checkpoint.load(init_ckpt)["model"])
     objective = data.make_objective(reference)
     if cfg.stage == "dpo" and cfg.dpo.ref_cache:
         reference = None  # the objective holds cached log-probs; the copy can go
@@ -352,6 +360,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 "config": to_dict(cfg), "model_config": gcfg.to_dict(), "tokenizer": tok.backend.to_str(),
                 "tokenizer_hash": tok.hash, "loader": data.train.state_dict(), "rng": rng_state(),
                 "world_size": info.world_size, "init_from": cfg.init_from, "stage": cfg.stage,
+                "init_from_checkpoint": init_ckpt,
             }
             path = checkpoint.save(cfg.out, step, state, keep=cfg.ckpt.keep)
             print0(f"saved {path} ({reason})")
