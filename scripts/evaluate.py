@@ -240,8 +240,12 @@ def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[di
 
 
 def reference_path(run: LoadedRun, given: str | None) -> str | None:
+    """--reference, else the exact checkpoint the run started from (recorded by the trainer), else its --init-from."""
     if given:
         return given
+    exact = run.ckpt.get("init_from_checkpoint")
+    if exact and Path(exact).is_file():
+        return exact
     init_from = run.ckpt.get("init_from") or run.cfg.init_from
     if init_from and not Path(init_from).exists():
         raise ValueError(f"the run's reference {init_from!r} (its --init-from) is not found from {os.getcwd()}; "
