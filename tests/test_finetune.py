@@ -469,7 +469,11 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_run, stage, extra):
     run(tmp_path / "full", stage, tiny_run, *args)
     run(tmp_path / "split", stage, tiny_run, *args, "--train.stop_after_steps=3")
     assert checkpoint.load(tmp_path / "split")["step"] == 3
+    cache = tmp_path / "split" / "ref_logps.pt"
+    written = cache.stat().st_mtime_ns if cache.exists() else None
     resume(tmp_path / "split")
+    if written is not None:  # the resumed run reuses the cached reference log-probs
+        assert cache.stat().st_mtime_ns == written
     full, split = train_series(tmp_path / "full"), train_series(tmp_path / "split")
     assert list(full) == list(range(1, 7)) and split == full
     if stage == "dpo":

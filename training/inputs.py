@@ -293,7 +293,10 @@ class DPOData:
             self.objective = DPO(d.beta, d.loss_type, d.label_smoothing, reference=reference)
             return self.objective
         path = Path(self.cfg.out) / "ref_logps.pt"
-        key = {"init_from": self.cfg.init_from, "loss_type_mean": d.loss_type == "ipo",
+        # What the cached values depend on: the reference's weights (a checksum), the pairs, sums vs IPO's means.
+        weights = float(sum(p.detach().double().sum() for p in reference.parameters()))
+        key = {"init_from": self.cfg.init_from, "weights": weights, "loss_type_mean": d.loss_type == "ipo",
+               "data": (self.cfg.data.source, self.cfg.train.seed),
                "n": (len(self.train_examples), len(self.val_examples))}
         cache = torch.load(path, weights_only=False) if path.exists() else None
         if cache is None or cache["key"] != key:
