@@ -342,24 +342,30 @@ def scalars(result: dict) -> dict[str, float]:
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("checkpoint", help="run folder (its newest checkpoint) or a checkpoint file")
-    p.add_argument("--data", help="a source of the data pipeline; its kind is read from its fields")
-    p.add_argument("--chat-data", help="instruction data with reference answers (`synthetic`: the built-in tasks)")
-    p.add_argument("--preference-data", help="prompt/chosen/rejected pairs (`synthetic`: the built-in pairs)")
+    p.add_argument("checkpoint", metavar="RUN_DIR", help="run folder (its newest checkpoint) or a checkpoint file")
+    p.add_argument("--data", metavar="SOURCE", help="a source of the data pipeline; its kind is read from its fields")
+    p.add_argument("--chat-data", metavar="SOURCE",
+                   help="instruction data with reference answers (`synthetic`: the built-in tasks)")
+    p.add_argument("--preference-data", metavar="SOURCE",
+                   help="prompt/chosen/rejected pairs (`synthetic`: the built-in pairs)")
     p.add_argument("--split", choices=tuple(SPLITS), default="val", help="which split of each source (default val)")
-    p.add_argument("--text-column", default=None, help="column of tabular text sources (default: the run's)")
-    p.add_argument("--max-tokens", type=float, default=0, help="score at most this many text tokens (0 = all)")
-    p.add_argument("--max-examples", type=int, default=0, help="at most this many chat examples / pairs (0 = all)")
-    p.add_argument("--reference", help="reference run for DPO rewards (default: the run's --init-from)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    p.add_argument("--prompt", action="append", default=[], help="generate a sample for this prompt (repeatable)")
+    p.add_argument("--text-column", metavar="NAME", help="column of tabular text sources (default: the run's)")
+    p.add_argument("--max-tokens", type=float, default=0, metavar="N",
+                   help="score at most this many text tokens (0 = all)")
+    p.add_argument("--max-examples", type=int, default=0, metavar="N",
+                   help="at most this many chat examples / pairs (0 = all)")
+    p.add_argument("--reference", metavar="RUN_DIR",
+                   help="reference for DPO rewards (default: the checkpoint the run started from)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="generate a sample for this prompt (repeatable)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="samples answer the prompt as a user turn (default: for SFT and DPO runs)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="of the samples; 0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--tensorboard", action="store_true", help="log the figures under eval/ in the run's TensorBoard")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)

@@ -160,6 +160,10 @@ def test_imported_run_fine_tunes(tiny_export, tmp_path):
                     "--train.batch_size=4", "--data.synthetic_train=32", "--data.synthetic_val=8",
                     "--eval.interval=0", "--log.tensorboard=false", "--eval.sample_tokens=4"])
     assert summary["step"] == 2 and (tmp_path / "sft" / "checkpoints" / "latest").is_file()
+    evaluate = load_script("evaluate")
+    with pytest.raises(ValueError, match="has no data of its own"):
+        evaluate.main([str(run), "--device", "cpu"])
+    assert evaluate.main([str(run), "--data", "synthetic", "--max-examples", "4", "--device", "cpu"])["examples"] == 4
 
 
 # ----------------------------------------------------------------------------------------------- refusals
