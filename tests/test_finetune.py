@@ -249,6 +249,9 @@ def test_grad_accum_through_the_loop_equals_one_batch(tmp_path, tiny_run):
         one, two = train_series(tmp_path / "one", key), train_series(tmp_path / "two", key)
         assert list(one) == [1, 2, 3, 4]
         assert two == pytest.approx(one, rel=1e-5)
+    # Tokens processed are counted as batched (padded to the step's longest example), not as batch x block_size.
+    first = SFTBatcher(examples, 8, seed=SEED).next_batch()["input_ids"]
+    assert first.shape[1] < BLOCK and train_series(tmp_path / "one", "train/tokens_seen")[1] == first.numel()
     w1, w2 = checkpoint.load(tmp_path / "one")["model"], checkpoint.load(tmp_path / "two")["model"]
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=2e-5)  # Adam amplifies rounding

@@ -437,8 +437,11 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             consecutive_skips = 0
             sched_step += 1  # a skipped step does not advance the LR schedule
         step += 1
-        tokens_seen += tokens_per_step
-        throughput.add(tokens_per_step)
+        # Tokens actually processed: SFT/DPO rows are padded to the global batch's longest example, not block_size
+        # (every rank pads to the same length, so this rank's count times the world size is the global count).
+        step_tokens = sum(data.batch_tokens(b) for b in batches) * info.world_size
+        tokens_seen += step_tokens
+        throughput.add(step_tokens)
 
         # ---- a wall-clock budget becomes a step count once, after a short timing window
         if max_steps is None:
