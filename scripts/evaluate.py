@@ -14,15 +14,16 @@ What is measured, on the validation split of each source (--split train|all for 
               records name one (the built-in `synthetic` tasks do).
   preference  on `prompt`/`chosen`/`rejected` records: preference_accuracy (share of pairs whose DPO reward, beta x
               the log-ratio to the reference model, is higher for the chosen answer) and reward_margin (mean
-              chosen - rejected reward) against --reference (default: the run's --init-from), and the same without a
-              reference: logp_accuracy, logp_margin (summed completion log-probs of the model alone).
+              chosen - rejected reward) against --reference (default: the checkpoint the run started from; beta and
+              loss type from the run's [dpo] config), and without a reference: logp_accuracy, logp_margin (the
+              completion log-probs of the model alone).
 Sources: --data SOURCE is sorted by its fields (`text`-like -> text, chat records -> chat, pairs -> preference;
 `synthetic` is the built-in chat task, or its preference pairs for a DPO run); --chat-data / --preference-data name the
 kind explicitly (`--preference-data synthetic` for the built-in pairs). Without any of them the run's own
 validation data is measured: text for a pre-training run, chat for SFT, preference and chat (chosen answers) for DPO.
 
-Output: a table on the console, --json FILE with every figure and what it was measured on (checkpoint, step, data,
-tokens, bytes, examples, pairs, reference), --tensorboard adds the figures to the run's TensorBoard and
+Output: a table on the console, --json FILE with every figure and what it was measured on (checkpoint, step, data =
+{kind: source and split}, tokens, bytes, examples, pairs, reference), --tensorboard adds the figures to the run's TensorBoard and
 metrics.jsonl under eval/ at the checkpoint's step. Under torchrun the text blocks, chat items and pairs are split
 across ranks and the sums reduced, so figures equal the single-process ones; rank 0 prints and writes.
 """
@@ -156,7 +157,8 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     figures = {"val_loss": f["loss"], "perplexity": f["perplexity"], "bits_per_byte": f["bpb"],
                "tokens": int(f["tokens"]), "bytes": int(f["bytes"])}
     label = f"{source} ({'+'.join(SPLITS[args.split])} split{'s' if args.split == 'all' else ''}"
-    return figures, label + (f", first {args.max_tokens} tokens)" if args.max_tokens else ")")
+    each = " of each" if args.split == "all" else ""
+    return figures, label + (f", first {args.max_tokens} tokens{each})" if args.max_tokens else ")")
 
 
 def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[int, dict]], str]:
@@ -164,10 +166,8 @@ def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[i
     for split in SPLITS[args.split]:
         n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
         recs, label = load_records(source, split, kind, run.cfg.train.seed, n)
-        out += recs
+        out += recs[: args.max_examples or None]
         labels.append(label)
-    if args.max_examples:
-        out = out[: args.max_examples]
     return out, " + ".join(labels)
 
 
@@ -222,11 +222,9 @@ def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[di
         ex, stats = load_preferences(source, split, run.tok, run.gcfg.block_size, seed=run.cfg.train.seed,
                                      n_synthetic=run.cfg.data.synthetic_val if split == "val"
                                      else run.cfg.data.synthetic_train)
-        examples += ex
+        examples += ex[: args.max_examples or None]
         label.append(stats["source"])
         n_dropped += stats["n_dropped"]
-    if args.max_examples:
-        examples = examples[: args.max_examples]
     if n_dropped:
         print0(f"preference data: {n_dropped} pairs dropped (no completion token left within block_size)")
     mine = list(range(info.rank, len(examples), info.world_size))
@@ -348,7 +346,8 @@ def parse_args(argv: list[str] | None):
                    help="instruction data with reference answers (`synthetic`: the built-in tasks)")
     p.add_argument("--preference-data", metavar="SOURCE",
                    help="prompt/chosen/rejected pairs (`synthetic`: the built-in pairs)")
-    p.add_argument("--split", choices=tuple(SPLITS), default="val", help="which split of each source (default val)")
+    p.add_argument("--split", choices=tuple(SPLITS), default="val",
+                   help="which split of each source (default val); --max-tokens/--max-examples apply per split")
     p.add_argument("--text-column", metavar="NAME", help="column of tabular text sources (default: the run's)")
     p.add_argument("--max-tokens", type=float, default=0, metavar="N",
                    help="score at most this many text tokens (0 = all)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from training.hf import check_exportable, to_hf_model, to_hf_tokenizer
+from training.hf import check_exportable, require_transformers, to_hf_model, to_hf_tokenizer
 from training.load import check_new_folder, load_run, write_folder_atomically
 
 VERIFY_ATOL = 1e-4  # fp32 logits of the reloaded model vs the native one
@@ -43,6 +43,7 @@ def verify(folder: Path, model, seed: int = 0) -> float:
 
 def export(run_path: str | Path, export_dir: str | Path, check: bool = True) -> Path:
     """Write the transformers folder of a run; returns its path. ValueError for unsupported configs or a used folder."""
+    require_transformers()
     export_dir = check_new_folder(export_dir, "export folder")
     run = load_run(run_path, device="cpu", precision="fp32")
     check_exportable(run.gcfg)  # before anything is written
@@ -77,6 +78,6 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

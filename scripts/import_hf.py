@@ -25,7 +25,7 @@ import torch
 
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from model.gpt import GPT
-from training.hf import from_hf_state_dict, gpt_config_from_hf
+from training.hf import from_hf_state_dict, gpt_config_from_hf, require_transformers
 from training.load import check_new_folder, save_run
 from training.loop import load_weights
 
@@ -44,7 +44,7 @@ def load_hf_tokenizer(hf_dir: Path) -> Tokenizer:
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Convert the transformers folder `hf_dir` into a new gptrain run folder `run_dir`; returns its path."""
-    import transformers
+    transformers = require_transformers()
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -80,6 +80,6 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

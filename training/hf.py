@@ -28,6 +28,17 @@ HF_ARCH = {"modern": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def require_transformers():
+    """The transformers module, or an ImportError that says how to install the optional extra."""
+    try:
+        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"{e.name} is not installed: export and import need the optional `hf` extra "
+                          "(pip install -e '.[hf]', which installs transformers and safetensors)") from None
+    return transformers
+
+
 # ----------------------------------------------------------------------------------------------- export
 def check_exportable(gcfg: GPTConfig) -> None:
     """Raise ValueError naming the setting when no standard transformers architecture computes the same function."""
@@ -41,7 +52,7 @@ def check_exportable(gcfg: GPTConfig) -> None:
 
 def hf_config(gcfg: GPTConfig):
     """The transformers config of the architecture equal to `gcfg`."""
-    import transformers
+    transformers = require_transformers()
 
     check_exportable(gcfg)
     common = dict(vocab_size=gcfg.vocab_size, tie_word_embeddings=gcfg.tie_embeddings, bos_token_id=None,
@@ -115,7 +126,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], gcfg: GPTConfig) -> dict[str, 
 
 def to_hf_model(model):
     """A transformers model (fp32, eval mode) computing the same function as the gptrain `model`."""
-    import transformers
+    transformers = require_transformers()
 
     gcfg = model.cfg
     config = hf_config(gcfg)
@@ -134,8 +145,8 @@ def to_hf_tokenizer(tok: Tokenizer, block_size: int):
     """A PreTrainedTokenizerFast over the same tokenizer.json: our special tokens (end of text as `eos_token`, the
     chat markers as additional special tokens), data.chat's chat template, no cleanup of spaces when decoding."""
     import tokenizers
-    import transformers
 
+    transformers = require_transformers()
     backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())  # a copy, without our runtime-only flags
     backend.encode_special_tokens = False  # transformers maps special-token strings to their ids (chat templates)
     return transformers.PreTrainedTokenizerFast(
