@@ -399,7 +399,8 @@ def parse_args(argv: list[str]) -> Config:
     for key, value in overrides:
         set_key(cfg, key, value, from_string=True)
     explicit = set(file_values) | set(given)
-    if not resume and "train.max_steps" in explicit and "train.time_budget_min" not in explicit:
+    fresh = not (resume and os.path.exists(saved))  # (--resume under torchrun --max-restarts may start a run)
+    if fresh and "train.max_steps" in explicit and "train.time_budget_min" not in explicit:
         cfg.train.time_budget_min = 0.0  # an explicit step count means a step-based schedule
     if resume:
         cfg.resume = True
