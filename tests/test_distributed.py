@@ -1,0 +1,294 @@
+"""Multi-process training with real `torchrun` launches on CPU (gloo): DDP and FSDP2 parity with one process,
+accumulation under DDP, resume across world sizes, agreed stops (a NaN on one rank, SIGTERM to the launcher),
+elastic restarts, FSDP checkpoints loading in one process, SFT/DPO under torchrun, and data preparation racing on an
+empty cache.
+
+A 2-process launch costs ~10 s of start-up here, so one launch of tests/dist_worker.py runs several trainings one
+after the other in the same two processes, and the tests read what it left behind (metrics.jsonl, checkpoints, the
+gradients before the first optimizer step, logits at each save). The reference is the same training in this
+process, with per-process batch 2B instead of B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.gpt import GPT, GPTConfig
+from tests import dist_worker
+from tests.conftest import TINY_ARGS
+from train import main
+from training import checkpoint
+from training.loop import load_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+# Dropout 0 and fp32 so runs on different world sizes compute the same function; a clip of 0.5 is active on every
+# one of these steps (pre-clip norms are ~0.7-1.1), so clipping of DDP and FSDP (DTensor) gradients is compared too.
+BASE = [*TINY_ARGS, "--model.dropout=0", "--train.precision=fp32", "--train.grad_clip=0.5", "--train.max_steps=10",
+        "--log.interval=1", "--eval.interval=0", "--eval.max_tokens=576", "--log.tensorboard=false"]
+GRAD_ATOL, LOSS_ATOL = 1e-6, 1e-5
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """Step -> training loss (the last record of a step wins: a resumed run appends)."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
+
+
+def assert_losses_match(run: Path, ref: dict[int, float], steps=range(1, 11)) -> None:
+    got = train_losses(run)
+    assert sorted(got) == list(steps) or set(steps) <= set(got), (run.name, sorted(got))
+    bad = {s: (got[s], ref[s]) for s in steps if abs(got[s] - ref[s]) > LOSS_ATOL}
+    assert not bad, f"{run.name}: losses differ from the single-process run at steps {bad}"
+
+
+def assert_grads_match(got: dict, ref: dict, what: str) -> None:
+    assert sorted(got) == sorted(ref), what
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst <= GRAD_ATOL, f"{what}: gradients differ from the single-process run by {worst:.2e}"
+
+
+def main1(argv: list[str]) -> dict:
+    """train.py's main in this process on one thread, as the workers run (OMP_NUM_THREADS=1): on 2 shared cores,
+    two threads of matmuls contending with another process are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torchrun(*args: str, env: dict | None = None, nproc: int = 2, extra: tuple = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *extra, str(ROOT / "tests" / "dist_worker.py"), *args]
+
+
+def worker_env(cache: Path, dump: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTRAIN_CACHE": str(cache), "DIST_TEST_DUMP": str(dump),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT), "DIST_TEST_HANG_S": "200"}  # a hung worker prints its stack and exits
+    env.pop("GPTRAIN_FAULT", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory, corpus_dir):
+    """Single-process references (in this process), then one 2-process launch running every training below."""
+    root = tmp_path_factory.mktemp("dist")
+    runs, dump, cache = root / "runs", root / "dump", root / "empty-cache"
+    dump.mkdir()
+    data = ["--data", str(corpus_dir)]
+
+    def single(name: str, *args: str):
+        with dist_worker.hooks(str(dump), name):
+            return main1([*data, "--out", str(runs / name), *args])
+
+    single("ref", *BASE, "--train.batch_size=8")
+    single("r12", *BASE, "--train.batch_size=8", "--train.stop_after_steps=5")  # resumed by 2 processes below
+
+    sft_dpo = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
+               "--train.batch_size=2", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
+    plan = [
+        # parity: 2 x batch 4 and 2 x (batch 2 x 2 micro-steps) against 1 x batch 8
+        [*data, "--out", str(runs / "ddp"), *BASE, "--train.batch_size=4"],
+        [*data, "--out", str(runs / "accum"), *BASE, "--train.batch_size=2", "--train.grad_accum=2"],
+        [*data, "--out", str(runs / "accum_fsdp"), *BASE, "--train.batch_size=2", "--train.grad_accum=2",
+         "--dist.strategy=fsdp"],
+        # 1 process -> 2 processes, and a 2-process checkpoint for the other way round
+        ["--out", str(runs / "r12"), "--resume", "--train.batch_size=4"],
+        [*data, "--out", str(runs / "r21"), *BASE, "--train.batch_size=4", "--train.stop_after_steps=5"],
+        # FSDP2: 5 steps (validation on 9 blocks, uneven over 2 ranks; health and histograms gather), then resume
+        [*data, "--out", str(runs / "fsdp"), *BASE, "--train.batch_size=4", "--dist.strategy=fsdp",
+         "--train.stop_after_steps=5", "--eval.interval=2", "--log.health_interval=2", "--log.hist_interval=3"],
+        ["--out", str(runs / "fsdp"), "--resume"],
+        # fine-tuning stages under torchrun: SFT with DDP, DPO (reference model never wrapped) with FSDP
+        ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
+        ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
+         "--dist.strategy=fsdp"],
+        # last (it fails): a NaN loss on rank 1 only at step 3, after the checkpoint of step 2
+        ["--env", "GPTRAIN_FAULT=nan_loss@3:1", *data, "--out", str(runs / "nan"), *BASE, "--train.batch_size=4",
+         "--ckpt.interval=2"],
+    ]
+    argv = []
+    for args in plan:
+        argv += [*args, "--then"]
+    t0 = time.perf_counter()
+    with open(root / "launch.log", "w") as f:  # a file, so a hanging launch can be watched
+        proc = subprocess.run(torchrun(*argv[:-1]), env=worker_env(cache, dump), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=240, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    log = (root / "launch.log").read_text()
+    assert "rank 0: finished dpo" in log and "rank 1: finished dpo" in log, log[-6000:]
+    return {"runs": runs, "dump": dump, "cache": cache, "log": log, "rc": proc.returncode, "seconds": seconds,
+            "ref": train_losses(runs / "ref"), "ref_grads": torch.load(dump / "ref.grads.rank0.pt")}
+
+
+# ----------------------------------------------------------------------------------------------- parity
+def test_ddp_matches_one_process_with_the_global_batch(dist):
+    """2 processes x batch 4 == 1 process x batch 8: gradients after step 1 on both ranks, losses over 10 steps."""
+    for rank in (0, 1):
+        got = torch.load(dist["dump"] / f"ddp.grads.rank{rank}.pt")
+        assert_grads_match(got, dist["ref_grads"], f"DDP rank {rank}")
+    assert_losses_match(dist["runs"] / "ddp", dist["ref"])
+    assert "world size 2 (gloo), per-device batch 4 x 64 tokens, accumulation 1, global batch 512 tokens/step" \
+        in dist["log"]
+
+
+def test_ddp_accumulation_matches_one_large_micro_step(dist):
+    """2 processes x 2 micro-steps of batch 2 == 2 processes x batch 4 (== 1 process x batch 8)."""
+    for rank in (0, 1):
+        assert_grads_match(torch.load(dist["dump"] / f"accum.grads.rank{rank}.pt"),
+                           torch.load(dist["dump"] / f"ddp.grads.rank{rank}.pt"), f"accumulation rank {rank}")
+    assert_losses_match(dist["runs"] / "accum", train_losses(dist["runs"] / "ddp"))
+    assert "per-device batch 2 x 64 tokens, accumulation 2, global batch 512 tokens/step" in dist["log"]
+
+
+def test_fsdp_trains_like_one_process_and_resumes(dist):
+    """FSDP2 (fp32: MixedPrecisionPolicy without param_dtype): same gradients and losses, DTensor clipping, every
+    rank gathers at every save, resume loads full state into the sharded model (steps 6-10)."""
+    for rank in (0, 1):
+        assert_grads_match(torch.load(dist["dump"] / f"fsdp.grads.rank{rank}.pt"), dist["ref_grads"],
+                           f"FSDP rank {rank}")
+    assert_losses_match(dist["runs"] / "fsdp", dist["ref"])
+    saves = [(dist["dump"] / f"fsdp.saves.rank{r}").read_text().split() for r in (0, 1)]
+    assert saves[0] == saves[1] and len(saves[0]) == 2, saves  # stop_after_steps=5, then the end of the resumed run
+    # accumulation through set_requires_gradient_sync(False): 2 x (batch 2 x 2 micro-steps)
+    assert_grads_match(torch.load(dist["dump"] / "accum_fsdp.grads.rank1.pt"), dist["ref_grads"], "FSDP accumulation")
+    assert_losses_match(dist["runs"] / "accum_fsdp", dist["ref"])
+    metrics = read_metrics(dist["runs"] / "fsdp")
+    assert [r["step"] for r in metrics if "val/loss" in r] == [0, 2, 4, 6, 8, 10]  # uneven validation: no hang
+    assert any("grad_norm/block_0" in r for r in metrics)
+
+
+def test_fsdp_checkpoint_gives_identical_logits_in_one_process(dist):
+    ckpt = checkpoint.load(dist["runs"] / "fsdp")
+    assert ckpt["step"] == 10 and ckpt["world_size"] == 2
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    load_weights(model, ckpt["model"])
+    model.eval()
+    with torch.no_grad():
+        logits = model(dist_worker.probe_input(model.cfg.vocab_size, model.cfg.block_size))
+    sharded = torch.load(dist["dump"] / "fsdp.logits.pt")  # the FSDP model's own logits at that save
+    assert torch.allclose(logits, sharded, rtol=0, atol=1e-5), (logits - sharded).abs().max()
+    # ... and the optimizer state was gathered in full (every parameter's moments, unsharded shapes)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    exp_avg = {k: v["exp_avg"].shape for k, v in ckpt["optimizer"]["state"].items()}
+    assert exp_avg == {k: shapes[k] for k in exp_avg} and len(exp_avg) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_resume_across_world_sizes(dist, corpus_dir):
+    """1 process -> 2 processes (in the launch) and 2 -> 1 (here), keeping batch_size x world size; a different
+    global batch is refused with a message saying what to use."""
+    runs = dist["runs"]
+    assert "resumed from" in dist["log"] and (runs / "r12" / "env.resume.json").exists()
+    assert_losses_match(runs / "r12", dist["ref"])
+    with pytest.raises(ValueError, match=r"1 x 4.*global batch must stay 8.*--train.batch_size=8"):
+        main1(["--out", str(runs / "r21"), "--resume"])
+    main1(["--out", str(runs / "r21"), "--resume", "--train.batch_size=8"])
+    assert_losses_match(runs / "r21", dist["ref"])
+
+
+# ----------------------------------------------------------------------------------------------- agreed stops
+def test_nan_on_one_rank_stops_both_at_the_same_step(dist):
+    log, runs = dist["log"], dist["runs"]
+    assert dist["rc"] != 0
+    for rank in (0, 1):
+        line = next(x for x in log.splitlines() if x.startswith(f"rank {rank}: error:"))
+        assert "non-finite loss (nan) at step 3" in line and "last good checkpoint" in line, line
+        assert float(line.rsplit(", ", 1)[1].split()[0]) < 60, line
+    ckpt = checkpoint.load(runs / "nan")
+    assert ckpt["step"] == 2
+    assert sorted(train_losses(runs / "nan")) == [1, 2]
+
+
+def test_sft_and_dpo_under_torchrun(dist):
+    for stage in ("sft", "dpo"):
+        ckpt = checkpoint.load(dist["runs"] / stage)
+        assert ckpt["step"] == 3 and ckpt["stage"] == stage and ckpt["world_size"] == 2
+        assert sorted(train_losses(dist["runs"] / stage)) == [1, 2, 3]
+    assert any("train/rewards/margins" in r for r in read_metrics(dist["runs"] / "dpo"))
+
+
+def test_data_is_prepared_once_from_an_empty_cache(dist):
+    """Both ranks started on an empty cache: one tokenizer and one shard folder, no stray temporary files."""
+    cache = dist["cache"]
+    assert [p.suffix for p in (cache / "tokenizers").iterdir() if not p.name.endswith(".lock")] == [".json"]
+    (shard_dir,) = (cache / "shards").iterdir()
+    assert sorted(p.name for p in shard_dir.iterdir() if not p.name.startswith(".")) == \
+        ["train.bin", "train.json", "val.bin", "val.json"]
+    assert not list(shard_dir.glob(".*.tmp"))
+    manifests = [json.loads((shard_dir / f"{split}.json").read_text()) for split in ("train", "val")]
+    assert all(m["tokenizer_hash"] == manifests[0]["tokenizer_hash"] for m in manifests)
+
+
+def test_fsdp_refuses_fp16(tmp_path, corpus_dir):
+    with pytest.raises(ValueError, match="fp16 is not supported with --dist.strategy=fsdp"):
+        main(["--data", str(corpus_dir), "--out", str(tmp_path / "x"), *TINY_ARGS, "--dist.strategy=fsdp",
+              "--train.precision=fp16"])
+
+
+def test_sigterm_to_torchrun_and_elastic_restart_leave_a_resumable_run(tmp_path, corpus_dir):
+    """torchrun --max-restarts=1 with --resume: rank 1 dies after step 7 of the first attempt; the restart resumes
+    from the checkpoint of step 5 and repeats steps 6-7 exactly. Then SIGTERM to the launcher: both ranks agree,
+    save at the same step boundary and exit; the run resumes in one process."""
+    out, dump = tmp_path / "elastic", tmp_path / "dump"
+    dump.mkdir()
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store shared between torchrun and the workers (the default),
+    # a restarted worker can read the previous attempt's gloo addresses (pytorch/pytorch#135712) and fail to connect.
+    env = {**worker_env(os.environ["GPTRAIN_CACHE"], dump), "DIST_TEST_CRASH": "7",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    args = ["--data", str(corpus_dir), "--out", str(out), "--resume", *BASE, "--train.batch_size=4",
+            "--train.max_steps=100000", "--ckpt.interval=5", "--eval.interval=0"]
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(torchrun(*args, extra=("--max-restarts=1",)), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None:
+                text = log_path.read_text()
+                if "resumed from" in text and "step     9/" in text.split("resumed from", 1)[1]:
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"no restarted steps: {log_path.read_text()[-4000:]}")
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            assert time.time() - t0 < 60
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert "resumed from" in text and "at step 5" in text, text[-4000:]
+    assert "received SIGTERM" in text and "(signal)" in text, text[-4000:]
+    assert "rank 0: finished elastic" in text and "rank 1: finished elastic" in text, text[-4000:]
+    by_step: dict[int, list[float]] = {}
+    for r in read_metrics(out):
+        if "train/loss" in r:
+            by_step.setdefault(r["step"], []).append(r["train/loss"])
+    # The first attempt logged steps 1-6 (7 too, if rank 0 got there before rank 1 died); the restart went on from
+    # the checkpoint of step 5, repeating those steps bitwise.
+    repeated = {s: v for s, v in by_step.items() if len(v) > 1}
+    assert 6 in repeated and set(repeated) <= {6, 7}, by_step
+    assert all(len(v) == 2 and v[0] == v[1] for v in repeated.values()), repeated
+    saves = [(dump / f"elastic.saves.rank{r}").read_text().split() for r in (0, 1)]
+    assert saves[0] == saves[1], saves  # every save (5, 10, ..., the signal's) on both ranks of both attempts
+    saved = checkpoint.load(out)
+    step = saved["step"]
+    assert step > 9 and saved["world_size"] == 2
+    main1(["--out", str(out), "--resume", "--train.batch_size=8", f"--train.stop_after_steps={step + 2}"])
+    assert checkpoint.load(out)["step"] == step + 2
+    assert max(train_losses(out)) == step + 2
