@@ -453,6 +453,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 remaining = t.time_budget_min * 60 - (time.perf_counter() - t_start)
                 per_step_all = per_step + (data.last_val_seconds / cfg.eval.interval if cfg.eval.interval else 0)
                 max_steps = step + max(int(remaining / per_step_all), 0)
+                max_steps = distributed.broadcast_object(max_steps)  # rank 0's count: every rank stops together
                 print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> max_steps={max_steps}")
 
         # ---- logging
