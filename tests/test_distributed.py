@@ -116,6 +116,8 @@ def dist(tmp_path_factory, corpus_dir):
         ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
+        # a 2-second time budget, turned into a step count once (rank 0's, on every rank)
+        [*data, "--out", str(runs / "budget"), *BASE, "--train.batch_size=4", "--train.time_budget_min=0.035"],
         # last (it fails): a NaN loss on rank 1 only at step 3, after the checkpoint of step 2
         ["--env", "GPTRAIN_FAULT=nan_loss@3:1", *data, "--out", str(runs / "nan"), *BASE, "--train.batch_size=4",
          "--ckpt.interval=2"],
@@ -211,6 +213,12 @@ def test_nan_on_one_rank_stops_both_at_the_same_step(dist):
     ckpt = checkpoint.load(runs / "nan")
     assert ckpt["step"] == 2
     assert sorted(train_losses(runs / "nan")) == [1, 2]
+
+
+def test_time_budget_ends_every_rank_at_the_same_step(dist):
+    assert "rank 0: finished budget" in dist["log"] and "rank 1: finished budget" in dist["log"]
+    ckpt = checkpoint.load(dist["runs"] / "budget")
+    assert ckpt["step"] == ckpt["max_steps"] > 11 and f"-> max_steps={ckpt['max_steps']}" in dist["log"]
 
 
 def test_sft_and_dpo_under_torchrun(dist):
