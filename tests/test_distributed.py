@@ -116,6 +116,9 @@ def dist(tmp_path_factory, corpus_dir):
         ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
+        # FSDP2 with bf16 compute (MixedPrecisionPolicy(param_dtype=bf16)); fp32 master weights
+        [*data, "--out", str(runs / "fsdp_bf16"), *BASE, "--train.batch_size=4", "--dist.strategy=fsdp",
+         "--train.precision=bf16", "--train.max_steps=3"],
         # a 2-second time budget, turned into a step count once (rank 0's, on every rank)
         [*data, "--out", str(runs / "budget"), *BASE, "--train.batch_size=4", "--train.time_budget_min=0.035"],
         # last (it fails): a NaN loss on rank 1 only at step 3, after the checkpoint of step 2
@@ -171,6 +174,14 @@ def test_fsdp_trains_like_one_process_and_resumes(dist):
     metrics = read_metrics(dist["runs"] / "fsdp")
     assert [r["step"] for r in metrics if "val/loss" in r] == [0, 2, 4, 6, 8, 10]  # uneven validation: no hang
     assert any("grad_norm/block_0" in r for r in metrics)
+
+
+def test_fsdp_bf16_keeps_fp32_master_weights(dist):
+    ckpt = checkpoint.load(dist["runs"] / "fsdp_bf16")
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in ckpt["optimizer"]["state"].values()} == {torch.float32}
+    losses = train_losses(dist["runs"] / "fsdp_bf16")
+    assert sorted(losses) == [1, 2, 3] and abs(losses[1] - dist["ref"][1]) < 0.02  # bf16 rounding only
 
 
 def test_fsdp_checkpoint_gives_identical_logits_in_one_process(dist):

@@ -1,9 +1,24 @@
 """Process-group set-up, rank helpers, DDP / FSDP2 wrapping and reductions.
 
 `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process and every helper here is a
-cheap no-op, so the loop has one code path. Backend: NCCL on CUDA, gloo on CPU.
-"""
+cheap no-op, so the loop has one code path. Backend: NCCL on CUDA (one process per GPU, the device from LOCAL_RANK),
+gloo on CPU.
 
+    torchrun --standalone --nproc_per_node=8 train.py ...                       # one machine
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \
+             --rdzv_endpoint=HOST:29500 train.py ...                            # each machine, its own node_rank
+
+How the pieces agree (see training/loop.py):
+  - the loss is a sum divided by the step's global count (all micro-steps, all ranks); DDP and FSDP average
+    gradients over ranks, so the loop multiplies by the world size once: N x batch B == 1 x batch N*B;
+  - gradient synchronisation runs on the last micro-step only (maybe_no_sync: DDP's no_sync, FSDP2's
+    set_requires_gradient_sync(False));
+  - stops are agreed: one all-reduce per step carries the loss (a NaN on any rank is a NaN on all) and the stop
+    request (max over ranks); a time budget becomes rank 0's step count on every rank;
+  - checkpoints are full state dicts gathered by every rank (FSDP) and written by rank 0, so they load into any
+    world size and strategy; every forward under FSDP is a collective, so validation gives every rank the same
+    number of batches.
+"""
 from __future__ import annotations
 
 import contextlib
