@@ -70,8 +70,10 @@ def main1(argv: list[str]) -> dict:
         torch.set_num_threads(threads)
 
 
-def torchrun(*args: str, env: dict | None = None, nproc: int = 2, extra: tuple = ()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *extra, str(ROOT / "tests" / "dist_worker.py"), *args]
+def torchrun(*args: str, extra: tuple = ()) -> list[str]:
+    """The launcher command for 2 worker processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *extra,
+            str(ROOT / "tests" / "dist_worker.py"), *args]
 
 
 def worker_env(cache: Path, dump: Path) -> dict:
@@ -134,7 +136,7 @@ def dist(tmp_path_factory, corpus_dir):
                               timeout=240, cwd=ROOT)
     seconds = time.perf_counter() - t0
     log = (root / "launch.log").read_text()
-    assert "rank 0: finished dpo" in log and "rank 1: finished dpo" in log, log[-6000:]
+    assert "rank 0: finished budget" in log and "rank 1: finished budget" in log, log[-6000:]
     return {"runs": runs, "dump": dump, "cache": cache, "log": log, "rc": proc.returncode, "seconds": seconds,
             "ref": train_losses(runs / "ref"), "ref_grads": torch.load(dump / "ref.grads.rank0.pt")}
 
