@@ -410,7 +410,7 @@ def parse_args(argv: list[str]) -> Config:
 
 # Settings that may differ between a run and its resumption; every other difference is refused.
 # train.batch_size may change with the number of processes; the loop then requires batch_size x world size to stay.
-RESUMABLE_CHANGES = ("resume", "init_from", "train.stop_after_steps", "train.max_steps", "train.time_budget_min",
+RESUMABLE_CHANGES = ("out", "resume", "init_from", "train.stop_after_steps", "train.max_steps", "train.time_budget_min",
                      "train.compile", "train.device", "train.peak_flops", "train.batch_size", "data.num_proc",
                      "data.cache_dir", "eval.", "log.", "ckpt.", "dist.")
 

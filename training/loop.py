@@ -383,7 +383,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     val_figures = run_validation() if step == 0 and cfg.eval.interval > 0 else {}
     first_val = dict(val_figures)
     throughput = Throughput(flops_per_token, peak * info.world_size)
-    budget_window_start = None
+    budget_window_start, window_step = None, 0
     health_due = False
     while max_steps is None or step < max_steps:
         if t.stop_after_steps and step >= t.stop_after_steps:
@@ -445,12 +445,13 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
 
         # ---- a wall-clock budget becomes a step count once, after a short timing window
         if max_steps is None:
-            if step == 1:
-                budget_window_start = time.perf_counter()
-            elif step == 1 + BUDGET_TIMING_STEPS:
+            if budget_window_start is None:  # the first step of this process (compilation, warm-up) is not timed
+                budget_window_start, window_step = time.perf_counter(), step
+            elif step == window_step + BUDGET_TIMING_STEPS:
                 per_step = (time.perf_counter() - budget_window_start) / BUDGET_TIMING_STEPS
-                # The budget covers the steps and the periodic validations (timed once at step 0).
-                remaining = t.time_budget_min * 60 - (time.perf_counter() - t_start)
+                # The budget covers the steps and the periodic validations (timed once at step 0), including the
+                # time an interrupted run had already spent.
+                remaining = t.time_budget_min * 60 - elapsed_before - (time.perf_counter() - t_start)
                 per_step_all = per_step + (data.last_val_seconds / cfg.eval.interval if cfg.eval.interval else 0)
                 max_steps = step + max(int(remaining / per_step_all), 0)
                 max_steps = distributed.broadcast_object(max_steps)  # rank 0's count: every rank stops together
