@@ -107,7 +107,9 @@ def sft_run(tmp_path_factory, tiny_run) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, sft_run) -> tuple[Path, dict, dict]:
-    """A short DPO of the SFT run, with TensorBoard on; the reference model handed to the objective is kept."""
+    """A short DPO of the SFT run, with TensorBoard on; the reference model handed to the objective is kept.
+    lr 2e-4 (not the stage default 1e-4): the 2x64 fixture needs it to move clearly in 100 steps (measured: held-out
+    reward accuracy 0.67, margin 0.24; with 1e-4, 0.62 and 0.12)."""
     out = tmp_path_factory.mktemp("ft") / "dpo"
     seen: dict = {}
     make = DPOData.make_objective
@@ -119,7 +121,7 @@ def dpo_run(tmp_path_factory, sft_run) -> tuple[Path, dict, dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DPOData, "make_objective", spy)
         summary = run(out, "dpo", sft_run[0], f"--train.max_steps={DPO_STEPS}", f"--eval.interval={DPO_STEPS}",
-                      "--data.synthetic_val=100", "--log.tensorboard=true")
+                      "--data.synthetic_val=100", "--log.tensorboard=true", "--train.lr=2e-4")
     return out, summary, seen
 
 
@@ -379,7 +381,7 @@ def test_dpo_metric_names_in_metrics_jsonl_and_tensorboard(dpo_run, sft_run):
     train_keys = set().union(*(r for r in rows if "train/loss" in r))
     val_keys = set().union(*(r for r in rows if "val/loss" in r))
     assert {f"train/{n}" for n in TRL_NAMES} <= train_keys
-    assert {f"val/{n}" for n in TRL_NAMES} <= val_keys
+    assert {f"val/{n}" for n in TRL_NAMES} | {"val/accuracy"} <= val_keys  # + greedy exact match on held-out prompts
     assert sum("val/loss" in r for r in rows) == 2  # the first and the last validation
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -141,10 +141,14 @@ class Config:
 # Stage defaults: applied before the TOML file and the command line, so anything can still be overridden.
 STAGE_DEFAULTS: dict[str, dict] = {
     "pretrain": {"train.time_budget_min": 10.0},
-    "sft": {"data.source": "synthetic", "train.lr": 1e-3, "train.max_steps": 300, "train.warmup_steps": 20,
-            "train.batch_size": 32, "train.weight_decay": 0.0, "eval.interval": 100, "eval.max_tokens": 0,
-            "ckpt.interval": 300},
-    "dpo": {"data.source": "synthetic", "train.lr": 2e-4, "train.max_steps": 150, "train.warmup_steps": 10,
+    # SFT of the tiny preset on the built-in tasks (measured, greedy exact match on 100 held-out prompts, ~2 min
+    # on 2 cores): lr 1e-3 x 300 steps 0.10; 2e-3 x 300 0.18; 3e-3 x 300 0.10; 2e-3 x 600 0.41.
+    "sft": {"data.source": "synthetic", "train.lr": 2e-3, "train.max_steps": 600, "train.warmup_steps": 20,
+            "train.batch_size": 32, "train.weight_decay": 0.0, "eval.interval": 200, "eval.max_tokens": 0,
+            "ckpt.interval": 600},
+    # DPO lr: 2e-4 reached the same held-out reward accuracy (0.71) but halved greedy exact match on the tiny
+    # preset's built-in tasks (chosen log-probs fell with the rejected ones); 1e-4 keeps most of it. Measured.
+    "dpo": {"data.source": "synthetic", "train.lr": 1e-4, "train.max_steps": 150, "train.warmup_steps": 10,
             "train.batch_size": 16, "train.weight_decay": 0.0, "train.schedule": "cosine", "model.dropout": 0.0,
             "eval.interval": 50, "eval.max_tokens": 0, "ckpt.interval": 150},
 }

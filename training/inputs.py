@@ -265,7 +265,8 @@ class DPOData:
         self.train = PreferenceBatcher(train, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
                                        world_size=info.world_size)
         self.tokens_per_micro_batch = 2 * cfg.train.batch_size * T
-        self.eval_items = _chat_eval_items(cfg, "dpo", 1)
+        # Held-out prompts answered greedily: does preference training help (or hurt) the actual task?
+        self.eval_items = _chat_eval_items(cfg, "dpo", SFTData.accuracy_examples)
         self.objective = None
         self.last_val_seconds = 0.0
 
@@ -325,6 +326,7 @@ class DPOData:
         t0 = time.perf_counter()
         batches = self._all_batches(self.val_examples, info.world_size, info.rank)
         figures = preference_figures(model, self.objective, batches, autocast, split="validation")
+        figures["accuracy"] = chat_accuracy(model, self.tok, self.eval_items, autocast, self.device)
         self.last_val_seconds = time.perf_counter() - t0
         return figures
 
