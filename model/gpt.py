@@ -136,6 +136,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    """Concatenate weights (or biases) along the output dimension; None when the layers have no bias."""
+    return None if tensors[0] is None else torch.cat(tensors, dim=0)
+
+
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.arch == "gpt2":
         return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
@@ -157,11 +162,17 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # One matmul for q, k and v (three small ones run well below the CPU's matmul peak); the weights stay three
+        # separate parameters, so checkpoints and exports keep the standard layout.
+        qkv = F.linear(x, _cat(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
+                       _cat(self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))  # (B, T, (H + 2K) D)
+        qkv = qkv.view(b, t, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, H + 2K, T, D)
+        if rope is not None:  # rotate q and k together
+            qk = apply_rope(qkv[:, : cfg.n_head + cfg.n_kv_head], *rope)
+            q, k = qk.split([cfg.n_head, cfg.n_kv_head], dim=1)  # (B, H, T, D), (B, K, T, D)
+        else:
+            q, k = qkv[:, : cfg.n_head], qkv[:, cfg.n_head : cfg.n_head + cfg.n_kv_head]
+        v = qkv[:, cfg.n_head + cfg.n_kv_head :]  # (B, K, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D), S = cached + T
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves H/K query heads
@@ -190,7 +201,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = F.linear(x, _cat(self.gate_proj.weight, self.up_proj.weight),
+                                _cat(self.gate_proj.bias, self.up_proj.bias)).chunk(2, dim=-1)  # one matmul
+            h = F.silu(gate) * up
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")
         return self.drop(self.down_proj(h))

@@ -23,7 +23,8 @@ TRAIN_MODULES = ["argparse.py", "textwrap.py", "string.py", "shlex.py", "difflib
 VAL_MODULES = ["calendar.py", "fractions.py"]
 
 # The tiny model every reuse-test shares: 2 layers x 64 wide, vocab 384, context 64.
-TINY_ARGS = ["--model.vocab_size=384", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=4",
+TINY_ARGS = ["--train.optimizer=adamw", "--model.vocab_size=384", "--model.n_layer=2", "--model.n_embd=64",
+             "--model.n_head=4",
              "--model.block_size=64", "--train.batch_size=16", "--train.lr=3e-3", "--train.warmup_steps=10",
              "--eval.max_tokens=4096", "--log.interval=10", "--log.hist_interval=100", "--eval.sample_tokens=16", "--data.num_proc=1"]
 

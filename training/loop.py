@@ -32,8 +32,9 @@ from training.runinfo import environment_info, measure_peak_flops
 
 # Under fp16, this many GradScaler-skipped steps in a row mean the run has diverged.
 MAX_CONSECUTIVE_SKIPS = 20
-# Steps timed before a wall-clock budget is turned into a step count (after one untimed warm-up step).
-BUDGET_TIMING_STEPS = 10
+# Steps timed before a wall-clock budget is turned into a step count (after one untimed warm-up step); long
+# enough to average out some of the machine-speed noise of a shared CPU.
+BUDGET_TIMING_STEPS = 30
 # Model fields that --init-from never lets the command line change (the weights fix them).
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "arch",
                 "tie_embeddings", "bias", "rope_theta")
@@ -266,7 +267,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         raise ValueError("--train.precision=fp16 is not supported with --dist.strategy=fsdp (use bf16)")
     if t.optimizer == "muon" and cfg.dist.strategy == "fsdp" and info.distributed:
         raise ValueError("--train.optimizer=muon needs whole gradient matrices; it is not supported with "
-                         "--dist.strategy=fsdp (use ddp, or adamw)")
+                         "--dist.strategy=fsdp: pass --train.optimizer=adamw (muon is the pre-training default, the "
+                         "CPU speedrun's optimizer) or use --dist.strategy=ddp")
 
     # ---- where the weights come from: a resumed checkpoint, a starting run (--init-from), or nothing
     resumed = checkpoint.load(cfg.out) if cfg.resume and checkpoint.latest(cfg.out) is not None else None

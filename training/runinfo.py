@@ -86,4 +86,4 @@ def measure_peak_flops(device: torch.device, precision: str) -> float:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32  # a low-precision CPU matmul is emulated; MFU against fp32 keeps figures comparable
-    return matmul_peak(device, dtype, n=1024 if device.type == "cpu" else 8192, seconds=0.3)
+    return matmul_peak(device, dtype, n=2048 if device.type == "cpu" else 8192, seconds=0.3)
