@@ -231,7 +231,7 @@ def test_nan_on_one_rank_stops_both_at_the_same_step(dist):
 def test_time_budget_ends_every_rank_at_the_same_step(dist):
     assert "rank 0: finished budget" in dist["log"] and "rank 1: finished budget" in dist["log"]
     ckpt = checkpoint.load(dist["runs"] / "budget")
-    assert ckpt["step"] == ckpt["max_steps"] > 11 and f"-> max_steps={ckpt['max_steps']}" in dist["log"]
+    assert ckpt["step"] == ckpt["max_steps"] >= 31 and f"-> max_steps={ckpt['max_steps']}" in dist["log"]
 
 
 def test_sft_and_dpo_under_torchrun(dist):
