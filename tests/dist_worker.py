@@ -148,13 +148,23 @@ def _run_all(runs: list[list[str]], rank: str, train_main) -> int:
             with hooks(os.environ.get("DIST_TEST_DUMP"), name, int(os.environ.get("DIST_TEST_CRASH", 0))):
                 train_main(args)
         except (ValueError, FileNotFoundError, loop.TrainingError) as e:
-            print(f"rank {rank}: error: {e} ({name}, {time.perf_counter() - t0:.1f} s)", flush=True)
+            report(rank, name, f"rank {rank}: error: {e} ({name}, {time.perf_counter() - t0:.1f} s)")
             return 1
         finally:
             for key in env:
                 del os.environ[key]
-        print(f"rank {rank}: finished {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+        report(rank, name, f"rank {rank}: finished {name} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def report(rank: int, name: str, line: str) -> None:
+    """Print a status line, and keep it in DUMP/<name>.status.rank<R> too: two processes printing to one pipe can
+    interleave their lines, a file per rank cannot."""
+    print(line, flush=True)
+    dump = os.environ.get("DIST_TEST_DUMP")
+    if dump:
+        with open(Path(dump) / f"{name}.status.rank{rank}", "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":
