@@ -128,7 +128,7 @@ def bench_loop(preset: str, device: torch.device, batch_size: int, steps: int, o
     from train import main
 
     out = Path(tempfile.mkdtemp(prefix="gptrain-bench-")) / "run"
-    args = ["--out", str(out), f"--model.preset={preset}", f"--train.batch_size={batch_size}",
+    args = ["--out", str(out), f"--model.preset={preset}", f"--train.batch_size={batch_size}", "--train.optimizer=adamw",
             f"--train.max_steps={steps}", f"--log.interval={steps // 2}", "--eval.interval=0",
             "--log.health_interval=0", "--log.hist_interval=0", "--eval.sample_tokens=1", f"--train.device={device.type}",
             f"--data.cache_dir={cache}", "--ckpt.interval=100000"]
