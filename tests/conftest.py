@@ -42,6 +42,18 @@ def _session_cache(tmp_path_factory):
         os.environ["GPTRAIN_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module's tests run: tiny matmuls gain nothing from a second thread, and on a shared
+    2-core machine spin-waiting threads can make them many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A folder source with train/ and val/ subfolders of real Python source as .txt documents."""

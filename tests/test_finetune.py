@@ -42,12 +42,9 @@ FT = ["--data.synthetic_train=400", "--data.synthetic_val=24", "--log.interval=1
 SFT_STEPS, DPO_STEPS = 100, 200  # the learning runs (measured: see test_sft_raises_accuracy / test_dpo_learns)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test of this module runs with one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")

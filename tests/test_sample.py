@@ -22,12 +22,8 @@ spec.loader.exec_module(sample)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and spin-waiting threads cost a lot on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this module runs with one torch thread (tests/conftest.py says why)."""
 
 
 def run_sample(*argv) -> list[str]:
