@@ -27,7 +27,7 @@ from data.tokenizer import END_ID, Tokenizer, train_tokenizer
 from model.gpt import GPT, PRESETS, GPTConfig
 from model.losses import IGNORE
 from training.config import Config
-from training.distributed import DistInfo, all_reduce, barrier
+from training.distributed import DistInfo, barrier
 from training.evaluation import chat_accuracy, lm_figures, preference_figures
 from training.monitor import print0
 from training.objectives import DPO, LanguageModeling
@@ -340,5 +340,3 @@ STAGE_DATA = {"pretrain": PretrainData, "sft": SFTData, "dpo": DPOData}
 def build_stage_data(cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo):
     return STAGE_DATA[cfg.stage](cfg, tok, gcfg, info)
 
-
-__all__ = ["build_stage_data", "resolve_tokenizer", "cache_root", "all_reduce"]

@@ -66,10 +66,6 @@ class Monitor:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
             self.writer.add_hparams(clean, metrics, run_name=".")
 
-    def flush(self) -> None:
-        if self.enabled and self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if not self.enabled:
             return
