@@ -22,8 +22,9 @@ def _group_of(name: str) -> str:
 
 @torch.no_grad()
 def block_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """L2 norm of the gradients of each block (and embedding, head, final norm). On rank 0 after the all-reduce,
-    so the figures are the synchronised gradients (FSDP: the local shard's, see the README)."""
+    """L2 norm of the gradients of each block (and embedding, head, final norm), after the gradient all-reduce, so
+    the figures are the synchronised gradients. Every rank calls it: under FSDP2 `full_tensor()` gathers the shards
+    (a collective); rank 0 alone logs the result."""
     sq: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.grad is None:
