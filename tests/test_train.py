@@ -339,6 +339,9 @@ def test_muon_orthogonalizes_and_resumes_exactly(tmp_path, corpus_dir):
     assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed towards 1 (quintic NS, not exact)
     s_tall = torch.linalg.svdvals(orthogonalize(g.T))
     assert s_tall.min() > 0.5 and s_tall.max() < 1.3
+    stack = torch.randn(3, 32, 96, generator=torch.Generator().manual_seed(1))  # batched = one matrix at a time
+    torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]))
+    torch.testing.assert_close(orthogonalize(stack.mT), torch.stack([orthogonalize(m.T) for m in stack]))
     common = ["--train.optimizer=muon", "--train.max_steps=6", "--model.dropout=0.1", "--train.batch_size=4"]
     main(run_args(corpus_dir, tmp_path / "full", *common))
     main(run_args(corpus_dir, tmp_path / "split", *common, "--train.stop_after_steps=3"))
