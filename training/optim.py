@@ -134,7 +134,7 @@ class Muon(torch.optim.Optimizer):
             for shape, pairs in same_shape.items():
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 ortho = orthogonalize(torch.stack([u for _, u in pairs]))
-                for (p, _), o in zip(pairs, ortho):
+                for (p, _), o in zip(pairs, ortho, strict=True):
                     p.add_(o.to(p.dtype), alpha=-lr * scale)
         return None
 
