@@ -5,7 +5,8 @@
     python scripts/bench.py --preset tiny --no-compile --no-loop --json quick.json
 
 What it measures, on the device it is given:
-  peak      dense matmul FLOP/s of the device for each precision (square matmuls in a timed loop)
+  peak      dense matmul FLOP/s of the device for each precision (square matmuls in a timed loop), measured before
+            and after each step measurement; MFU is taken against the mean of the two readings around it
   step      the training step of the preset (same functions as train.py's loop): tokens/s, model FLOPs/token
             (model/gpt.py's one definition), MFU against the measured peak and the vendor peak where known,
             the step split into forward / backward / optimizer, and peak memory (RSS on CPU,
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="default: the default run's batch on CPU (8), 16 for gpt2/medium on GPU, else 32")
+                    help=f"default: the default run's batch on CPU ({STAGE_DEFAULTS['pretrain']['train.batch_size']}),"
+                         " 16 for gpt2/medium on GPU, else 32")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"),
                     help="adamw (fused), or muon as the default CPU run uses (its Newton-Schulz matmuls are not model "
                          "FLOPs, so they lower MFU)")
