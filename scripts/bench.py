@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT, GPTConfig  # noqa: E402
 from training.config import STAGE_DEFAULTS, TrainSection  # noqa: E402
+from training.hostmem import keep_freed_memory  # noqa: E402
 from training.loop import accumulate_gradients, apply_update, clip_gradients  # noqa: E402
 from training.objectives import LanguageModeling  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32"])
+    host_malloc_tuned = keep_freed_memory() if device.type == "cpu" else False  # as train.py does on CPU
     overrides = {}
     for kv in args.model:
         k, _, v = kv.partition("=")
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "gpu": env["gpu"], "torch": env["packages"]["torch"], "python": env["python"],
-                           "git_revision": env["git_revision"]},
+                           "git_revision": env["git_revision"], "host_malloc_tuned": host_malloc_tuned},
                "peak": {}, "step": [], "loop": None, "data": None}
 
     for prec in precisions:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache, token_ce_sum
+from model.gpt import apply_rope, rope_tables
 
 ARCH_CFGS = {
     "modern": dict(arch="modern", vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
@@ -22,6 +23,19 @@ def make(arch: str, **kw) -> GPT:
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def test_rope_rotates_each_half_split_pair_by_position_times_frequency():
+    # head size 4: pairs (0, 2) and (1, 3), frequencies theta^0 = 1 and theta^(-2/4) = 1/10 for theta = 100
+    cfg = GPTConfig(vocab_size=8, block_size=6, n_layer=1, n_head=1, n_embd=4, rope_theta=100.0)
+    cos, sin = rope_tables(cfg, 6)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(1, 1, 6, 1)  # (B, H, T, D), the same vector at every position
+    out = apply_rope(x, cos, sin)  # tables (T, D/2)
+    for pos in range(6):
+        for i, freq in ((0, 1.0), (1, 0.1)):
+            a, b, angle = x[0, 0, pos, i].item(), x[0, 0, pos, i + 2].item(), pos * freq
+            assert out[0, 0, pos, i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-6)
+            assert out[0, 0, pos, i + 2].item() == pytest.approx(b * math.cos(angle) + a * math.sin(angle), abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import DistSection
+from training.hostmem import keep_freed_memory
 
 
 @dataclass
@@ -65,6 +66,8 @@ def init(dcfg: DistSection, device_request: str = "auto") -> DistInfo:
     device = pick_device(device_request)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()  # each step reuses the buffers the last one freed, instead of faulting in fresh pages
     if world == 1:
         return DistInfo(device=device)
     backend = dcfg.backend if dcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
