@@ -43,6 +43,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # rotary base frequency (modern only)
     norm_eps: float = 1e-5  # epsilon of RMSNorm / LayerNorm
     init_std: float = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 n_layer)
+    zero_init_residual: bool = False  # residual output projections start at zero (each block starts as identity)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -244,12 +245,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layer) so the residual
-        stream's variance does not grow with depth; zero biases; unit norm weights."""
+        stream's variance does not grow with depth (or zero with zero_init_residual); zero biases; unit norms."""
         std = self.cfg.init_std
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "residual", False) else 1.0
-                nn.init.normal_(m.weight, 0.0, std * scale)
+                residual = getattr(m, "residual", False)
+                if residual and self.cfg.zero_init_residual:
+                    nn.init.zeros_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if residual else std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):

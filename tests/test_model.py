@@ -25,6 +25,18 @@ def make(arch: str, **kw) -> GPT:
     return model
 
 
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_zero_init_residual_starts_every_block_as_identity(arch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ARCH_CFGS[arch], zero_init_residual=True))
+    for block in model.blocks:
+        assert not block.attn.o_proj.weight.any() and not block.mlp.down_proj.weight.any()
+        assert block.attn.q_proj.weight.std() > 0.01  # the rest keeps its normal init
+    idx = torch.randint(0, 97, (2, 16))
+    x = model.wte(idx) + (model.wpe.weight[:16] if arch == "gpt2" else 0)
+    torch.testing.assert_close(model(idx), model.lm_head(model.norm_f(x)), rtol=0, atol=0)
+
+
 def test_rope_rotates_each_half_split_pair_by_position_times_frequency():
     # head size 4: pairs (0, 2) and (1, 3), frequencies theta^0 = 1 and theta^(-2/4) = 1/10 for theta = 100
     cfg = GPTConfig(vocab_size=8, block_size=6, n_layer=1, n_head=1, n_embd=4, rope_theta=100.0)

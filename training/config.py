@@ -39,6 +39,7 @@ class ModelSection:
     bias: bool | None = None  # biases in linear layers and norms
     rope_theta: float | None = None  # rotary base frequency
     init_std: float | None = None  # std of the normal initialisation
+    zero_init_residual: bool | None = None  # attention and MLP output projections start at zero
 
 
 @dataclass
