@@ -237,6 +237,56 @@ def test_default_corpus_run_lowers_validation_loss(tmp_path):
     assert env["git_revision"]
 
 
+def test_lr_schedules_by_hand():
+    from training.config import TrainSection
+    from training.optim import lr_at, wsd_decay_start
+
+    wsd = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="wsd", decay_frac=0.3)
+    assert wsd_decay_start(100, wsd) == 70
+    assert [lr_at(s, 100, wsd) for s in (0, 9, 10, 69)] == [pytest.approx(0.1), 1.0, 1.0, 1.0]
+    assert lr_at(70, 100, wsd) == pytest.approx(1 - 0.9 / 30) and lr_at(99, 100, wsd) == pytest.approx(0.1)
+    cos = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(10, 100, cos) == 1.0 and lr_at(55, 100, cos) == pytest.approx(0.55)
+    assert lr_at(100, 100, cos) == pytest.approx(0.1)
+
+
+def test_budget_replanning_moves_only_the_start_of_the_decay():
+    from training.config import TrainSection
+    from training.optim import replan_budget_steps
+
+    t = TrainSection(warmup_steps=10, schedule="wsd", decay_frac=0.3)
+    # 500 steps done, 500 s left at 0.2 s/step: 2500 more; the decay (900 steps) starts at 2100, still ahead
+    assert replan_budget_steps(500, 500.0, 0.2, t) == 3000
+    # 2000 done, 20 s left: 2100 would put the decay's start at 1470, behind us. The decay starts at the next step
+    # instead: the smallest m with m - round(0.3 m) >= 2000 is 2857 (2857 - 857); 2856 - 857 = 1999
+    assert replan_budget_steps(2000, 20.0, 0.2, t) == 2857
+    # over budget already: the same rule (143 - 43 = 100)
+    assert replan_budget_steps(100, -5.0, 0.2, t) == 143
+
+
+def test_time_budget_is_replanned_when_the_machine_slows_down(tmp_path, corpus_dir, monkeypatch, capsys):
+    # From step 32 every step takes 100 ms longer (the trainer's fault hook sleeps): the plan made after the timing
+    # window (steps 2-31) no longer fits the budget, and is cut at the next re-plan (step 61), the lr still flat
+    monkeypatch.setenv("GPTRAIN_FAULT", "slow@32")
+    out = tmp_path / "slow"
+    summary = main(run_args(corpus_dir, out, "--train.time_budget_min=0.1", "--train.batch_size=4",
+                            "--train.warmup_steps=5", "--train.min_lr_ratio=0.1"))
+    log = capsys.readouterr().out
+    first = int(log.split("time budget 0.1 min: ")[1].split("max_steps=")[1].split()[0])
+    assert "time budget: " in log and "(was " in log  # re-planned, and said so
+    assert summary["max_steps"] == summary["step"] == checkpoint.load(out)["max_steps"]
+    assert summary["max_steps"] < 0.7 * first, (first, summary["max_steps"])
+    # the schedule kept its shape: warmup, flat, then one linear ramp down to the floor ending at the last step
+    lrs = [r["train/lr"] for r in sorted(read_metrics(out), key=lambda r: r["step"]) if "train/lr" in r]
+    peak, n = 3e-3, len(lrs)
+    assert n == summary["max_steps"] and lrs[-1] == pytest.approx(0.1 * peak)
+    ramp = [i for i, lr in enumerate(lrs) if i >= 5 and lr < peak - 1e-12]
+    assert ramp == list(range(ramp[0], n))  # once it starts falling it never returns to the peak
+    steps = [lrs[i - 1] - lrs[i] for i in ramp[1:]]
+    assert max(steps) == pytest.approx(min(steps), rel=1e-6)  # equal decrements: no jump
+    assert n - ramp[0] == round(0.3 * n)
+
+
 def test_time_budget_becomes_a_saved_step_count(tmp_path, corpus_dir):
     out = tmp_path / "budget"
     summary = main(run_args(corpus_dir, out, "--train.time_budget_min=0.1", "--train.batch_size=4"))

@@ -27,7 +27,7 @@ from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.health import activation_hooks, block_grad_norms, update_ratios
 from training.inputs import build_stage_data, resolve_tokenizer
 from training.monitor import Monitor, Throughput, fmt_duration, print0
-from training.optim import build_optimizer, lr_at, set_lr
+from training.optim import build_optimizer, lr_at, replan_budget_steps, set_lr, wsd_decay_start
 from training.runinfo import environment_info, measure_peak_flops
 
 # Under fp16, this many GradScaler-skipped steps in a row mean the run has diverged.
@@ -188,23 +188,29 @@ def apply_update(optimizer, scaler) -> bool:
 
 class FaultInjection:
     """Test hook: GPTRAIN_FAULT="nan_loss@STEP" or "inf_grad@STEP", optionally ":RANK" (default every rank), makes
-    that step's loss NaN or one gradient inf, to exercise the non-finite paths with real processes."""
+    that step's loss NaN or one gradient inf, to exercise the non-finite paths with real processes;
+    "slow@STEP" makes every step from STEP on SLOW_FAULT_SECONDS longer (a machine slowing down mid-run)."""
+
+    KINDS = ("nan_loss", "inf_grad", "slow")
+    SLOW_FAULT_SECONDS = 0.1
 
     def __init__(self, spec: str) -> None:
         kind, _, where = spec.partition("@")
         step, _, rank = where.partition(":")
-        if kind not in ("nan_loss", "inf_grad") or not step.isdigit():
-            raise ValueError(f"GPTRAIN_FAULT={spec!r}: expected nan_loss@STEP[:RANK] or inf_grad@STEP[:RANK]")
+        if kind not in self.KINDS or not step.isdigit():
+            raise ValueError(f"GPTRAIN_FAULT={spec!r}: expected KIND@STEP[:RANK], KIND one of {self.KINDS}")
         self.kind, self.step, self.rank = kind, int(step), int(rank) if rank else None
 
     def due(self, step: int, rank: int) -> bool:
-        return step == self.step and self.rank in (None, rank)
+        return (step >= self.step if self.kind == "slow" else step == self.step) and self.rank in (None, rank)
 
     def apply(self, loss_sum: torch.Tensor, params: list[torch.Tensor]) -> None:
         if self.kind == "nan_loss":
             loss_sum.fill_(float("nan"))
-        else:
+        elif self.kind == "inf_grad":
             params[0].grad.view(-1)[0] = float("inf")
+        else:
+            time.sleep(self.SLOW_FAULT_SECONDS)
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -336,7 +342,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         step, sched_step = resumed["step"], resumed["sched_step"]
         skipped, tokens_seen = resumed["skipped_steps"], resumed["tokens_seen"]
         elapsed_before = resumed["elapsed"]
-        # The step count of a time budget was fixed once and saved: the resumed run follows the same schedule.
+        # A time budget's step count is saved: the resumed run follows it (re-planned, as any budget run, while
+        # warmup-stable-decay's learning rate is still flat).
         max_steps = resumed["max_steps"] if t.time_budget_min > 0 or cfg.train.max_steps == \
             from_dict(resumed["config"]).train.max_steps else t.max_steps
         print0(f"resumed from {resumed['path']} at step {step}")
@@ -445,19 +452,31 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         tokens_seen += step_tokens
         throughput.add(step_tokens)
 
-        # ---- a wall-clock budget becomes a step count once, after a short timing window
-        if max_steps is None:
+        # ---- a wall-clock budget becomes a step count after a short timing window, re-planned while the lr is flat
+        if t.time_budget_min > 0:
             if budget_window_start is None:  # the first step of this process (compilation, warm-up) is not timed
                 budget_window_start, window_step = time.perf_counter(), step
-            elif step == window_step + BUDGET_TIMING_STEPS:
-                per_step = (time.perf_counter() - budget_window_start) / BUDGET_TIMING_STEPS
-                # The budget covers the steps and the periodic validations (timed once at step 0), including the
-                # time an interrupted run had already spent.
-                remaining = t.time_budget_min * 60 - elapsed_before - (time.perf_counter() - t_start)
-                per_step_all = per_step + (data.last_val_seconds / cfg.eval.interval if cfg.eval.interval else 0)
-                max_steps = step + max(int(remaining / per_step_all), 0)
-                max_steps = distributed.broadcast_object(max_steps)  # rank 0's count: every rank stops together
-                print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> max_steps={max_steps}")
+            elif (step - window_step) % BUDGET_TIMING_STEPS == 0 and (max_steps is None or (
+                    t.schedule == "wsd" and sched_step < wsd_decay_start(max_steps, t))):
+                now = time.perf_counter()
+                # The budget covers the steps and the periodic validations, including the time an interrupted run
+                # had already spent.
+                remaining = t.time_budget_min * 60 - elapsed_before - (now - t_start)
+                per_step = (now - budget_window_start) / (step - window_step)  # validations and saves included
+                if max_steps is None:  # the first plan: no periodic validation in the window yet (one at step 0)
+                    per_step_all = per_step + (data.last_val_seconds / cfg.eval.interval if cfg.eval.interval else 0)
+                    planned = step + max(int(remaining / per_step_all), 0)
+                else:  # the machine's speed drifts: move the end (and so the decay's start) to fit the budget
+                    planned = replan_budget_steps(step, remaining, per_step, t)
+                planned = distributed.broadcast_object(planned)  # rank 0's count: every rank stops together
+                if max_steps is None:
+                    print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> "
+                           f"max_steps={planned}")
+                elif abs(planned - max_steps) > 0.02 * max_steps or sched_step + BUDGET_TIMING_STEPS >= \
+                        wsd_decay_start(planned, t):
+                    print0(f"time budget: {per_step * 1000:.1f} ms/step so far -> max_steps={planned} (was "
+                           f"{max_steps}; the decay starts at step {wsd_decay_start(planned, t)})")
+                max_steps = planned
 
         # ---- logging
         if health_due:

@@ -55,12 +55,31 @@ def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
     if t.schedule == "cosine":
         progress = (step - warmup) / max(max_steps - warmup, 1)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_steps = max(int(round(t.decay_frac * max_steps)), 1)
-    decay_start = max(max_steps - decay_steps, warmup)
+    decay_start = wsd_decay_start(max_steps, t)
     if step < decay_start:
         return peak
     progress = (step - decay_start + 1) / max(max_steps - decay_start, 1)
     return peak + (floor - peak) * min(progress, 1.0)
+
+
+def wsd_decay_start(max_steps: int, t: TrainSection) -> int:
+    """The first step of warmup-stable-decay's linear decay (the last decay_frac of max_steps, after the warmup)."""
+    warmup = min(t.warmup_steps, max(max_steps - 1, 0))
+    return max(max_steps - max(int(round(t.decay_frac * max_steps)), 1), warmup)
+
+
+def replan_budget_steps(step: int, seconds_left: float, seconds_per_step: float, t: TrainSection) -> int:
+    """A wall-clock budget's step count, re-planned during warmup-stable-decay's stable phase.
+
+    `step` steps are done, `seconds_left` remain and steps now take `seconds_per_step`: the count that fills the
+    budget is step + seconds_left / seconds_per_step. While the learning rate is still at its peak, moving the end
+    only moves where the decay starts, so the schedule keeps its shape; the count is never set so low that the
+    decay would already have begun (the next step would jump down the ramp): then the decay starts at the next step.
+    """
+    planned = step + max(int(seconds_left / seconds_per_step), 0)
+    while wsd_decay_start(planned, t) < step:  # too few: the smallest count whose decay starts at the next step
+        planned += 1
+    return planned
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
