@@ -1,6 +1,7 @@
 """training/hostmem.py: on glibc, freed CPU tensor memory stays in the heap for the next step to reuse."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ print(json.dumps({"applied": applied, "grown_mib": grown / 2**20, "kept_mib": ke
 
 
 def probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # glibc's own defaults: no preloaded allocator, no MALLOC_* tuning inherited from the caller
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -42,3 +46,11 @@ def test_keep_freed_memory_serves_buffers_from_the_heap_and_keeps_them():
     # tuned: the buffers come from the heap and stay there once freed, ready for the next step
     assert tuned["applied"] is True
     assert tuned["grown_mib"] >= 60 and tuned["kept_mib"] == tuned["grown_mib"], tuned
+
+
+@pytest.mark.parametrize("var", ["LD_PRELOAD", "MALLOC_ARENA_MAX"])
+def test_a_preloaded_allocator_or_hand_tuned_malloc_is_left_alone(var, monkeypatch):
+    from training.hostmem import keep_freed_memory
+
+    monkeypatch.setenv(var, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2" if var == "LD_PRELOAD" else "2")
+    assert keep_freed_memory() is False

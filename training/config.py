@@ -59,8 +59,8 @@ class DataSection:
 class TrainSection:
     max_steps: int = 2000  # optimizer steps (the LR schedule ends here); replaced by time_budget_min when that is set
     stop_after_steps: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0 = off
-    time_budget_min: float = 0.0  # wall-clock budget of the training loop, converted once into max_steps (pretrain
-    # defaults to 10, the CPU speedrun; giving train.max_steps without a budget switches the budget off)
+    time_budget_min: float = 0.0  # wall-clock budget of the training loop, turned into max_steps (re-planned under
+    # wsd while the lr is flat; pretrain defaults to 10, the CPU speedrun; train.max_steps without a budget: off)
     batch_size: int = 32  # sequences per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 3e-3  # peak learning rate

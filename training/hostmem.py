@@ -6,15 +6,19 @@ same activation and gradient buffers every step, so on CPU each step faults many
 threshold at glibc's ceiling and a trim threshold of 1 GiB the freed buffers stay in the heap and are reused.
 Measured on the README's 2-core VM, `tiny` preset at batch 8, eight alternating pairs of runs of 40 steps: page
 faults per step 4,200-6,000 -> 0-170; step time, mean of the runs' minimums 165.5 -> 159.7 ms (3.5%), mean of their
-medians 186.5 -> 172.7 ms (7%). Peak RSS was the same (566 MB): only memory the process has already used is kept.
+medians 186.5 -> 172.7 ms (7%). Peak RSS of that script was the same (566 MB) both ways: only memory the
+process has already used is kept.
 
-The same can be had without code by starting Python with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set, or
-with jemalloc / tcmalloc preloaded (PyTorch's CPU performance guide). Off glibc (macOS, musl) this does nothing.
+Requests above glibc's 32 MiB ceiling (a `gpt2`-sized logits tensor, say) still come from mmap. The same can be had
+without code by starting Python with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set, or with jemalloc /
+tcmalloc preloaded (PyTorch's CPU performance guide); when either is in the environment (MALLOC_* or LD_PRELOAD),
+that choice is left alone. Off glibc (macOS, musl) this does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
@@ -29,6 +33,8 @@ def keep_freed_memory() -> bool:
     Process-wide and idempotent. Setting either threshold also turns off glibc's adaptive threshold."""
     if not sys.platform.startswith("linux"):
         return False
+    if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False  # another allocator, or glibc tuned by hand: not ours to change
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already uses
     except (OSError, AttributeError):

@@ -463,11 +463,12 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 # had already spent.
                 remaining = t.time_budget_min * 60 - elapsed_before - (now - t_start)
                 per_step = (now - budget_window_start) / (step - window_step)  # validations and saves included
-                if max_steps is None:  # the first plan: no periodic validation in the window yet (one at step 0)
-                    per_step_all = per_step + (data.last_val_seconds / cfg.eval.interval if cfg.eval.interval else 0)
-                    planned = step + max(int(remaining / per_step_all), 0)
-                else:  # the machine's speed drifts: move the end (and so the decay's start) to fit the budget
-                    planned = replan_budget_steps(step, remaining, per_step, t)
+                per_step_all = per_step  # the first plan: no periodic validation in the window yet (one at step 0)
+                if max_steps is None and cfg.eval.interval:
+                    per_step_all += data.last_val_seconds / cfg.eval.interval
+                # Under wsd the machine's drift moves the end (and so the decay's start) to fit the budget
+                planned = replan_budget_steps(step, sched_step, remaining, per_step_all, t) if t.schedule == "wsd" \
+                    else step + max(int(remaining / per_step_all), 0)
                 planned = distributed.broadcast_object(planned)  # rank 0's count: every rank stops together
                 if max_steps is None:
                     print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> "

@@ -68,16 +68,22 @@ def wsd_decay_start(max_steps: int, t: TrainSection) -> int:
     return max(max_steps - max(int(round(t.decay_frac * max_steps)), 1), warmup)
 
 
-def replan_budget_steps(step: int, seconds_left: float, seconds_per_step: float, t: TrainSection) -> int:
-    """A wall-clock budget's step count, re-planned during warmup-stable-decay's stable phase.
+def replan_budget_steps(step: int, sched_step: int, seconds_left: float, seconds_per_step: float,
+                        t: TrainSection) -> int:
+    """A wall-clock budget's step count under warmup-stable-decay, planned while the learning rate is not decaying.
 
-    `step` steps are done, `seconds_left` remain and steps now take `seconds_per_step`: the count that fills the
-    budget is step + seconds_left / seconds_per_step. While the learning rate is still at its peak, moving the end
-    only moves where the decay starts, so the schedule keeps its shape; the count is never set so low that the
-    decay would already have begun (the next step would jump down the ramp): then the decay starts at the next step.
+    `step` steps are done (`sched_step` of them advanced the schedule; fewer only after fp16 skipped steps),
+    `seconds_left` remain and steps take `seconds_per_step`: the count that fills the budget is
+    step + seconds_left / seconds_per_step. Before the decay, moving the end only moves where the decay starts, so the
+    schedule keeps its shape; the count is never set so low that the decay would already have begun (the next step
+    would jump down the ramp): then the decay starts at the next step.
     """
     planned = step + max(int(seconds_left / seconds_per_step), 0)
-    while wsd_decay_start(planned, t) < step:  # too few: the smallest count whose decay starts at the next step
+    if t.decay_frac >= 1:  # the decay spans every step after the warmup: there is no flat part to move
+        return planned
+    # wsd_decay_start(m) grows with m, by ~(1 - decay_frac) per step: the bound is never reached, only a safeguard
+    limit = planned + int((sched_step + 2) / (1.0 - t.decay_frac)) + 2
+    while wsd_decay_start(planned, t) < sched_step and planned < limit:
         planned += 1
     return planned
 
