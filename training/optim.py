@@ -81,9 +81,7 @@ def replan_budget_steps(step: int, sched_step: int, seconds_left: float, seconds
     planned = step + max(int(seconds_left / seconds_per_step), 0)
     if t.decay_frac >= 1:  # the decay spans every step after the warmup: there is no flat part to move
         return planned
-    # wsd_decay_start(m) grows with m, by ~(1 - decay_frac) per step: the bound is never reached, only a safeguard
-    limit = planned + int((sched_step + 2) / (1.0 - t.decay_frac)) + 2
-    while wsd_decay_start(planned, t) < sched_step and planned < limit:
+    while wsd_decay_start(planned, t) < sched_step:  # it grows with the count, by ~(1 - decay_frac) per step
         planned += 1
     return planned
 
