@@ -2,20 +2,24 @@
 
 Layout of a run folder's checkpoints:
     RUN/checkpoints/step_00000100.pt   a complete checkpoint (torch.save of a dict, full un-sharded state)
-    RUN/checkpoints/latest             the file name of the newest complete checkpoint
+    RUN/checkpoints/latest             the file name of the checkpoint written last (for people and tools)
 A save writes `step_....pt.tmp`, flushes and fsyncs it, renames it into place, and only then rewrites `latest`
 (the same way). A process killed mid-write leaves at most a stray .tmp file, which is ignored and cleaned up.
+So every `step_*.pt` is complete, and the newest checkpoint is the one with the highest step (parsed as an integer):
+`latest` is never trusted over it, since a process killed between the rename and the pointer leaves it stale.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+STEP_FILE = re.compile(r"step_(\d+)\.pt")  # step_00000100.pt; more digits once a step passes 10**8
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,8 +43,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in a checkpoints folder, by step (.tmp files never count)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := STEP_FILE.fullmatch(p.name)) and p.is_file()]
+    return sorted(found)
+
+
 def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write state as the checkpoint of `step`, point `latest` at it, delete all but the newest `keep`."""
+    """Write state as the checkpoint of `step`, point `latest` at it, keep the newest `keep` by step.
+
+    The file just written is always kept, even when a newer step exists (a stray file of a killed process).
+    """
+    assert keep >= 1, keep  # config.validate refuses ckpt.keep < 1
     ckpt_dir = Path(run_dir) / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{step:08d}.pt"
@@ -52,27 +68,23 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
     os.replace(tmp, path)
     _fsync_dir(ckpt_dir)
     atomic_write_bytes(ckpt_dir / LATEST, path.name.encode())
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
-        old.unlink()
+    done = complete_checkpoints(ckpt_dir)
+    kept = {p for _, p in done[-keep:]} | {path}
+    for _, old in done:
+        if old not in kept:
+            old.unlink()
     for stray in ckpt_dir.glob("*.tmp"):
         stray.unlink()
     return path
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run folder, or None. A checkpoint file or folder path is returned as is."""
+    """The newest complete checkpoint of a run folder (highest step), or None. A file path is returned as is."""
     p = Path(run_dir)
     if p.is_file():
         return p
-    ckpt_dir = p / CKPT_DIR
-    pointer = ckpt_dir / LATEST
-    if pointer.is_file():
-        target = ckpt_dir / pointer.read_text().strip()
-        if target.is_file():
-            return target
-    # No pointer (or it names a deleted file): fall back to the newest complete file; .tmp files never count.
-    done = sorted(ckpt_dir.glob("step_*.pt")) if ckpt_dir.is_dir() else []
-    return done[-1] if done else None
+    done = complete_checkpoints(p / CKPT_DIR)
+    return done[-1][1] if done else None
 
 
 def load(run_dir: str | Path, map_location="cpu") -> dict:
@@ -82,14 +94,18 @@ def load(run_dir: str | Path, map_location="cpu") -> dict:
         if not Path(run_dir).exists():
             raise FileNotFoundError(f"{run_dir}: no such run folder or checkpoint file")
         raise ValueError(f"{run_dir} holds no checkpoint (expected {Path(run_dir) / CKPT_DIR / 'step_*.pt'})")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable gptrain checkpoint ({type(e).__name__}: {e})") from None
+    state = read(path, map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path}: not a gptrain checkpoint (no model/config entries)")
     state["path"] = str(path)
     return state
+
+
+def read(path: str | Path, map_location="cpu"):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable gptrain checkpoint ({type(e).__name__}: {e})") from None
 
 
 def clean_state_dict(sd: dict) -> dict:
