@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import TINY_ARGS
 from train import main
 from training import checkpoint
+from training.loop import rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses import this checkout's packages (scripts/ alone would find an installed copy first).
@@ -98,3 +101,58 @@ def test_resume_after_a_kill_between_rename_and_pointer_continues_from_the_newes
     # Only steps 7 and 8 ran again, with the uninterrupted run's losses, bit for bit.
     assert metrics_steps(out)[len(straight):] == straight[6:]
     assert summary["step"] == 8 and step_files(out) == ["step_00000008.pt"] and pointer(out) == "step_00000008.pt"
+
+
+# ----------------------------------------------------------------------------------------------- item 3: RNG state
+class FakeCuda:
+    """A machine with `n` GPUs as far as the RNG functions go: set_rng_state(state, device) raises IndexError for a
+    device it does not have, as torch.cuda.default_generators[index] does."""
+
+    def __init__(self, monkeypatch, n: int) -> None:
+        self.n, self.set_calls = n, []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), 7, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((16,), i, dtype=torch.uint8)
+                                                                      for i in range(n)])
+        # set_rng_state_all calls the module-level set_rng_state of torch.cuda.random
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda.random, "set_rng_state", self.set_rng_state)
+
+    def set_rng_state(self, new_state, device="cuda") -> None:
+        index = 0 if device == "cuda" else int(device)  # "cuda": the current device, which is 0 here
+        if index >= self.n:
+            raise IndexError(f"no CUDA device {index} on a machine with {self.n}")
+        self.set_calls.append((index, new_state.clone()))
+
+
+def test_set_rng_state_on_a_machine_with_fewer_gpus_or_none(monkeypatch):
+    cpu = torch.get_rng_state()
+    state = torch.full((16,), 7, dtype=torch.uint8)
+    # Rank 0 of an 8-GPU machine, as an older gptrain saved it: every device's state (and Python's and NumPy's,
+    # which a converted checkpoint no longer has and which are ignored).
+    eight_states = {"torch": cpu, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)],
+                    "python": random.getstate(), "numpy": np.random.get_state()}
+    torch.manual_seed(123)  # move the CPU generator; restoring must bring it back
+    one = FakeCuda(monkeypatch, 1)
+    set_rng_state(eight_states)  # resumed on a machine with one GPU: only this device's entry is set
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert [(i, s.tolist()) for i, s in one.set_calls] == [(0, [0] * 16)]
+    one.set_calls.clear()
+    set_rng_state({"torch": cpu, "cuda": state})  # this format: one device's state, set on the current device
+    assert [(i, s.tolist()) for i, s in one.set_calls] == [(0, [7] * 16)]
+    # No GPU at all: the CUDA state is skipped, the CPU state restored.
+    none = FakeCuda(monkeypatch, 0)
+    torch.manual_seed(5)
+    set_rng_state({"torch": cpu, "cuda": state})
+    assert none.set_calls == [] and torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_rng_state_holds_the_cpu_and_this_devices_generator_only(monkeypatch):
+    FakeCuda(monkeypatch, 8)
+    saved = rng_state()
+    assert set(saved) == {"torch", "cuda"} and torch.equal(saved["torch"], torch.get_rng_state())  # no Python/NumPy
+    assert torch.equal(saved["cuda"], torch.full((16,), 7, dtype=torch.uint8))  # one device's state, not eight
+    FakeCuda(monkeypatch, 0)
+    assert set(rng_state()) == {"torch"}

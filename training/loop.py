@@ -11,13 +11,11 @@ import copy
 import json
 import math
 import os
-import random
 import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model.gpt import GPT, GPTConfig
@@ -76,23 +74,36 @@ def model_config(cfg: Config, base: dict | None, vocab_size: int) -> GPTConfig:
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """Each step's random state (dropout) derives from (seed, step, rank): resume is exact on any world size."""
+    """Each step's random state (dropout) derives from (seed, step, rank), so a resumed run draws the same dropout
+    masks as an uninterrupted one on the same world size. On another world size a rank's rows move to another rank
+    and get other masks: with dropout > 0 such a resume is a different (equally valid) run, not the same one."""
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The torch generator states of this process: CPU, and the current CUDA device's if there is one (tensors).
+
+    Nothing else: Python's and NumPy's global generators are unused by training (every step reseeds torch from
+    step_seed), and a checkpoint holds only what the restricted unpickler loads."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: another machine may have fewer GPUs
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore rng_state()'s states as far as this machine has them: a checkpoint from a machine with more, fewer or
+    no GPUs resumes (the next step reseeds every generator anyway)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # an older gptrain saved every device's state: take this device's, if any
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)  # the current device
 
 
 def full_state(model, optimizer) -> tuple[dict, dict]:
