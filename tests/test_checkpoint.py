@@ -4,9 +4,15 @@ point), resume on a machine with other GPUs, and kill -9 at the deterministic mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +162,110 @@ def test_rng_state_holds_the_cpu_and_this_devices_generator_only(monkeypatch):
     assert torch.equal(saved["cuda"], torch.full((16,), 7, dtype=torch.uint8))  # one device's state, not eight
     FakeCuda(monkeypatch, 0)
     assert set(rng_state()) == {"torch"}
+
+
+# ----------------------------------------------------------------------------------------------- item 2: safe loading
+def leaves(obj, path="state"):
+    """(path, value) of every non-container value in a nested dict/list/tuple."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, (str, int)), f"{path}: key {k!r} of type {type(k).__name__}"
+            yield from leaves(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from leaves(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def test_a_checkpoint_holds_only_tensors_containers_strings_and_numbers(tiny_run):
+    path = checkpoint.latest(tiny_run)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    odd = [(p, type(v).__name__) for p, v in leaves(state)
+           if not isinstance(v, (torch.Tensor, str, int, float, bool, type(None)))]
+    assert odd == []
+    assert set(state["rng"]) == {"torch"}  # a CPU run: the CPU generator only
+    assert checkpoint.unsafe_globals(path) == []
+
+
+class RunsCode:
+    """Pickles as a call of os.system (a REDUCE of posix.system): loading it with the full unpickler runs it."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"gptrain_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def copy_run(tiny_run: Path, dest: Path) -> Path:
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("events.out.tfevents.*"))
+    return dest
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_entry_point(tiny_run, tmp_path):
+    evil_run = copy_run(tiny_run, tmp_path / "evil")
+    path = checkpoint.latest(evil_run)
+    marker = tmp_path / "code_ran"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["payload"] = RunsCode(f"touch {shlex.quote(str(marker))}")
+    torch.save(state, path)  # otherwise valid, the newest checkpoint, named by the pointer
+
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": refused, its pickle names posix\.system"):
+        checkpoint.load(evil_run)
+    scripts = ROOT / "scripts"
+    commands = {
+        "sample.py": [scripts / "sample.py", evil_run, "--device", "cpu", "--max-new-tokens", 2],
+        "evaluate.py": [scripts / "evaluate.py", evil_run, "--device", "cpu"],
+        "evaluate.py --reference": [scripts / "evaluate.py", tiny_run, "--preference-data", "synthetic",
+                                    "--max-examples", 2, "--reference", evil_run, "--device", "cpu"],
+        "export_hf.py": [scripts / "export_hf.py", evil_run, tmp_path / "export"],
+        "train.py --init-from": [ROOT / "train.py", "--stage", "sft", "--init-from", evil_run, "--out",
+                                 tmp_path / "sft", "--data.synthetic_train=50"],
+        "train.py --resume": [ROOT / "train.py", "--out", evil_run, "--resume"],
+    }
+    for name, argv in commands.items():
+        cli = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+        assert cli.returncode == 1, (name, cli.returncode, cli.stderr[-2000:])
+        assert f"error: {path}: refused, its pickle names posix.system" in cli.stderr, (name, cli.stderr[-2000:])
+        assert not marker.exists(), f"{name} ran the checkpoint's code"
+    assert not (tmp_path / "export").exists() and not (tmp_path / "sft").exists()
+    # The conversion script never loads it either, and leaves it as it was.
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": refused, its pickle names posix\.system"):
+        load_script("convert_checkpoint").convert(path)
+    assert not marker.exists() and checkpoint.unsafe_globals(path) == ["posix.system"]
+
+
+def test_an_older_checkpoint_is_refused_with_how_to_convert_it(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "old")
+    path = checkpoint.latest(run)
+    current = torch.load(path, map_location="cpu", weights_only=True)
+    # What gptrain wrote before checkpoints held plain values only: Python's and NumPy's global RNG states too.
+    old = {**current, "rng": {"python": random.getstate(), "numpy": np.random.get_state(), **current["rng"]}}
+    torch.save(old, path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": written by an older gptrain .*NumPy") as e:
+        checkpoint.load(run)
+    assert str(e.value).endswith(f"convert it once with: python scripts/convert_checkpoint.py {path}")
+
+    cli = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", str(path)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "weights_only=False" in cli.stdout and "only for a file you trust" in cli.stdout
+    assert not list(path.parent.glob("*.tmp"))
+    converted = checkpoint.load(run)
+    assert set(converted["rng"]) == {"torch"} and torch.equal(converted["rng"]["torch"], current["rng"]["torch"])
+    assert converted.keys() - {"path"} == current.keys()
+    assert all(torch.equal(converted["model"][k], v) for k, v in current["model"].items())
+    assert {k: v for k, v in converted.items() if k not in ("model", "optimizer", "rng", "path")} == \
+        {k: v for k, v in current.items() if k not in ("model", "optimizer", "rng")}
+    # Once converted it is left alone.
+    before = path.read_bytes()
+    assert load_script("convert_checkpoint").convert(path) is False and path.read_bytes() == before

@@ -116,8 +116,8 @@ def test_exact_resume_is_bitwise(tmp_path, corpus_dir):
     assert sorted(full) == sorted(resumed) == list(range(1, 21))
     assert all(full[s] == resumed[s] for s in full), [(s, full[s], resumed[s]) for s in full if full[s] != resumed[s]]
     # The end states agree too.
-    a = torch.load(checkpoint.latest(tmp_path / "full"), weights_only=False)["model"]
-    b = torch.load(checkpoint.latest(tmp_path / "split"), weights_only=False)["model"]
+    a = torch.load(checkpoint.latest(tmp_path / "full"), weights_only=True)["model"]
+    b = torch.load(checkpoint.latest(tmp_path / "split"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -137,7 +137,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus_dir):
     assert proc.returncode == 0, output
     assert "received SIGTERM" in output
     ckpt = checkpoint.latest(out)
-    stopped_at = torch.load(ckpt, weights_only=False)["step"]
+    stopped_at = torch.load(ckpt, weights_only=True)["step"]
     assert 3 <= stopped_at < 40
     main(["--out", str(out), "--resume"])
     main(run_args(corpus_dir, tmp_path / "straight", *common))
@@ -375,7 +375,7 @@ def test_compiled_and_eager_checkpoints_load_into_each_other(tmp_path, corpus_di
     out = tmp_path / "mixed"
     main(run_args(corpus_dir, out, *tiny, "--train.stop_after_steps=2"))
     main(["--out", str(out), "--resume", "--train.compile=true", "--train.stop_after_steps=4"])
-    sd = torch.load(checkpoint.latest(out), weights_only=False)["model"]
+    sd = torch.load(checkpoint.latest(out), weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in sd)  # saved without the compile wrapper's prefix
     main(["--out", str(out), "--resume", "--train.compile=false"])
     eager, mixed = train_losses(tmp_path / "eager"), train_losses(out)

@@ -7,11 +7,16 @@ A save writes `step_....pt.tmp`, flushes and fsyncs it, renames it into place, a
 (the same way). A process killed mid-write leaves at most a stray .tmp file, which is ignored and cleaned up.
 So every `step_*.pt` is complete, and the newest checkpoint is the one with the highest step (parsed as an integer):
 `latest` is never trusted over it, since a process killed between the rename and the pointer leaves it stale.
+
+A checkpoint holds only tensors, plain containers, strings and numbers, and is read with torch's restricted unpickler
+(`weights_only=True`): a file from elsewhere cannot run code when it is loaded. Files of an older gptrain (they held
+NumPy random-number state) are refused with the command that converts one you trust (scripts/convert_checkpoint.py).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import torch
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 STEP_FILE = re.compile(r"step_(\d+)\.pt")  # step_00000100.pt; more digits once a step passes 10**8
+CONVERT_SCRIPT = "scripts/convert_checkpoint.py"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,10 +108,38 @@ def load(run_dir: str | Path, map_location="cpu") -> dict:
 
 
 def read(path: str | Path, map_location="cpu"):
+    """torch.load with the restricted unpickler; a refused or unreadable file raises ValueError naming it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # a global outside the allow-list, or a corrupt pickle
+        refused = unsafe_globals(path)
+        if not refused:
+            raise ValueError(f"{path}: not a readable gptrain checkpoint (UnpicklingError: {e})") from None
+        raise ValueError(refusal_message(path, refused)) from None
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path}: not a readable gptrain checkpoint ({type(e).__name__}: {e})") from None
+
+
+def unsafe_globals(path: str | Path) -> list[str]:
+    """The functions and classes outside torch's allow-list that a file's pickle names (read without running any)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch.save file at all
+        return []
+
+
+def is_old_format(refused: list[str]) -> bool:
+    """Only NumPy objects: the random-number state that gptrain saved before checkpoints held plain values only."""
+    return bool(refused) and all(name.startswith("numpy.") for name in refused)
+
+
+def refusal_message(path: str | Path, refused: list[str]) -> str:
+    if is_old_format(refused):
+        return (f"{path}: written by an older gptrain (it holds NumPy random-number state, {', '.join(refused)}), "
+                f"which the safe loader refuses, since unpickling such objects could run code. If you trust the "
+                f"file, convert it once with: python {CONVERT_SCRIPT} {path}")
+    return (f"{path}: refused, its pickle names {', '.join(refused)}; a gptrain checkpoint holds only tensors, plain "
+            f"containers, strings and numbers, and loading anything else could run code. Nothing was loaded")
 
 
 def clean_state_dict(sd: dict) -> dict:

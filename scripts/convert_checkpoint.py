@@ -1,0 +1,74 @@
+"""Convert a checkpoint written by an older gptrain, which the safe loader refuses, into the current format.
+
+    python scripts/convert_checkpoint.py runs/tiny/checkpoints/step_00000150.pt [MORE.pt ...]
+
+Older checkpoints held Python's and NumPy's random-number states (unused: every step reseeds torch). NumPy objects
+are outside what torch's restricted unpickler (`torch.load(..., weights_only=True)`) loads, so gptrain refuses such a
+file. This script loads it ONCE with `weights_only=False`, which runs whatever the file's pickle says: use it only on
+files you trust. It refuses, without loading, a file whose pickle names anything but NumPy objects (a gptrain
+checkpoint never did), drops the two random-number states, checks that the result loads safely, and rewrites the file
+atomically (temporary file, fsync, rename). A file that already loads safely is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import torch
+
+from training import checkpoint
+
+
+def converted_bytes(path: Path) -> bytes:
+    """The bytes of the converted checkpoint: torch.save of the old state without its Python/NumPy RNG states."""
+    refused = checkpoint.unsafe_globals(path)
+    if not checkpoint.is_old_format(refused):  # not what an older gptrain wrote: never loaded, even here
+        raise ValueError(checkpoint.refusal_message(path, refused))
+    print(f"{path}: loading with weights_only=False (this runs the file's pickle: only for a file you trust)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a gptrain checkpoint (no model/config entries)")
+    rng = state.get("rng")
+    if isinstance(rng, dict):
+        state["rng"] = {k: v for k, v in rng.items() if k not in ("python", "numpy")}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: still not loadable with weights_only=True after dropping the random-number "
+                         f"states ({type(e).__name__}: {e}); the file was left as it was") from None
+    return buf.getvalue()
+
+
+def convert(path: str | Path) -> bool:
+    """Rewrite one checkpoint file in the current format; False if it already was in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if not checkpoint.unsafe_globals(path):
+        checkpoint.read(path)  # a clear error for a file that is not a checkpoint at all
+        print(f"{path}: already loads with weights_only=True; left as it is")
+        return False
+    checkpoint.atomic_write_bytes(path, converted_bytes(path))
+    print(f"{path}: converted (Python and NumPy random-number states dropped)")
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("paths", nargs="+", metavar="CHECKPOINT", help="checkpoint file (RUN/checkpoints/step_*.pt)")
+    for path in p.parse_args(argv).paths:
+        convert(path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
