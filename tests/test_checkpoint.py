@@ -269,3 +269,47 @@ def test_an_older_checkpoint_is_refused_with_how_to_convert_it(tiny_run, tmp_pat
     # Once converted it is left alone.
     before = path.read_bytes()
     assert load_script("convert_checkpoint").convert(path) is False and path.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------- item 4: kill -9
+def test_kill_9_at_any_moment_loses_no_saved_checkpoint(tmp_path, corpus_dir):
+    """Four launches of train.py, each but the last killed by SIGKILL at a deterministic moment (GPTRAIN_FAULT):
+    the newest loadable checkpoint is never older than the last one the logs reported saved."""
+    out = tmp_path / "run"
+    args = run_args(corpus_dir, out, "--train.max_steps=8", "--ckpt.interval=2", "--ckpt.keep=2")
+    reported: list[int] = []  # steps of every "saved ..." line so far, over all launches
+    losses: dict[int, float] = {}
+
+    def launch(argv: list[str], fault: str | None, resumed_at: int | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in ENV.items() if k != "GPTRAIN_FAULT"} | ({"GPTRAIN_FAULT": fault} if fault else {})
+        logged = len(metrics_steps(out)) if (out / "metrics.jsonl").exists() else 0
+        proc = subprocess.run([sys.executable, "-u", "train.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        saved = re.findall(r"^saved .*step_(\d+)\.pt \(", proc.stdout, flags=re.M)
+        reported.extend(int(s) for s in saved)
+        if resumed_at is not None:
+            assert f"resumed from {out / checkpoint.CKPT_DIR / f'step_{resumed_at:08d}.pt'} at step {resumed_at}" \
+                in proc.stdout, proc.stdout[-3000:]
+        assert checkpoint.load(out)["step"] >= max(reported)
+        for step, loss in metrics_steps(out)[logged:]:  # a step run twice (before and after a kill) is identical
+            assert losses.setdefault(step, loss) == loss, step
+        return proc
+
+    first = launch(args, "kill_after_tmp@4", None)  # the save at 4: temporary file complete, not renamed
+    assert first.returncode == -9, first.stderr[-3000:]
+    assert reported == [2] and checkpoint.load(out)["step"] == 2
+    assert (out / checkpoint.CKPT_DIR / "step_00000004.pt.tmp").is_file()
+
+    second = launch(["--out", str(out), "--resume"], "kill_after_rename@6", 2)  # 6 in place, pointer still at 4
+    assert second.returncode == -9, second.stderr[-3000:]
+    assert reported == [2, 4] and pointer(out) == "step_00000004.pt" and checkpoint.load(out)["step"] == 6
+
+    third = launch(["--out", str(out), "--resume"], "kill@7", 6)  # mid-step 7: after the backward, before the update
+    assert third.returncode == -9, third.stderr[-3000:]
+    assert reported == [2, 4] and checkpoint.load(out)["step"] == 6
+
+    last = launch(["--out", str(out), "--resume"], None, 6)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert reported == [2, 4, 8] and checkpoint.load(out)["step"] == 8 and sorted(losses) == list(range(1, 9))
+    assert step_files(out) == ["step_00000006.pt", "step_00000008.pt"] and pointer(out) == "step_00000008.pt"
+    assert not list((out / checkpoint.CKPT_DIR).glob("*.tmp"))

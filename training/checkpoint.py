@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,10 +58,14 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+def save(run_dir: str | Path, step: int, state: dict, keep: int = 2,
+         hook: Callable[[str], None] | None = None) -> Path:
     """Write state as the checkpoint of `step`, point `latest` at it, keep the newest `keep` by step.
 
     The file just written is always kept, even when a newer step exists (a stray file of a killed process).
+    `hook(event)`, if given, is called at the moments a crash matters: "tmp_written" (the temporary file is complete
+    and fsynced, not yet renamed) and "renamed" (the checkpoint is in place, `latest` not yet rewritten); the
+    trainer's fault injection kills the process there in tests.
     """
     assert keep >= 1, keep  # config.validate refuses ckpt.keep < 1
     ckpt_dir = Path(run_dir) / CKPT_DIR
@@ -71,8 +76,12 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if hook is not None:
+        hook("tmp_written")
     os.replace(tmp, path)
     _fsync_dir(ckpt_dir)
+    if hook is not None:
+        hook("renamed")
     atomic_write_bytes(ckpt_dir / LATEST, path.name.encode())
     done = complete_checkpoints(ckpt_dir)
     kept = {p for _, p in done[-keep:]} | {path}

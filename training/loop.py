@@ -200,9 +200,13 @@ def apply_update(optimizer, scaler) -> bool:
 class FaultInjection:
     """Test hook: GPTRAIN_FAULT="nan_loss@STEP" or "inf_grad@STEP", optionally ":RANK" (default every rank), makes
     that step's loss NaN or one gradient inf, to exercise the non-finite paths with real processes;
-    "slow@STEP" makes every step from STEP on SLOW_FAULT_SECONDS longer (a machine slowing down mid-run)."""
+    "slow@STEP" makes every step from STEP on SLOW_FAULT_SECONDS longer (a machine slowing down mid-run).
+    Kill -9 at a deterministic moment: "kill@STEP" in the middle of step STEP (after its backward, before its update),
+    "kill_after_tmp@STEP" once the save at STEP has written and fsynced its temporary file, "kill_after_rename@STEP"
+    once that file is renamed into place but before the `latest` pointer is rewritten."""
 
-    KINDS = ("nan_loss", "inf_grad", "slow")
+    KINDS = ("nan_loss", "inf_grad", "slow", "kill", "kill_after_tmp", "kill_after_rename")
+    SAVE_EVENTS = {"kill_after_tmp": "tmp_written", "kill_after_rename": "renamed"}  # checkpoint.save's hook events
     SLOW_FAULT_SECONDS = 0.1
 
     def __init__(self, spec: str) -> None:
@@ -213,6 +217,9 @@ class FaultInjection:
         self.kind, self.step, self.rank = kind, int(step), int(rank) if rank else None
 
     def due(self, step: int, rank: int) -> bool:
+        """Whether the mid-step fault fires in step `step` (1-based) on `rank`."""
+        if self.kind in self.SAVE_EVENTS:
+            return False
         return (step >= self.step if self.kind == "slow" else step == self.step) and self.rank in (None, rank)
 
     def apply(self, loss_sum: torch.Tensor, params: list[torch.Tensor]) -> None:
@@ -220,8 +227,22 @@ class FaultInjection:
             loss_sum.fill_(float("nan"))
         elif self.kind == "inf_grad":
             params[0].grad.view(-1)[0] = float("inf")
+        elif self.kind == "kill":
+            self.kill()
         else:
             time.sleep(self.SLOW_FAULT_SECONDS)
+
+    def save_hook(self, step: int, rank: int):
+        """checkpoint.save's hook for the save at `step`: kills the process at this fault's event, if it is due."""
+        def hook(event: str) -> None:
+            if self.SAVE_EVENTS.get(self.kind) == event and step == self.step and self.rank in (None, rank):
+                self.kill()
+        return hook
+
+    @staticmethod
+    def kill() -> None:
+        print0("GPTRAIN_FAULT: SIGKILL")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -382,7 +403,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 "world_size": info.world_size, "init_from": cfg.init_from, "stage": cfg.stage,
                 "init_from_checkpoint": init_ckpt,
             }
-            path = checkpoint.save(cfg.out, step, state, keep=cfg.ckpt.keep)
+            hook = fault.save_hook(step, info.rank) if fault is not None else None
+            path = checkpoint.save(cfg.out, step, state, keep=cfg.ckpt.keep, hook=hook)
             print0(f"saved {path} ({reason})")
         distributed.barrier()
 
