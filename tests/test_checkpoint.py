@@ -57,7 +57,7 @@ def metrics_steps(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
-# ----------------------------------------------------------------------------------------------- item 1: newest wins
+# ----------------------------------------------------------------------------------------------- newest wins
 def test_latest_is_the_highest_step_not_the_pointer_or_the_name_order(tmp_path):
     checkpoint.save(tmp_path, 5, fake_state(5), keep=5)
     checkpoint.save(tmp_path, 7, fake_state(7), keep=5)
@@ -109,7 +109,7 @@ def test_resume_after_a_kill_between_rename_and_pointer_continues_from_the_newes
     assert summary["step"] == 8 and step_files(out) == ["step_00000008.pt"] and pointer(out) == "step_00000008.pt"
 
 
-# ----------------------------------------------------------------------------------------------- item 3: RNG state
+# ----------------------------------------------------------------------------------------------- RNG state
 class FakeCuda:
     """A machine with `n` GPUs as far as the RNG functions go: set_rng_state(state, device) raises IndexError for a
     device it does not have, as torch.cuda.default_generators[index] does."""
@@ -164,7 +164,7 @@ def test_rng_state_holds_the_cpu_and_this_devices_generator_only(monkeypatch):
     assert set(rng_state()) == {"torch"}
 
 
-# ----------------------------------------------------------------------------------------------- item 2: safe loading
+# ----------------------------------------------------------------------------------------------- safe loading
 def leaves(obj, path="state"):
     """(path, value) of every non-container value in a nested dict/list/tuple."""
     if isinstance(obj, dict):
@@ -271,7 +271,7 @@ def test_an_older_checkpoint_is_refused_with_how_to_convert_it(tiny_run, tmp_pat
     assert load_script("convert_checkpoint").convert(path) is False and path.read_bytes() == before
 
 
-# ----------------------------------------------------------------------------------------------- item 4: kill -9
+# ----------------------------------------------------------------------------------------------- kill -9
 def test_kill_9_at_any_moment_loses_no_saved_checkpoint(tmp_path, corpus_dir):
     """Four launches of train.py, each but the last killed by SIGKILL at a deterministic moment (GPTRAIN_FAULT):
     the newest loadable checkpoint is never older than the last one the logs reported saved."""
