@@ -150,17 +150,20 @@ def accumulate_gradients(model, objective, batches: list[dict], count: torch.Ten
     """Forward and backward every micro-batch of a step; gradients end up as d(sum of losses)/d(params) / count.
 
     count is the step's global number of normalisation units (all micro-batches, all ranks). Gradient
-    synchronisation runs only on the last micro-batch. Returns the local loss sum and metric sums (detached).
+    synchronisation runs only on the last micro-batch: the backward runs inside the no-sync region, because FSDP2
+    reads its sync flag in the post-backward hook (DDP reads it in the forward). Autocast covers the forward and
+    the loss only. Returns the local loss sum and metric sums (detached).
     """
     loss_sum = torch.zeros((), device=count.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
-        with maybe_no_sync(model, strategy, sync=(i == len(batches) - 1)), autocast:
-            part, metrics = objective(model, batch)
-            # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so the
-            # update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
-            loss = part / count.clamp(min=1) * world_size
-        scaler.scale(loss).backward()
+        with maybe_no_sync(model, strategy, sync=(i == len(batches) - 1)):
+            with autocast:
+                part, metrics = objective(model, batch)
+                # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so the
+                # update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
+                loss = part / count.clamp(min=1) * world_size
+            scaler.scale(loss).backward()
         loss_sum += part.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
