@@ -118,20 +118,39 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, param_dtyp
     sharded master weights stay fp32 and gradients are reduced in fp32.
     """
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if not info.distributed:
-            return model
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
+        return _fully_shard(model, param_dtype) if info.distributed else model
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def wrap_reference(reference: torch.nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None):
+    """The frozen DPO reference, wrapped to compute exactly as the policy does.
+
+    Under FSDP2 (several processes) the policy computes with its weights cast to param_dtype by its
+    MixedPrecisionPolicy and no autocast, so the reference is sharded the same way, with the same policy: the same
+    bf16 weights through the same kernels, and only 1/world_size of its weights on each rank. Its root reshards after
+    every forward (a policy's root keeps its gathered weights for the backward; the reference has no backward).
+    Otherwise the reference stays a plain module under the loop's autocast, as the policy's own module is: DDP has
+    nothing to synchronise for a model without gradients.
+    """
+    if strategy == "fsdp" and info.distributed:
+        return _fully_shard(reference, param_dtype, root_reshard_after_forward=True)
+    return reference
+
+
+def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None,
+                 root_reshard_after_forward: bool | None = None):
+    """FSDP2: every block its own shard unit, then the root (its embeddings, final norm and head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=root_reshard_after_forward)
+    return model
 
 
 @contextlib.contextmanager
