@@ -12,7 +12,9 @@ How the pieces agree (see training/loop.py):
   - the loss is a sum divided by the step's global count (all micro-steps, all ranks); DDP and FSDP average
     gradients over ranks, so the loop multiplies by the world size once: N x batch B == 1 x batch N*B;
   - gradient synchronisation runs on the last micro-step only (maybe_no_sync: DDP's no_sync, FSDP2's
-    set_requires_gradient_sync(False));
+    set_requires_gradient_sync(False)); forward and backward both run inside it, since DDP reads the flag in the
+    forward and FSDP2 in its post-backward hook;
+  - a DPO reference is sharded like the policy under FSDP2, with the same mixed precision (wrap_reference);
   - stops are agreed: one all-reduce per step carries the loss (a NaN on any rank is a NaN on all) and the stop
     request (max over ranks); a time budget becomes rank 0's step count on every rank;
   - checkpoints are full state dicts gathered by every rank (FSDP) and written by rank 0, so they load into any
@@ -155,7 +157,8 @@ def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None,
 
 @contextlib.contextmanager
 def maybe_no_sync(model: torch.nn.Module, strategy: str, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP2) on all but the last micro-step of an
+    accumulation. Run the micro-step's forward and backward inside."""
     if sync:
         yield
         return
