@@ -14,7 +14,12 @@ Environment:
     DIST_TEST_DUMP=DIR       for each run (named by its --out folder's name): the gradients just before its first
                              optimizer step, once per name (DIR/NAME.grads.rank<R>.pt, full tensors by parameter
                              name); one line per checkpoint save on every rank that takes part (DIR/NAME.saves.rank<R>);
-                             the logits of the (wrapped) model on a fixed input at every save (DIR/NAME.logits.pt).
+                             the logits of the (wrapped) model on a fixed input at every save (DIR/NAME.logits.pt);
+                             for the first MICRO_STEPS_LOGGED steps, one JSON line per step (DIR/NAME.micro.rank<R>):
+                             how many parameters hold a .grad before each micro-step's forward and after the last
+                             backward, each micro-batch's normalisation count and the rank's loss sum; the first
+                             step's micro-batches (DIR/NAME.batches.rank<R>.pt); a DPO reference's parameter sizes
+                             after wrapping, this rank's and in full (DIR/NAME.reference.rank<R>.json).
     DIST_TEST_CRASH=STEP     rank 1 dies (os._exit) right after optimizer step STEP of the first attempt
                              (TORCHELASTIC_RESTART_COUNT=0): a hardware fault for torchrun's elastic restarts
     DIST_TEST_HANG_S=S       a worker still running after S seconds prints every thread's stack and exits
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import json
 import os
 import sys
 import time
@@ -38,6 +44,8 @@ if str(ROOT) not in sys.path:
 import training.distributed as distributed  # noqa: E402
 import training.loop as loop  # noqa: E402
 from training.checkpoint import clean_state_dict  # noqa: E402
+
+MICRO_STEPS_LOGGED = 4
 
 
 def probe_input(vocab_size: int, block_size: int) -> torch.Tensor:
@@ -59,7 +67,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def hooks(dump_dir: str | None, name: str, crash_at: int = 0):
     """Install the observation hooks for one run named `name`; restore the trainer's functions afterwards."""
     real_build_optimizer, real_full_state = loop.build_optimizer, loop.full_state
-    steps_done = [0]
+    real_accumulate, real_wrap_reference = loop.accumulate_gradients, distributed.wrap_reference
+    steps_done, steps_accumulated = [0], [0]
     dump = Path(dump_dir) if dump_dir else None
 
     def build_optimizer(model, t, device_type):
@@ -97,11 +106,42 @@ def hooks(dump_dir: str | None, name: str, crash_at: int = 0):
                 torch.save(_full(logits), dump / f"{name}.logits.pt")
         return out
 
+    def accumulate_gradients(model, objective, batches, *args):
+        if dump is None or steps_accumulated[0] >= MICRO_STEPS_LOGGED:
+            return real_accumulate(model, objective, batches, *args)
+        grads_set = []  # parameters holding a .grad: before each micro-step's forward, then after the last backward
+
+        def observed(m, batch):
+            grads_set.append(sum(p.grad is not None for p in model.parameters()))
+            return objective(m, batch)
+
+        loss_sum, metric_sums = real_accumulate(model, observed, batches, *args)
+        grads_set.append(sum(p.grad is not None for p in model.parameters()))
+        record = {"grads_set": grads_set, "counts": [int(objective.count(b)) for b in batches],
+                  "loss_sum": float(loss_sum)}
+        with open(dump / f"{name}.micro.rank{_rank()}", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if steps_accumulated[0] == 0:
+            torch.save([{k: v.cpu() for k, v in b.items()} for b in batches], dump / f"{name}.batches.rank{_rank()}.pt")
+        steps_accumulated[0] += 1
+        return loss_sum, metric_sums
+
+    def wrap_reference(reference, *args):
+        wrapped = real_wrap_reference(reference, *args)
+        if dump is not None:
+            params = list(wrapped.parameters())
+            sizes = {"local": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params),
+                     "full": sum(p.numel() for p in params), "sharded": all(hasattr(p, "to_local") for p in params)}
+            (dump / f"{name}.reference.rank{_rank()}.json").write_text(json.dumps(sizes))
+        return wrapped
+
     loop.build_optimizer, loop.full_state = build_optimizer, full_state
+    loop.accumulate_gradients, distributed.wrap_reference = accumulate_gradients, wrap_reference
     try:
         yield
     finally:
         loop.build_optimizer, loop.full_state = real_build_optimizer, real_full_state
+        loop.accumulate_gradients, distributed.wrap_reference = real_accumulate, real_wrap_reference
 
 
 def run_name(argv: list[str]) -> str:

@@ -1,7 +1,8 @@
 """Multi-process training with real `torchrun` launches on CPU (gloo): DDP and FSDP2 parity with one process,
-accumulation under DDP, resume across world sizes, agreed stops (a NaN on one rank, SIGTERM to the launcher),
-elastic restarts, FSDP checkpoints loading in one process, SFT/DPO under torchrun, and data preparation racing on an
-empty cache.
+accumulation under DDP and FSDP2 (no reduce-scatter before the last micro-step), SFT parity with very different
+supervised-token counts per rank, resume across world sizes, agreed stops (a NaN on one rank, SIGTERM to the
+launcher), elastic restarts, FSDP checkpoints loading in one process, SFT/DPO under torchrun (the DPO reference
+sharded with the policy's bf16 mixed precision, exact at step 0), and data preparation racing on an empty cache.
 
 A 2-process launch costs ~10 s of start-up here, so one launch of tests/dist_worker.py runs several trainings one
 after the other in the same two processes, and the tests read what it left behind (metrics.jsonl, checkpoints, the
@@ -12,6 +13,7 @@ process, with per-process batch 2B instead of B.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.sft import ExampleStream
 from model.gpt import GPT, GPTConfig
+from model.losses import token_ce_sum
 from tests import dist_worker
 from tests.conftest import TINY_ARGS
 from train import main
@@ -35,6 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = [*TINY_ARGS, "--model.dropout=0", "--train.precision=fp32", "--train.grad_clip=0.5", "--train.max_steps=10",
         "--log.interval=1", "--eval.interval=0", "--eval.max_tokens=576", "--log.tensorboard=false"]
 GRAD_ATOL, LOSS_ATOL = 1e-6, 1e-5
+# SFT with very different supervised-token counts on the two ranks (see uneven_sft_data): 2 x batch 2 against
+# 1 x batch 4, fp32, no clipping (the dumped gradients are the normalised ones), from the `ref` run.
+UNEVEN_SEED = 7
+SFT_UNEVEN = ["--stage", "sft", "--train.max_steps=3", "--train.warmup_steps=1", "--train.optimizer=adamw",
+              "--train.precision=fp32", "--model.dropout=0", "--train.grad_clip=0", f"--train.seed={UNEVEN_SEED}",
+              "--eval.interval=0", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
+LONG_ANSWER = "The answer is long: for each item in the list, if the item is not None, return its value."
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -57,6 +68,29 @@ def assert_grads_match(got: dict, ref: dict, what: str) -> None:
     assert sorted(got) == sorted(ref), what
     worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert worst <= GRAD_ATOL, f"{what}: gradients differ from the single-process run by {worst:.2e}"
+
+
+def uneven_sft_data(folder: Path, n: int = 16) -> Path:
+    """A folder of chat records (train.jsonl, validation.jsonl) whose answers are short ("Yes.") in the rows that
+    rank 0 of 2 draws and long (LONG_ANSWER) in rank 1's: the SFT batcher takes the next 4 examples of its shuffled
+    order for each step of 2 ranks x batch 2, rank 1 the last two, so the data follow that order (ExampleStream,
+    the batcher's own, with the run's seed)."""
+    order = ExampleStream(n, UNEVEN_SEED).take(n)
+    rank1_rows = {order[j] for j in range(n) if j % 4 >= 2}
+
+    def chat(i: int, answer: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                        {"role": "assistant", "content": answer}]}) + "\n"
+
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("".join(chat(i, LONG_ANSWER if i in rank1_rows else "Yes.") for i in range(n)))
+    (folder / "validation.jsonl").write_text(chat(0, "Yes.") + chat(1, LONG_ANSWER))
+    return folder
+
+
+def micro_steps(dump: Path, name: str, rank: int) -> list[dict]:
+    """What tests/dist_worker.py saw of each of the run's first steps on that rank (see its docstring)."""
+    return [json.loads(line) for line in (dump / f"{name}.micro.rank{rank}").read_text().splitlines()]
 
 
 def main1(argv: list[str]) -> dict:
@@ -98,6 +132,8 @@ def dist(tmp_path_factory, corpus_dir):
 
     single("ref", *BASE, "--train.batch_size=8")
     single("r12", *BASE, "--train.batch_size=8", "--train.stop_after_steps=5")  # resumed by 2 processes below
+    sft_data = ["--init-from", str(runs / "ref"), "--data", str(uneven_sft_data(root / "sft-uneven"))]
+    single("sft_uneven_ref", *sft_data, *SFT_UNEVEN, "--train.batch_size=4")
 
     sft_dpo = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
                "--train.batch_size=2", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
@@ -107,6 +143,11 @@ def dist(tmp_path_factory, corpus_dir):
         [*data, "--out", str(runs / "accum"), *BASE, "--train.batch_size=2", "--train.grad_accum=2"],
         [*data, "--out", str(runs / "accum_fsdp"), *BASE, "--train.batch_size=2", "--train.grad_accum=2",
          "--dist.strategy=fsdp"],
+        # FSDP2 accumulation over 4 micro-steps of batch 1 (no reduce-scatter before the last), 4 steps
+        [*data, "--out", str(runs / "accum4_fsdp"), *BASE, "--train.batch_size=1", "--train.grad_accum=4",
+         "--dist.strategy=fsdp", "--train.stop_after_steps=4"],
+        # SFT parity with very different supervised-token counts on the two ranks
+        [*sft_data, "--out", str(runs / "sft_uneven"), *SFT_UNEVEN, "--train.batch_size=2"],
         # 1 process -> 2 processes, and a 2-process checkpoint for the other way round
         ["--out", str(runs / "r12"), "--resume", "--train.batch_size=4"],
         [*data, "--out", str(runs / "r21"), *BASE, "--train.batch_size=4", "--train.stop_after_steps=5"],
@@ -114,10 +155,14 @@ def dist(tmp_path_factory, corpus_dir):
         [*data, "--out", str(runs / "fsdp"), *BASE, "--train.batch_size=4", "--dist.strategy=fsdp",
          "--train.stop_after_steps=5", "--eval.interval=2", "--log.health_interval=2", "--log.hist_interval=3"],
         ["--out", str(runs / "fsdp"), "--resume"],
-        # fine-tuning stages under torchrun: SFT with DDP, DPO (reference model never wrapped) with FSDP
+        # fine-tuning stages under torchrun: SFT with DDP, DPO (its reference sharded like the policy) with FSDP
         ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
+        # DPO under FSDP2 bf16, one step: the reference is sharded with the policy's mixed precision
+        ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo_bf16"), *sft_dpo,
+         "--dist.strategy=fsdp", "--train.precision=bf16", "--model.dropout=0", "--train.batch_size=1",
+         "--train.max_steps=10", "--train.stop_after_steps=1", "--data.synthetic_train=8", "--data.synthetic_val=1"],
         # FSDP2 with bf16 compute (MixedPrecisionPolicy(param_dtype=bf16)); fp32 master weights
         [*data, "--out", str(runs / "fsdp_bf16"), *BASE, "--train.batch_size=4", "--dist.strategy=fsdp",
          "--train.precision=bf16", "--train.max_steps=3"],
@@ -178,6 +223,66 @@ def test_fsdp_trains_like_one_process_and_resumes(dist):
     metrics = read_metrics(dist["runs"] / "fsdp")
     assert [r["step"] for r in metrics if "val/loss" in r] == [0, 2, 4, 6, 8, 10]  # uneven validation: no hang
     assert any("grad_norm/block_0" in r for r in metrics)
+
+
+def test_fsdp_accumulation_reduce_scatters_on_the_last_micro_step_only(dist):
+    """2 processes x 4 micro-steps of batch 1 under FSDP2: the backward of a no-sync micro-step leaves the sharded
+    parameters without .grad (their reduce-scatter has not run), the last one sets them; same gradients and losses
+    as 1 process x batch 8."""
+    n_params = len(dist["ref_grads"])
+    for rank in (0, 1):
+        steps = micro_steps(dist["dump"], "accum4_fsdp", rank)
+        assert len(steps) == 4 and all(s["grads_set"] == [0, 0, 0, 0, n_params] for s in steps), steps
+        assert_grads_match(torch.load(dist["dump"] / f"accum4_fsdp.grads.rank{rank}.pt"), dist["ref_grads"],
+                           f"FSDP 4 micro-steps, rank {rank}")
+    assert_losses_match(dist["runs"] / "accum4_fsdp", dist["ref"], steps=range(1, 5))
+
+
+def test_sft_parity_with_unequal_supervised_tokens_across_ranks(dist):
+    """SFT, 2 processes x batch 2 whose ranks hold very different numbers of assistant tokens == 1 process x batch 4:
+    the loss is normalised by the global count, not averaged over per-rank means (which would differ)."""
+    dump, runs = dist["dump"], dist["runs"]
+    counts = [[s["counts"][0] for s in micro_steps(dump, "sft_uneven", r)] for r in (0, 1)]
+    assert len(counts[0]) == 3 and all(c1 > 5 * c0 for c0, c1 in zip(*counts, strict=True)), counts
+    ref_grads = torch.load(dump / "sft_uneven_ref.grads.rank0.pt")
+    for rank in (0, 1):
+        assert_grads_match(torch.load(dump / f"sft_uneven.grads.rank{rank}.pt"), ref_grads, f"SFT rank {rank}")
+    ref_losses = train_losses(runs / "sft_uneven_ref")
+    assert sorted(ref_losses) == [1, 2, 3]
+    assert_losses_match(runs / "sft_uneven", ref_losses, steps=range(1, 4))
+
+    # The test can tell the two normalisations apart: from the starting weights and the ranks' own first
+    # micro-batches, the global one reproduces the single-process gradients, a mean of per-rank means does not.
+    start = checkpoint.load(runs / "ref")
+    model = GPT(GPTConfig.from_dict(start["model_config"]))
+    load_weights(model, start["model"])
+    parts = [token_ce_sum(model(b["input_ids"]), b["labels"])
+             for r in (0, 1) for b in torch.load(dump / f"sft_uneven.batches.rank{r}.pt")]
+    assert [int(n) for _, n in parts] == [c[0] for c in counts]
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    global_mean = sum(s for s, _ in parts) / sum(n for _, n in parts)
+    assert_grads_match(grads(global_mean), ref_grads, "global normalisation, recomputed here")
+    mean_of_means = grads(sum(s / n for s, n in parts) / 2)
+    worst = max((mean_of_means[k] - ref_grads[k]).abs().max().item() for k in ref_grads)
+    assert worst > 100 * GRAD_ATOL, worst
+
+
+def test_fsdp_bf16_dpo_reference_equals_the_policy_at_step_0(dist):
+    """FSDP2 bf16 DPO, dropout 0: the reference is sharded with the policy's mixed precision, so at step 0 its
+    log-probs equal the policy's exactly: step 1's (pre-update) loss is exactly ln 2 in fp32, every reward 0. Each
+    rank holds half of the reference's weights."""
+    (row,) = [r for r in read_metrics(dist["runs"] / "dpo_bf16") if "train/loss" in r]
+    assert row["step"] == 1 and row["train/loss"] == torch.tensor(math.log(2), dtype=torch.float32).item(), row
+    assert row["train/rewards/chosen"] == row["train/rewards/rejected"] == row["train/rewards/margins"] == 0.0, row
+    sizes = [json.loads((dist["dump"] / f"dpo_bf16.reference.rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["sharded"] and s["full"] == sizes[0]["full"] for s in sizes), sizes
+    full = sizes[0]["full"]
+    assert sum(s["local"] for s in sizes) == full and max(s["local"] for s in sizes) < 0.6 * full, sizes
 
 
 def test_fsdp_bf16_keeps_fp32_master_weights(dist):

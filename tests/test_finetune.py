@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from data.sft import SFTBatcher, load_sft
 from data.tokenizer import Tokenizer
 from model.gpt import GPT, GPTConfig
 from model.losses import IGNORE, sequence_logps, token_ce_sum
-from training import checkpoint, loop
+from training import checkpoint, loop, objectives
 from training.inputs import DPOData
 from training.objectives import DPO, LanguageModeling
 
@@ -112,8 +113,8 @@ def dpo_run(tmp_path_factory, sft_run) -> tuple[Path, dict, dict]:
     seen: dict = {}
     make = DPOData.make_objective
 
-    def spy(self, reference):
-        seen["reference"], seen["objective"] = reference, make(self, reference)
+    def spy(self, reference, *args):
+        seen["reference"], seen["objective"] = reference, make(self, reference, *args)
         return seen["objective"]
 
     with pytest.MonkeyPatch.context() as mp:
@@ -395,8 +396,8 @@ def test_dpo_ref_cache_equals_live_reference(tmp_path, tiny_run):
     seen: dict = {}
     make = DPOData.make_objective
 
-    def spy(self, reference):
-        seen["objective"] = make(self, reference)
+    def spy(self, reference, *args):
+        seen["objective"] = make(self, reference, *args)
         return seen["objective"]
 
     args = ["--train.max_steps=3", "--train.batch_size=8", "--eval.interval=3"]
@@ -414,7 +415,8 @@ def test_dpo_ref_cache_equals_live_reference(tmp_path, tiny_run):
     assert cached["val"] == pytest.approx(live["val"], rel=1e-4, abs=1e-6)
 
     # The file next to the run holds, for every train and validation pair, the live reference's log-probs.
-    cache = torch.load(tmp_path / "cached" / "ref_logps.pt")
+    cache = torch.load(tmp_path / "cached" / "ref_logps.pt", weights_only=True)
+    assert cache["key"]["precision"] == "fp32"
     reference, tok, _ = load_run(tiny_run)
     probe = DPO(0.1, "sigmoid", 0.0, reference=reference.eval())
     for split, n in (("train", 400), ("validation", 24)):
@@ -425,6 +427,122 @@ def test_dpo_ref_cache_equals_live_reference(tmp_path, tiny_run):
             batch = batcher.next_batch()
             rc, rr = probe.reference_logps(batch)
             torch.testing.assert_close(cache[split][batch["index"]], torch.stack([rc, rr], 1), rtol=1e-5, atol=1e-4)
+
+
+# One bf16 DPO step from the tiny run, kept small (bf16 matmuls are ~100x slower than fp32 on a CPU without bf16
+# units): stop_after_steps=1 saves and stops before the final validation.
+BF16_STEP = ["--train.precision=bf16", "--model.dropout=0", "--train.max_steps=10", "--train.stop_after_steps=1",
+             "--data.synthetic_train=8", "--data.synthetic_val=1"]
+# Each loss at zero margin (policy == reference) with beta 0.1: -log s(0) = ln 2 (robust too, for any label
+# smoothing), (0 - 1/(2 beta))^2 = 1/(4 beta^2) = 25, max(0, 1 - 0) = 1. The losses are fp32, so are these.
+ZERO_MARGIN_LOSS = {"sigmoid": math.log(2), "robust": math.log(2), "ipo": 1 / (4 * 0.1**2), "hinge": 1.0}
+
+
+def fp32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+def test_dpo_live_reference_equals_the_policy_at_step_0_in_bf16(tmp_path, tiny_run, loss_type, smoothing):
+    """Single process, bf16 autocast, dropout 0: the reference computes exactly as the policy does, so step 1's
+    (pre-update) loss is exactly its zero-margin value and every reward is exactly 0. (2 pairs: their fp32 sum and
+    the division by 2 are exact.) The same under FSDP: tests/test_distributed.py."""
+    out = tmp_path / "dpo"
+    run(out, "dpo", tiny_run, *BF16_STEP, "--train.batch_size=2", f"--dpo.loss_type={loss_type}",
+        f"--dpo.label_smoothing={smoothing}")
+    (row,) = [m for m in metrics(out) if "train/loss" in m]
+    assert row["step"] == 1 and row["train/loss"] == fp32(ZERO_MARGIN_LOSS[loss_type]), row
+    assert row["train/rewards/chosen"] == row["train/rewards/rejected"] == row["train/rewards/margins"] == 0.0, row
+
+
+# Mean |reward| over the 2 x 8 log-probs of step 1 with cached reference log-probs under bf16 training, measured on
+# the tiny run: 1.9e-4 with the cache computed in bf16 as now (13 of the 16 exactly 0: a batch padded to another
+# length than the cache's batches moves a few bf16 roundings, as CPU attention's reductions depend on the length),
+# 1.0e-3 with the cache computed in fp32 (none 0). Over all 8 batches of the 64 pairs: 1.2e-4 against 9.6e-4. The
+# bound sits ~2x from each of step 1's figures.
+BF16_CACHE_REWARD_TOL = 4e-4
+
+
+def test_dpo_ref_cache_is_computed_on_the_bf16_path(tmp_path, tiny_run, monkeypatch):
+    """--dpo.ref_cache under bf16: the cache is computed under the policy's autocast, with the precision in its key.
+    The step-0 validation batches are the cache's own batches, so their rewards are exactly 0; step 1's training
+    batch is padded differently, so its rewards are small but not exactly 0 -- well below an fp32 cache's."""
+    calls = []  # every dpo_loss of the run: the step-0 validation's, then step 1's training micro-batch
+
+    def recording_dpo_loss(pc, pr, rc, rr, *args):
+        calls.append([t.detach().clone() for t in (pc, pr, rc, rr)])
+        return real_dpo_loss(pc, pr, rc, rr, *args)
+
+    real_dpo_loss = objectives.dpo_loss
+    monkeypatch.setattr(objectives, "dpo_loss", recording_dpo_loss)
+    out = tmp_path / "cached"
+    summary = run(out, "dpo", tiny_run, *BF16_STEP, "--dpo.ref_cache=true", "--train.batch_size=8",
+                  "--data.synthetic_train=64", "--data.synthetic_val=4", "--eval.interval=100")
+    key = torch.load(out / "ref_logps.pt", weights_only=True)["key"]
+    assert key["precision"] == "bf16" and key["fsdp"] is False
+    first = summary["first_val"]
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0 and first["loss"] == fp32(math.log(2))
+
+    pc, pr, rc, rr = calls[-1]
+    assert pc.shape == (8,)
+    bf16_cache = 0.1 * torch.cat([pc - rc, pr - rr]).abs().mean().item()
+    # The same pairs' fp32 reference log-probs (what the cache held before it followed the precision).
+    reference, tok, _ = load_run(tiny_run)
+    pairs, _ = load_preferences("synthetic", "train", tok, BLOCK, seed=SEED, n_synthetic=64)
+    batch = PreferenceBatcher(pairs, 8, seed=SEED).next_batch()  # step 1's batch
+    probe = DPO(0.1, "sigmoid", 0.0, reference=reference.eval())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(probe.reference_logps(batch), (pc, pr), strict=True))
+    rc32, rr32 = probe.reference_logps(batch)  # outside autocast: fp32
+    fp32_cache = 0.1 * torch.cat([pc - rc32, pr - rr32]).abs().mean().item()
+    assert bf16_cache <= BF16_CACHE_REWARD_TOL < fp32_cache, (bf16_cache, fp32_cache)
+    row = next(m for m in metrics(out) if "train/loss" in m)
+    assert all(abs(row[f"train/rewards/{k}"]) <= BF16_CACHE_REWARD_TOL for k in ("chosen", "rejected", "margins"))
+
+
+class RunsCode:
+    """Unpickling this calls os.makedirs(path): a stand-in for a pickle that runs arbitrary code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_dpo_ref_cache_that_cannot_be_read_is_recomputed(tmp_path, tiny_run, capsys, monkeypatch):
+    """A truncated ref_logps.pt, or one whose pickle would run code, is refused by the restricted unpickler (the
+    code does not run), reported, recomputed and rewritten atomically; the run goes on."""
+    written = []
+    real_write = checkpoint.atomic_write_bytes
+
+    def recording_write(path, data):
+        written.append(path)
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", recording_write)
+    ran = tmp_path / "code-ran"
+    valid = tmp_path / "valid.pt"
+    torch.save({"key": {}, "train": torch.zeros(8, 2), "validation": torch.zeros(1, 2)}, valid)
+    contents = {"truncated": valid.read_bytes()[:200], "runs-code": None}
+    for name, data in contents.items():
+        out = tmp_path / name
+        out.mkdir()
+        if data is None:
+            torch.save({"key": RunsCode(ran), "train": torch.zeros(8, 2), "validation": torch.zeros(1, 2)},
+                       out / "ref_logps.pt")
+        else:
+            (out / "ref_logps.pt").write_bytes(data)
+        run(out, "dpo", tiny_run, "--dpo.ref_cache=true", "--train.batch_size=2", "--train.max_steps=1",
+            "--data.synthetic_train=8", "--data.synthetic_val=1")
+        printed = capsys.readouterr().out
+        assert f"dpo: {out / 'ref_logps.pt'} is not a readable reference cache" in printed, printed[-2000:]
+        assert "recomputing it" in printed and not ran.exists()
+        cache = torch.load(out / "ref_logps.pt", weights_only=True)
+        assert cache["key"]["precision"] == "fp32" and cache["train"].shape == (8, 2) and cache["train"].any()
+        assert out / "ref_logps.pt" in written and not list(out.glob("*.tmp"))
+        # the recomputed log-probs are the reference's: at step 1 the policy still is the reference
+        assert train_series(out)[1] == pytest.approx(math.log(2), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- learning

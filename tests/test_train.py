@@ -65,6 +65,66 @@ def test_grad_accumulation_equals_one_large_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture
+def gloo_world_of_one():
+    """A real gloo process group of world size 1 in this process, so DDP and FSDP2 wrap a model with their reducer
+    and hooks without launching workers; torn down again, since the trainer's helpers look at dist.is_initialized."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_wrapped_grad_accumulation_syncs_only_on_the_last_micro_step(gloo_world_of_one, strategy):
+    """4 micro-steps through a DDP / FSDP2 model: no gradient communication until the last backward (DDP: its
+    reducer calls no comm hook; FSDP2: the sharded parameters get no .grad, as the reduce-scatter sets it), and the
+    result equals one large batch on the plain model."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    big = batch(4, 0)
+    micro = [{k: v[i:i + 1] for k, v in big.items()} for i in range(4)]
+    scaler, no_autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
+    lm = LanguageModeling()
+    plain = small_model()
+    accumulate_gradients(plain, lm, [big], lm.count(big).float(), 1, no_autocast, scaler, strategy)
+
+    model = small_model()
+    if strategy == "ddp":
+        model, reductions = DDP(model), [0]
+
+        def counting_hook(state, bucket):
+            reductions[0] += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+        synced = lambda: reductions[0]  # noqa: E731
+    else:
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        synced = lambda: sum(p.grad is not None for p in model.parameters())  # noqa: E731
+    seen = []  # before each micro-step's forward (= after the previous backward), then after the last backward
+
+    def observed(m, b):
+        seen.append(synced())
+        return lm(m, b)
+
+    count = sum(lm.count(b) for b in micro).float()
+    accumulate_gradients(model, observed, micro, count, 1, no_autocast, scaler, strategy)
+    seen.append(synced())
+    n_params = len(list(model.parameters()))
+    assert seen == [0, 0, 0, 0, 1 if strategy == "ddp" else n_params], seen  # one DDP bucket for this small model
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        g = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_clipping_caps_applied_norm_and_reports_pre_clip_norm():
     model = small_model()
     b = batch(4, 1)

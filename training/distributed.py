@@ -12,7 +12,9 @@ How the pieces agree (see training/loop.py):
   - the loss is a sum divided by the step's global count (all micro-steps, all ranks); DDP and FSDP average
     gradients over ranks, so the loop multiplies by the world size once: N x batch B == 1 x batch N*B;
   - gradient synchronisation runs on the last micro-step only (maybe_no_sync: DDP's no_sync, FSDP2's
-    set_requires_gradient_sync(False));
+    set_requires_gradient_sync(False)); forward and backward both run inside it, since DDP reads the flag in the
+    forward and FSDP2 in its post-backward hook;
+  - a DPO reference is sharded like the policy under FSDP2, with the same mixed precision (wrap_reference);
   - stops are agreed: one all-reduce per step carries the loss (a NaN on any rank is a NaN on all) and the stop
     request (max over ranks); a time budget becomes rank 0's step count on every rank;
   - checkpoints are full state dicts gathered by every rank (FSDP) and written by rank 0, so they load into any
@@ -118,15 +120,7 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, param_dtyp
     sharded master weights stay fp32 and gradients are reduced in fp32.
     """
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if not info.distributed:
-            return model
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
+        return _fully_shard(model, param_dtype) if info.distributed else model
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -134,9 +128,37 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, param_dtyp
     return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
+def wrap_reference(reference: torch.nn.Module, strategy: str, info: DistInfo, param_dtype: torch.dtype | None):
+    """The frozen DPO reference, wrapped to compute exactly as the policy does.
+
+    Under FSDP2 (several processes) the policy computes with its weights cast to param_dtype by its
+    MixedPrecisionPolicy and no autocast, so the reference is sharded the same way, with the same policy: the same
+    bf16 weights through the same kernels, and only 1/world_size of its weights on each rank. Its root reshards after
+    every forward (a policy's root keeps its gathered weights for the backward; the reference has no backward).
+    Otherwise the reference stays a plain module under the loop's autocast, as the policy's own module is: DDP has
+    nothing to synchronise for a model without gradients.
+    """
+    if strategy == "fsdp" and info.distributed:
+        return _fully_shard(reference, param_dtype, root_reshard_after_forward=True)
+    return reference
+
+
+def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None,
+                 root_reshard_after_forward: bool | None = None):
+    """FSDP2: every block its own shard unit, then the root (its embeddings, final norm and head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=root_reshard_after_forward)
+    return model
+
+
 @contextlib.contextmanager
 def maybe_no_sync(model: torch.nn.Module, strategy: str, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP2) on all but the last micro-step of an
+    accumulation. Run the micro-step's forward and backward inside."""
     if sync:
         yield
         return

@@ -4,7 +4,7 @@ The three stage classes have the same small surface (a little duplication beats 
     train                      the resumable batcher (state_dict / load_state_dict)
     train_batch() -> dict      the next micro-batch on the device
     batch_tokens(batch) -> int tokens processed (for tokens/s)
-    make_objective(reference)  training/objectives.py
+    make_objective(reference, autocast, precision)   training/objectives.py (only DPO uses the arguments)
     validate(model, autocast, info) -> dict    held-out figures (every rank takes part)
     sample(model, autocast) -> str             a generated sample
 """
@@ -12,8 +12,10 @@ The three stage classes have the same small surface (a little duplication beats 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from data.sources import describe_source, load_source
 from data.tokenizer import END_ID, Tokenizer, train_tokenizer
 from model.gpt import GPT, PRESETS, GPTConfig
 from model.losses import IGNORE
+from training import checkpoint
 from training.config import Config
 from training.distributed import DistInfo, barrier
 from training.evaluation import chat_accuracy, lm_figures, preference_figures
@@ -113,7 +116,7 @@ class PretrainData:
     def batch_tokens(self, batch: dict) -> int:
         return batch["input_ids"].numel()
 
-    def make_objective(self, reference=None):
+    def make_objective(self, reference=None, autocast=None, precision=None):
         return LanguageModeling()
 
     def val_batches(self, max_tokens: int | None):
@@ -208,7 +211,7 @@ class SFTData:
     def batch_tokens(self, batch: dict) -> int:
         return batch["input_ids"].numel()
 
-    def make_objective(self, reference=None):
+    def make_objective(self, reference=None, autocast=None, precision=None):
         return LanguageModeling()
 
     def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
@@ -288,39 +291,77 @@ class DPOData:
             batches.append(_to(b, self.device))
         return batches
 
-    def make_objective(self, reference):
+    def make_objective(self, reference, autocast=None, precision: str = "fp32"):
+        """The DPO objective with a live reference, or (dpo.ref_cache) with its log-probs of every pair, computed once
+        by the reference as the loop wraps it, under the loop's autocast: the policy's numeric path. `precision` is
+        the run's (fp32 / bf16 / fp16); it is part of the cache's key."""
         d = self.cfg.dpo
         if not d.ref_cache:
             self.objective = DPO(d.beta, d.loss_type, d.label_smoothing, reference=reference)
             return self.objective
         path = Path(self.cfg.out) / "ref_logps.pt"
-        # What the cached values depend on: the reference's weights (a checksum), the pairs, sums vs IPO's means.
-        weights = float(sum(p.detach().double().sum() for p in reference.parameters()))
-        key = {"init_from": self.cfg.init_from, "weights": weights, "loss_type_mean": d.loss_type == "ipo",
-               "data": (self.cfg.data.source, self.cfg.train.seed),
-               "n": (len(self.train_examples), len(self.val_examples))}
-        cache = torch.load(path, weights_only=False) if path.exists() else None
-        if cache is None or cache["key"] != key:
-            # Reference log-probs of every pair, computed once with the frozen model and cached next to the run.
-            probe = DPO(d.beta, d.loss_type, d.label_smoothing, reference=reference)
-            cache = {"key": key}
-            for split, examples in (("train", self.train_examples), ("validation", self.val_examples)):
-                rows = torch.zeros(len(examples), 2)
-                for batch in self._all_batches(examples, 1, 0):
-                    rc, rr = probe.reference_logps(batch)
-                    rows[batch["index"].cpu()] = torch.stack([rc, rr], dim=1).float().cpu()
-                cache[split] = rows
+        key = self._ref_cache_key(reference, precision)
+        cache = self._read_ref_cache(path, key)
+        if cache is None:
+            cache = self._compute_ref_cache(reference, autocast or nullcontext(), key)
             if self.info.is_main:
                 Path(self.cfg.out).mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                torch.save(cache, tmp)
-                os.replace(tmp, path)
+                buf = io.BytesIO()
+                torch.save(cache, buf)
+                checkpoint.atomic_write_bytes(path, buf.getvalue())  # temporary file, fsync, rename
             barrier()
             print0(f"dpo: cached reference log-probs of {len(self.train_examples)} + {len(self.val_examples)} pairs "
                    f"in {path}")
         self.objective = DPO(d.beta, d.loss_type, d.label_smoothing,
                              ref_cache={"train": cache["train"], "validation": cache["validation"]})
         return self.objective
+
+    def _ref_cache_key(self, reference, precision: str) -> dict:
+        """What the cached values depend on: the reference's weights (a checksum), the pairs, sums vs IPO's means,
+        and the numeric path (the precision, and FSDP's mixed precision instead of autocast)."""
+        # Under FSDP every rank gathers each sharded weight in the same order (a collective per parameter).
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in reference.parameters()]
+        return {"init_from": self.cfg.init_from, "weights": float(sum(p.detach().double().sum() for p in full)),
+                "loss_type_mean": self.cfg.dpo.loss_type == "ipo",
+                "data": (self.cfg.data.source, self.cfg.train.seed),
+                "n": (len(self.train_examples), len(self.val_examples)), "precision": precision,
+                "fsdp": self.cfg.dist.strategy == "fsdp" and self.info.distributed}
+
+    def _read_ref_cache(self, path: Path, key: dict) -> dict | None:
+        """The cache at path if it is readable, well-formed and was computed for `key`; else None (recompute). Read
+        with the restricted unpickler: tensors, containers, strings and numbers only, no code runs."""
+        if not path.exists():
+            return None
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupt, or a pickle that would run code: recomputed, never fatal
+            print0(f"dpo: {path} is not a readable reference cache ({type(e).__name__}: {str(e)[:200]}); "
+                   "recomputing it")
+            return None
+        sizes = {"train": len(self.train_examples), "validation": len(self.val_examples)}
+        if not (isinstance(cache, dict) and all(isinstance(cache.get(s), torch.Tensor) and
+                                                tuple(cache[s].shape) == (n, 2) for s, n in sizes.items())):
+            print0(f"dpo: {path} does not hold [chosen, rejected] log-probs of {sizes} pairs; recomputing it")
+            return None
+        if cache.get("key") != key:
+            print0(f"dpo: {path} was computed for another reference, data or precision; recomputing it")
+            return None
+        return cache
+
+    def _compute_ref_cache(self, reference, autocast, key: dict) -> dict:
+        """Reference log-probs of every pair, [chosen, rejected] fp32 rows by pair index, computed as the loop's
+        live reference would compute them. Every rank runs every batch (under FSDP each forward is a collective)."""
+        d = self.cfg.dpo
+        probe = DPO(d.beta, d.loss_type, d.label_smoothing, reference=reference)
+        cache = {"key": key}
+        for split, examples in (("train", self.train_examples), ("validation", self.val_examples)):
+            rows = torch.zeros(len(examples), 2)
+            for batch in self._all_batches(examples, 1, 0):
+                with autocast:
+                    rc, rr = probe.reference_logps(batch)
+                rows[batch["index"].cpu()] = torch.stack([rc, rr], dim=1).float().cpu()
+            cache[split] = rows
+        return cache
 
     def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()

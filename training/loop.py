@@ -161,17 +161,20 @@ def accumulate_gradients(model, objective, batches: list[dict], count: torch.Ten
     """Forward and backward every micro-batch of a step; gradients end up as d(sum of losses)/d(params) / count.
 
     count is the step's global number of normalisation units (all micro-batches, all ranks). Gradient
-    synchronisation runs only on the last micro-batch. Returns the local loss sum and metric sums (detached).
+    synchronisation runs only on the last micro-batch: the backward runs inside the no-sync region, because FSDP2
+    reads its sync flag in the post-backward hook (DDP reads it in the forward). Autocast covers the forward and
+    the loss only. Returns the local loss sum and metric sums (detached).
     """
     loss_sum = torch.zeros((), device=count.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
-        with maybe_no_sync(model, strategy, sync=(i == len(batches) - 1)), autocast:
-            part, metrics = objective(model, batch)
-            # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so the
-            # update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
-            loss = part / count.clamp(min=1) * world_size
-        scaler.scale(loss).backward()
+        with maybe_no_sync(model, strategy, sync=(i == len(batches) - 1)):
+            with autocast:
+                part, metrics = objective(model, batch)
+                # DDP and FSDP average gradients over ranks; multiplying by world size undoes that division, so the
+                # update is d(sum of losses)/d(params) / (global count), exactly as one large batch.
+                loss = part / count.clamp(min=1) * world_size
+            scaler.scale(loss).backward()
         loss_sum += part.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
@@ -336,16 +339,13 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     # finds its reference (the run folder named by init_from may have moved on since).
     init_ckpt = str(Path(start["path"]).resolve()) if start is not None else (resumed or {}).get("init_from_checkpoint")
     reference = None
-    if cfg.stage == "dpo":  # a frozen copy of the starting weights: eval mode, no gradients, never wrapped
+    if cfg.stage == "dpo":  # a frozen copy of the starting weights: eval mode, no gradients
         reference = copy.deepcopy(raw).eval().requires_grad_(False)
         if resumed is not None:  # raw now holds the trained policy; the reference is the run's starting point
             if not init_ckpt or not Path(init_ckpt).is_file():
                 raise ValueError(f"--resume of a DPO run needs its reference, the starting checkpoint "
                                  f"{init_ckpt or cfg.init_from!r}, which is gone")
             load_weights(reference, checkpoint.load(init_ckpt)["model"])
-    objective = data.make_objective(reference)
-    if cfg.stage == "dpo" and cfg.dpo.ref_cache:
-        reference = None  # the objective holds cached log-probs; the copy can go
     flops_per_token = raw.flops_per_token()
     print0(f"model: {gcfg.arch}, {raw.num_params() / 1e6:.2f}M parameters "
            f"({raw.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token")
@@ -356,6 +356,11 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         model = torch.compile(model)
     # FSDP2 applies its own mixed precision; autocast is for the unsharded model.
     autocast = autocast_ctx(precision if cfg.dist.strategy != "fsdp" or not info.distributed else "fp32", device)
+    if reference is not None:  # on the policy's numeric path: at step 0 (dropout 0) its log-probs equal the policy's
+        reference = distributed.wrap_reference(reference, cfg.dist.strategy, info, param_dtype)
+    objective = data.make_objective(reference, autocast, precision)
+    if cfg.stage == "dpo" and cfg.dpo.ref_cache:
+        reference = None  # the objective holds cached log-probs; the copy can go
     # Validation and sampling use the plain module (no DDP hooks, no recompilation for odd shapes), except under
     # FSDP, where the forward itself gathers the shards and every rank runs it.
     eval_model = model if cfg.dist.strategy == "fsdp" and info.distributed else raw

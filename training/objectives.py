@@ -37,7 +37,9 @@ class DPO:
     def __init__(self, beta: float, loss_type: str, label_smoothing: float, reference=None, ref_cache=None):
         assert (reference is None) != (ref_cache is None), "give a reference model or cached reference log-probs"
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.reference = reference  # frozen GPT in eval mode, never wrapped for data parallel
+        # frozen GPT in eval mode, on the policy's numeric path: under the same autocast, or under FSDP sharded with
+        # the policy's mixed precision (training/distributed.py:wrap_reference)
+        self.reference = reference
         self.ref_cache = ref_cache  # dict split -> tensor (N, 2) of [chosen, rejected] reference log-probs
 
     def count(self, batch: dict) -> torch.Tensor:
