@@ -176,15 +176,19 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus_dir, m
 def test_fp16_run_counts_skipped_step_without_advancing_schedule(tmp_path, corpus_dir, monkeypatch):
     monkeypatch.setenv("GPTRAIN_FAULT", "inf_grad@2")
     out = tmp_path / "fp16"
-    summary = main(run_args(corpus_dir, out, "--train.precision=fp16", "--train.max_steps=4", "--model.n_layer=1",
-                            "--train.batch_size=2", "--model.block_size=32", "--train.warmup_steps=3"))
-    assert summary["skipped_steps"] == 1
+    summary = main(run_args(corpus_dir, out, "--train.precision=fp16", "--train.max_steps=5", "--model.n_layer=1",
+                            "--train.batch_size=2", "--model.block_size=32", "--train.warmup_steps=3",
+                            "--train.schedule=wsd", "--train.decay_frac=0.4", "--train.min_lr_ratio=0.1"))
+    # max_steps counts applied updates: the skipped step 2 is attempted again, so 5 updates take 6 steps
+    assert (summary["skipped_steps"], summary["step"], summary["max_steps"]) == (1, 6, 5)
     rows = {r["step"]: r for r in read_metrics(out) if "train/lr" in r}
-    # Step 2 was skipped, so step 3 reuses step 2's learning rate (warmup 1/3, 2/3, 2/3, 3/3 of the peak).
-    lrs = [rows[s]["train/lr"] for s in (1, 2, 3, 4)]
-    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 3e-3])
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    # Step 2 was skipped, so step 3 reuses step 2's learning rate: warmup 1/3, 2/3, 2/3, 3/3 of the peak 3e-3, then
+    # the decay (its last 2 of 5 updates) halfway to the floor 3e-4 and onto it: the last update runs at the floor
+    lrs = [rows[s]["train/lr"] for s in range(1, 7)]
+    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 3e-3, 1.65e-3, 3e-4])
     ck = checkpoint.load(out)
-    assert ck["skipped_steps"] == 1 and ck["sched_step"] == 3 and ck["scaler"] is not None
+    assert ck["skipped_steps"] == 1 and ck["sched_step"] == 5 and ck["step"] == 6 and ck["scaler"] is not None
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, corpus_dir):
@@ -256,16 +260,19 @@ def test_budget_replanning_moves_only_the_start_of_the_decay():
 
     t = TrainSection(warmup_steps=10, schedule="wsd", decay_frac=0.3)
     # 500 steps done, 500 s left at 0.2 s/step: 2500 more; the decay (900 steps) starts at 2100, still ahead
-    assert replan_budget_steps(500, 500, 500.0, 0.2, t) == 3000
+    assert replan_budget_steps(500, 500.0, 0.2, t) == 3000
     # 2000 done, 20 s left: 2100 would put the decay's start at 1470, behind us. The decay starts at the next step
     # instead: the smallest m with m - round(0.3 m) >= 2000 is 2857 (2857 - 857); 2856 - 857 = 1999
-    assert replan_budget_steps(2000, 2000, 20.0, 0.2, t) == 2857
+    assert replan_budget_steps(2000, 20.0, 0.2, t) == 2857
     # over budget already: the same rule (143 - 43 = 100)
-    assert replan_budget_steps(100, 100, -5.0, 0.2, t) == 143
-    # the rule reads the schedule's step: after 3 fp16-skipped steps (sched_step 97), 138 (138 - 41 = 97; 137 - 41 = 96)
-    assert replan_budget_steps(100, 97, -5.0, 0.2, t) == 138
+    assert replan_budget_steps(100, -5.0, 0.2, t) == 143
+    # the count is of applied updates, as max_steps is: 100 steps with 3 fp16-skipped ones applied 97 updates; 10 s at
+    # 0.2 s/step buy 50 more, 147 in all (counting from the 100 attempted steps would give 150, three too many)
+    assert replan_budget_steps(97, 10.0, 0.2, t) == 147
+    # ... and the decay-start rule reads the updates: 138 (138 - 41 = 97; 137 - 41 = 96)
+    assert replan_budget_steps(97, -5.0, 0.2, t) == 138
     # a decay over every step after the warmup has no flat part to protect: the plain count (it used to hang)
-    assert replan_budget_steps(40, 40, 1.0, 0.1, TrainSection(warmup_steps=35, decay_frac=1.0)) == 50
+    assert replan_budget_steps(40, 1.0, 0.1, TrainSection(warmup_steps=35, decay_frac=1.0)) == 50
 
 
 def test_time_budget_is_replanned_when_the_machine_slows_down(tmp_path, corpus_dir, monkeypatch, capsys):

@@ -57,7 +57,8 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 2000  # optimizer steps (the LR schedule ends here); replaced by time_budget_min when that is set
+    max_steps: int = 2000  # applied updates (the LR schedule ends here; an fp16-skipped step is attempted again and
+    # the logged step counts attempts); replaced by time_budget_min when that is set
     stop_after_steps: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0 = off
     time_budget_min: float = 0.0  # wall-clock budget of the training loop, turned into max_steps (re-planned under
     # wsd while the lr is flat; pretrain defaults to 10, the CPU speedrun; train.max_steps without a budget: off)

@@ -394,7 +394,9 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     throughput = Throughput(flops_per_token, peak * info.world_size)
     budget_window_start, window_step = None, 0
     health_due = False
-    while max_steps is None or step < max_steps:
+    # max_steps counts applied updates (sched_step == step - skipped): an fp16-skipped step is attempted again, so
+    # the schedule's last steps, down to its floor, all run.
+    while max_steps is None or sched_step < max_steps:
         if t.stop_after_steps and step >= t.stop_after_steps:
             save("stop_after_steps")
             break
@@ -467,8 +469,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 if max_steps is None and cfg.eval.interval:
                     per_step_all += data.last_val_seconds / cfg.eval.interval
                 # Under wsd the machine's drift moves the end (and so the decay's start) to fit the budget
-                planned = replan_budget_steps(step, sched_step, remaining, per_step_all, t) if t.schedule == "wsd" \
-                    else step + max(int(remaining / per_step_all), 0)
+                planned = replan_budget_steps(sched_step, remaining, per_step_all, t) if t.schedule == "wsd" \
+                    else sched_step + max(int(remaining / per_step_all), 0)
                 planned = distributed.broadcast_object(planned)  # rank 0's count: every rank stops together
                 if max_steps is None:
                     print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> "
@@ -488,10 +490,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         if hist_due:  # every rank: under FSDP each full weight is gathered (a collective); rank 0 writes it
             for name, p in raw.named_parameters():
                 monitor.histogram(f"weights/{name}", p.full_tensor() if hasattr(p, "full_tensor") else p, step)
-        if step % cfg.log.interval == 0 or step == max_steps:
+        if step % cfg.log.interval == 0 or sched_step == max_steps:
             tps, mfu = throughput.report()
             elapsed = elapsed_before + time.perf_counter() - t_start
-            eta = (max_steps - step) * (time.perf_counter() - t_start) / max(step - start_step, 1) \
+            eta = (max_steps - sched_step) * (time.perf_counter() - t_start) / max(step - start_step, 1) \
                 if max_steps else float("nan")
             scal = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm_value,
                     "train/tokens_per_sec": tps, "train/mfu": mfu, "train/tokens_seen": tokens_seen}
@@ -503,11 +505,12 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             monitor.scalars(step, scal)
             extra = "".join(f" | {k} {v.item() / max(units, 1):.3f}" for k, v in metric_sums.items()
                             if k in ("rewards/accuracies", "rewards/margins"))
-            print0(f"step {step:5d}/{max_steps or '?'} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm "
+            last = max_steps + skipped if max_steps else "?"  # the step the run ends at if no more are skipped
+            print0(f"step {step:5d}/{last} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm "
                    f"{grad_norm_value:.3f} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{extra} | "
                    f"{fmt_duration(elapsed)} elapsed | eta {fmt_duration(eta) if math.isfinite(eta) else '?'}")
 
-        done = max_steps is not None and step >= max_steps
+        done = max_steps is not None and sched_step >= max_steps
         if cfg.eval.interval and step % cfg.eval.interval == 0 and not done:
             val_figures = run_validation()
             throughput.reset()

@@ -43,7 +43,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainSection, device_type: str) -
 
 
 def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `max_steps`.
+    """Learning rate of the update after `step` applied ones (0-based; the schedule's step) of `max_steps` updates.
 
     Linear warmup from 0 to lr over warmup_steps, then either cosine decay to lr * min_lr_ratio at max_steps, or
     warmup-stable-decay: constant lr, then a linear decay to the floor over the last decay_frac of the steps.
@@ -68,17 +68,17 @@ def wsd_decay_start(max_steps: int, t: TrainSection) -> int:
     return max(max_steps - max(int(round(t.decay_frac * max_steps)), 1), warmup)
 
 
-def replan_budget_steps(step: int, sched_step: int, seconds_left: float, seconds_per_step: float,
-                        t: TrainSection) -> int:
+def replan_budget_steps(sched_step: int, seconds_left: float, seconds_per_step: float, t: TrainSection) -> int:
     """A wall-clock budget's step count under warmup-stable-decay, planned while the learning rate is not decaying.
 
-    `step` steps are done (`sched_step` of them advanced the schedule; fewer only after fp16 skipped steps),
-    `seconds_left` remain and steps take `seconds_per_step`: the count that fills the budget is
-    step + seconds_left / seconds_per_step. Before the decay, moving the end only moves where the decay starts, so the
-    schedule keeps its shape; the count is never set so low that the decay would already have begun (the next step
-    would jump down the ramp): then the decay starts at the next step.
+    The count is of applied updates, as train.max_steps is (the loop ends when the schedule's step reaches it; an
+    fp16-skipped step is attempted again). `sched_step` updates are applied, `seconds_left` remain and steps take
+    `seconds_per_step`: the count that fills the budget is sched_step + seconds_left / seconds_per_step. Before the
+    decay, moving the end only moves where the decay starts, so the schedule keeps its shape; the count is never set
+    so low that the decay would already have begun (the next step would jump down the ramp): then the decay starts
+    at the next step.
     """
-    planned = step + max(int(seconds_left / seconds_per_step), 0)
+    planned = sched_step + max(int(seconds_left / seconds_per_step), 0)
     if t.decay_frac >= 1:  # the decay spans every step after the warmup: there is no flat part to move
         return planned
     while wsd_decay_start(planned, t) < sched_step:  # it grows with the count, by ~(1 - decay_frac) per step
