@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import GPT, GPTConfig  # noqa: E402
 from training.config import STAGE_DEFAULTS, TrainSection  # noqa: E402
 from training.hostmem import keep_freed_memory  # noqa: E402
-from training.loop import accumulate_gradients, apply_update, clip_gradients  # noqa: E402
+from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients  # noqa: E402
 from training.objectives import LanguageModeling  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.runinfo import environment_info, matmul_peak, vendor_peak  # noqa: E402
@@ -78,7 +78,8 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     t0 = time.perf_counter()
     for _ in range(warmup):  # includes compilation
         accumulate_gradients(model, objective, [batch], count, 1, autocast, scaler, "ddp")
-        clip_gradients(params, 1.0, opt, scaler)
+        unscale_gradients(opt, scaler)
+        clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
     sync(device)
@@ -97,7 +98,8 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
         scaler.scale(loss).backward()
         sync(device)
         c = time.perf_counter()
-        clip_gradients(params, 1.0, opt, scaler)
+        unscale_gradients(opt, scaler)
+        clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
         sync(device)
@@ -109,7 +111,8 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     a = time.perf_counter()
     for _ in range(steps):
         accumulate_gradients(model, objective, [batch], count, 1, autocast, scaler, "ddp")
-        clip_gradients(params, 1.0, opt, scaler)
+        unscale_gradients(opt, scaler)
+        clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
     sync(device)

@@ -20,7 +20,7 @@ from tests.conftest import TINY_ARGS
 from train import main
 from training import checkpoint
 from training.config import parse_args
-from training.loop import TrainingError, accumulate_gradients, apply_update, clip_gradients
+from training.loop import TrainingError, accumulate_gradients, apply_update, clip_gradients, unscale_gradients
 from training.objectives import LanguageModeling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +71,7 @@ def test_clipping_caps_applied_norm_and_reports_pre_clip_norm():
     (LanguageModeling()(model, b)[0] * 100).backward()  # large gradients
     params = list(model.parameters())
     expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
-    opt = torch.optim.SGD(params, lr=0.1)
-    norm = clip_gradients(params, 0.5, opt, torch.amp.GradScaler("cpu", enabled=False))
+    norm = clip_gradients(params, 0.5)
     assert norm.item() == pytest.approx(expected.item(), rel=1e-5) and norm.item() > 0.5
     after = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
     assert after.item() <= 0.5 * (1 + 1e-5)
@@ -85,7 +84,8 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient_and_leaves_parameters():
     before = [p.detach().clone() for p in model.parameters()]
     scaler.scale(LanguageModeling()(model, batch(2, 2))[0]).backward()
     next(model.parameters()).grad.view(-1)[0] = float("inf")
-    clip_gradients(list(model.parameters()), 1.0, opt, scaler)
+    unscale_gradients(opt, scaler)
+    clip_gradients(list(model.parameters()), 1.0)
     assert apply_update(opt, scaler) is True
     assert scaler.get_scale() == 512.0
     for a, b in zip(before, model.parameters(), strict=True):
@@ -94,7 +94,8 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient_and_leaves_parameters():
     # The next, finite step goes through.
     opt.zero_grad()
     scaler.scale(LanguageModeling()(model, batch(2, 3))[0]).backward()
-    clip_gradients(list(model.parameters()), 1.0, opt, scaler)
+    unscale_gradients(opt, scaler)
+    clip_gradients(list(model.parameters()), 1.0)
     assert apply_update(opt, scaler) is False
     assert not torch.equal(before[0], next(model.parameters()))
 
@@ -189,6 +190,22 @@ def test_fp16_run_counts_skipped_step_without_advancing_schedule(tmp_path, corpu
     assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 3e-3, 1.65e-3, 3e-4])
     ck = checkpoint.load(out)
     assert ck["skipped_steps"] == 1 and ck["sched_step"] == 5 and ck["step"] == 6 and ck["scaler"] is not None
+
+
+def test_block_grad_norms_are_logged_before_clipping(tmp_path, corpus_dir):
+    """grad_norm/<block> is measured where train/grad_norm is, before clipping: every parameter sits in one block's
+    group, so the squared block norms sum to the squared global norm, although clipping to 0.001 scales the applied
+    gradients far below it."""
+    out = tmp_path / "health"
+    main(run_args(corpus_dir, out, "--train.max_steps=2", "--train.grad_clip=0.001", "--log.health_interval=1",
+                  "--log.hist_interval=0", "--model.n_layer=1", "--train.batch_size=2"))
+    rows = read_metrics(out)
+    for step in (1, 2):
+        total = next(r["train/grad_norm"] for r in rows if r["step"] == step and "train/grad_norm" in r)
+        blocks = {k: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("grad_norm/")}
+        assert set(blocks) == {"grad_norm/block_0", "grad_norm/embedding", "grad_norm/final_norm"}, blocks
+        assert total > 100 * 0.001  # clipping changed the gradients a lot
+        assert sum(v * v for v in blocks.values()) == pytest.approx(total ** 2, rel=1e-5)
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, corpus_dir):

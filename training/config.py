@@ -98,7 +98,8 @@ class EvalSection:
 @dataclass
 class LogSection:
     interval: int = 10  # console line, TensorBoard scalars and metrics.jsonl every N steps
-    health_interval: int = 100  # per-block gradient norms and update/weight ratios every N steps (0 = off)
+    health_interval: int = 100  # per-block gradient norms (before clipping) and update/weight ratios every N steps
+    # (0 = off)
     hist_interval: int = 500  # weight and activation histograms every N steps (0 = off)
     tensorboard: bool = True
 

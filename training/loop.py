@@ -167,10 +167,14 @@ def accumulate_gradients(model, objective, batches: list[dict], count: torch.Ten
     return loss_sum, metric_sums
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float, optimizer, scaler) -> torch.Tensor:
-    """Unscale (fp16), clip the global norm to max_norm (0 = no clipping); returns the norm before clipping."""
+def unscale_gradients(optimizer, scaler) -> None:
+    """fp16: divide the gradients by the loss scale, once per step, before anything reads or clips them."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global norm of the (unscaled) gradients to max_norm (0 = no clipping); returns the norm before."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
 
@@ -418,8 +422,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             h.remove()
         if fault is not None and fault.due(step + 1, info.rank):
             fault.apply(loss_sum, params)
-        grad_norm = clip_gradients(params, t.grad_clip, optimizer, scaler)
-        block_norms = block_grad_norms(raw) if health_due else None  # every rank: under FSDP this gathers
+        unscale_gradients(optimizer, scaler)
+        # Before clipping, as train/grad_norm: every rank (under FSDP this gathers)
+        block_norms = block_grad_norms(raw) if health_due else None
+        grad_norm = clip_gradients(params, t.grad_clip)
         before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]] if health_due else None
 
         # One host sync per step: the reduced loss and metrics, the stop request of any rank.
