@@ -426,3 +426,30 @@ def test_muon_orthogonalizes_and_resumes_exactly(tmp_path, corpus_dir):
     full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert sorted(resumed) == list(range(1, 7)) and all(full[k] == resumed[k] for k in full)
     assert full[6] < full[1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_weight_decay_applies_where_documented(optimizer, arch):
+    """train.weight_decay's rule (training/config.py): adamw decays every 2-D weight; muon only the embeddings and an
+    untied head (its AdamW part, at train.lr), not the blocks' Muon matrices; norms and biases never. With zero
+    gradients a step changes a weight by its decoupled decay alone: x (1 - lr x weight_decay)."""
+    from training.config import TrainSection
+    from training.optim import build_optimizer
+
+    gpt2 = arch == "gpt2"
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, arch=arch, bias=gpt2,
+                          tie_embeddings=not gpt2))
+    opt = build_optimizer(model, TrainSection(optimizer=optimizer, lr=0.01, muon_lr=0.02, weight_decay=0.1), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    mlp = ("up_proj", "down_proj") if gpt2 else ("gate_proj", "up_proj", "down_proj")
+    block_matrices = {f"blocks.0.attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")} | \
+        {f"blocks.0.mlp.{m}.weight" for m in mlp}
+    decayed = {"wte.weight"} | ({"wpe.weight", "lm_head.weight"} if gpt2 else set()) | \
+        (block_matrices if optimizer == "adamw" else set())
+    for name, p in model.named_parameters():
+        factor = 1 - 0.01 * 0.1 if name in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-6, atol=0, msg=name)

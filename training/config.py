@@ -72,7 +72,10 @@ class TrainSection:
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW at train.lr for the rest)
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices
     muon_momentum: float = 0.95
-    weight_decay: float = 0.1  # applied to matrices only (2-D weights), never to norms and biases
+    weight_decay: float = 0.1  # decoupled, w *= 1 - lr x weight_decay per step (lr: the group's scheduled lr), on
+    # the matrices AdamW updates: with adamw every 2-D weight (the blocks' linear layers, the token embedding = the
+    # tied head, gpt2's position embedding, an untied head); with muon only those embeddings and an untied head (at
+    # train.lr) -- the blocks' Muon matrices get none. Never norms and biases.
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off); the pre-clip norm is logged

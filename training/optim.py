@@ -116,7 +116,9 @@ class Muon(torch.optim.Optimizer):
     """Muon (momentum + orthogonalised updates) for the 2-D weights inside the blocks, AdamW for the rest.
 
     Groups with `muon=True` take Nesterov momentum, orthogonalise it, and step by lr x sqrt(max(1, rows/cols));
-    the other groups (embeddings, output head, norms, biases) are plain AdamW. One optimizer object, so checkpoints,
+    the other groups (embeddings, output head, norms, biases) are plain AdamW. Weight decay (decoupled, lr x
+    weight_decay per step) only where a group sets it: build_muon gives it to the embeddings and an untied head, not to
+    the Muon matrices (train.weight_decay in training/config.py says so). One optimizer object, so checkpoints,
     the GradScaler and the schedule treat it like AdamW. Single-device maths: under FSDP the gradients are shards,
     which Muon cannot orthogonalise, so the trainer refuses that combination.
     """
@@ -163,6 +165,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_muon(model: torch.nn.Module, t: TrainSection) -> Muon:
+    """Groups: the blocks' 2-D weights (Muon at muon_lr, no weight decay); the other matrices, i.e. the embeddings
+    and an untied head (AdamW at lr, weight decay); vectors, i.e. norms and biases (AdamW at lr, no weight decay)."""
     hidden, other_matrices, vectors = [], [], []
     seen = set()
     for name, p in model.named_parameters():
