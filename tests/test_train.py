@@ -208,6 +208,45 @@ def test_block_grad_norms_are_logged_before_clipping(tmp_path, corpus_dir):
         assert sum(v * v for v in blocks.values()) == pytest.approx(total ** 2, rel=1e-5)
 
 
+def test_step_flops_by_hand():
+    """A step's model FLOPs sum each micro-batch's tokens at its own length T (model/gpt.py's 6N + 12 L d T); a live
+    DPO reference adds its forward pass (2N + 4 L d T). N = 1232 matmul weights, L d = 2 x 8 (tests/test_model.py)."""
+    from training.monitor import step_flops
+
+    model = GPT(GPTConfig(vocab_size=10, block_size=6, n_layer=2, n_head=2, n_kv_head=1, n_embd=8, mlp_ratio=2.0))
+    ids = lambda b, t: torch.zeros(b, t, dtype=torch.long)  # noqa: E731
+    # SFT micro-batches padded to 4 and to 6 tokens: 2 x 4 x (7392 + 768) + 3 x 6 x (7392 + 1152)
+    sft = [{"input_ids": ids(2, 4), "labels": ids(2, 4)}, {"input_ids": ids(3, 6), "labels": ids(3, 6)}]
+    assert step_flops(model, sft) == 2 * 4 * 8160 + 3 * 6 * 8544 == 219072
+    # a DPO pair batch of width 5, chosen and rejected: 20 tokens x (7392 + 960), plus the reference's 2464 + 320
+    dpo = [{"chosen_input_ids": ids(2, 5), "rejected_input_ids": ids(2, 5), "chosen_labels": ids(2, 5)}]
+    assert step_flops(model, dpo) == 20 * 8352 == 167040
+    assert step_flops(model, dpo, reference_forward=True) == 20 * (8352 + 2784) == 222720
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_mfu_counts_the_padded_length_of_fine_tuning_batches(tiny_run, tmp_path, stage):
+    """SFT and DPO pad a batch to its longest example, not to block_size: train/mfu counts FLOPs at that length T
+    (6N + 12 L d T per token; DPO adds the live reference's forward, 2N + 4 L d T). With one record per step,
+    mfu x peak / tokens_per_sec is the FLOPs per token of the step's T, and T = the step's tokens / its rows."""
+    out, peak = tmp_path / stage, 1e9
+    main(["--stage", stage, "--init-from", str(tiny_run), "--out", str(out), "--train.max_steps=3",
+          "--train.batch_size=2", "--data.synthetic_train=64", "--data.synthetic_val=4", "--eval.interval=0",
+          "--log.interval=1", f"--train.peak_flops={peak:g}", "--log.tensorboard=false", "--eval.sample_tokens=1",
+          "--log.health_interval=0", "--log.hist_interval=0"])
+    model = GPT(GPTConfig.from_dict(checkpoint.load(out)["model_config"]))
+    rows_per_step = 2 * (2 if stage == "dpo" else 1)  # batch 2; a DPO pair is a chosen and a rejected row
+    seen, lengths = 0, []
+    for r in sorted((r for r in read_metrics(out) if "train/mfu" in r), key=lambda r: r["step"]):
+        T = round((r["train/tokens_seen"] - seen) / rows_per_step)
+        assert T * rows_per_step == r["train/tokens_seen"] - seen
+        seen = r["train/tokens_seen"]
+        per_token = model.flops_per_token(T) + (model.flops_per_token(T, forward_only=True) if stage == "dpo" else 0)
+        assert r["train/mfu"] * peak / r["train/tokens_per_sec"] == pytest.approx(per_token, rel=1e-9), (r, T)
+        lengths.append(T)
+    assert len(lengths) == 3 and max(lengths) < model.cfg.block_size, lengths  # the rows were padded short
+
+
 def test_bf16_autocast_runs_on_cpu(tmp_path, corpus_dir):
     summary = main(run_args(corpus_dir, tmp_path / "bf16", "--train.precision=bf16", "--train.max_steps=3",
                             "--model.n_layer=1", "--train.batch_size=2", "--model.block_size=32"))

@@ -26,7 +26,7 @@ from training.config import Config, check_resume_compatible, from_dict, to_dict,
 from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.health import activation_hooks, block_grad_norms, update_ratios
 from training.inputs import build_stage_data, resolve_tokenizer
-from training.monitor import Monitor, Throughput, fmt_duration, print0
+from training.monitor import Monitor, Throughput, fmt_duration, print0, step_flops
 from training.optim import build_optimizer, lr_at, replan_budget_steps, set_lr, wsd_decay_start
 from training.runinfo import environment_info, measure_peak_flops
 
@@ -320,7 +320,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         reference = None  # the objective holds cached log-probs; the copy can go
     flops_per_token = raw.flops_per_token()
     print0(f"model: {gcfg.arch}, {raw.num_params() / 1e6:.2f}M parameters "
-           f"({raw.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token")
+           f"({raw.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token "
+           f"at T={gcfg.block_size} (6N + 12LdT, as train/mfu counts)")
 
     param_dtype = torch.bfloat16 if precision == "bf16" else None
     model = distributed.wrap_model(raw, cfg.dist.strategy, info, param_dtype)
@@ -395,7 +396,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     t_start, start_step = time.perf_counter(), step
     val_figures = run_validation() if step == 0 and cfg.eval.interval > 0 else {}
     first_val = dict(val_figures)
-    throughput = Throughput(flops_per_token, peak * info.world_size)
+    throughput = Throughput(peak * info.world_size)
+    live_reference = cfg.stage == "dpo" and not cfg.dpo.ref_cache  # its forward passes count as model FLOPs
     budget_window_start, window_step = None, 0
     health_due = False
     # max_steps counts applied updates (sched_step == step - skipped): an fp16-skipped step is attempted again, so
@@ -454,11 +456,11 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             consecutive_skips = 0
             sched_step += 1  # a skipped step does not advance the LR schedule
         step += 1
-        # Tokens actually processed: SFT/DPO rows are padded to the global batch's longest example, not block_size
-        # (every rank pads to the same length, so this rank's count times the world size is the global count).
+        # Tokens and model FLOPs actually processed: SFT/DPO rows are padded to the global batch's longest example,
+        # not block_size (every rank pads to the same length, so this rank's count times the world size is global).
         step_tokens = sum(data.batch_tokens(b) for b in batches) * info.world_size
         tokens_seen += step_tokens
-        throughput.add(step_tokens)
+        throughput.add(step_tokens, step_flops(raw, batches, live_reference) * info.world_size)
 
         # ---- a wall-clock budget becomes a step count after a short timing window, re-planned while the lr is flat
         if t.time_budget_min > 0:
