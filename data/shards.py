@@ -393,12 +393,3 @@ def eval_batches(
         chunk = _gather_blocks(data, mine[i : i + batch_size], block_size)
         yield _to_device(chunk[:, :-1].contiguous(), device), _to_device(chunk[:, 1:].contiguous(), device)
 
-
-def target_bytes(targets: torch.Tensor, byte_lengths: np.ndarray | torch.Tensor, ignore_index: int = -100) -> int:
-    """UTF-8 bytes of the text the ``targets`` encode (special tokens count 0): the bits-per-byte denominator.
-
-    ``byte_lengths`` is ``Tokenizer.token_byte_lengths()``. bits_per_byte = loss_sum_nats / (ln 2 * bytes).
-    """
-    lengths = torch.as_tensor(byte_lengths, device=targets.device).long()
-    valid = targets != ignore_index
-    return int(lengths[targets.clamp(min=0)][valid].sum())

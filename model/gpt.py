@@ -10,9 +10,16 @@ This module knows nothing of ranks, autocast, optimizers or compilation; the tra
 from outside. Shapes in comments: B batch, T time (query length), S key length, C = n_embd, H heads,
 K kv heads, D head size, V vocab.
 
-FLOPs per token, the one definition used everywhere (MFU in the trainer and the benchmark):
-    6 * (weights of every matmul, the output head included, embedding lookups excluded)
-  + 12 * n_layer * n_embd * block_size          (attention scores and weighted values, forward + backward)
+FLOPs per token, the one definition used everywhere (GPT.flops_per_token; MFU in the trainer and the benchmark).
+N = weights of every matmul (the output head included, embedding lookups excluded), L = n_layer, d = n_embd,
+T = the sequence length of the batch (block_size in pre-training, the padded length of an SFT or DPO batch):
+    6N + 12 L d T   full attention: the PaLM / nanoGPT convention (Chowdhery et al. 2022, appendix B), so MFU is
+                    comparable with published figures. train/mfu and bench.py's "MFU" use it.
+    6N + 6 L d T    causal attention as the kernels compute it (the masked half of the scores is skipped).
+Per token and layer a forward pass spends 2 x d x T on the scores q k^T and 2 x d x T on weighting the values
+(4 L d T; half of it, 2 L d T, when causal), and 2N on the matmuls; training (forward + backward, the backward
+twice the forward) is 3x the forward. A forward pass alone (the live DPO reference) is therefore a third of the
+training figure: 2N + 4 L d T (full) or 2N + 2 L d T (causal).
 """
 
 from __future__ import annotations
@@ -367,14 +374,19 @@ class GPT(nn.Module):
                 n -= self.wpe.weight.numel()
         return n
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 x matmul weights (head included, embeddings excluded) + 12 L C T."""
+    def flops_per_token(self, seq_len: int | None = None, causal: bool = False, forward_only: bool = False) -> int:
+        """FLOPs per token on sequences of seq_len tokens (default block_size), the module docstring's formulas:
+        training 6N + 12 L C T (full attention, the PaLM convention; causal: 6N + 6 L C T), a third of it with
+        forward_only (2N + 4 L C T; causal 2N + 2 L C T)."""
         cfg = self.cfg
+        T = cfg.block_size if seq_len is None else seq_len
         kv = cfg.n_kv_head * cfg.head_dim
         attn = cfg.n_embd * (2 * cfg.n_embd + 2 * kv)  # q, o and k, v projections
         mlp = (3 if cfg.arch == "modern" else 2) * cfg.n_embd * cfg.mlp_hidden
         matmul_weights = cfg.n_layer * (attn + mlp) + cfg.n_embd * cfg.vocab_size
-        return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        scores_and_values = (2 if causal else 4) * cfg.n_layer * cfg.n_embd * T  # forward; causal: half the keys
+        passes = 1 if forward_only else 3  # the backward costs twice the forward
+        return passes * (2 * matmul_weights + scores_and_values)
 
 
 def sample_next(

@@ -8,7 +8,9 @@ What it measures, on the device it is given:
   peak      dense matmul FLOP/s of the device for each precision (square matmuls in a timed loop), measured before
             and after each step measurement; MFU is taken against the mean of the two readings around it
   step      the training step of the preset (same functions as train.py's loop): tokens/s, model FLOPs/token
-            (model/gpt.py's one definition), MFU against the measured peak and the vendor peak where known,
+            (model/gpt.py's one definition) in both conventions -- 6N + 12 L d T (full attention, PaLM / nanoGPT;
+            the "MFU" columns and train/mfu) and 6N + 6 L d T (causal, as the kernels compute it; "causal"
+            columns) -- MFU against the measured peak and the vendor peak where known,
             the step split into forward / backward / optimizer, and peak memory (RSS on CPU,
             torch.cuda.max_memory_allocated on GPU); eager and torch.compile
   loop      the real train.py loop on the built-in corpus for a few steps (tokens/s from its metrics.jsonl), so
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import GPT, GPTConfig  # noqa: E402
 from training.config import STAGE_DEFAULTS, TrainSection  # noqa: E402
 from training.hostmem import keep_freed_memory  # noqa: E402
-from training.loop import accumulate_gradients, apply_update, clip_gradients  # noqa: E402
+from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients  # noqa: E402
 from training.objectives import LanguageModeling  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.runinfo import environment_info, matmul_peak, vendor_peak  # noqa: E402
@@ -78,7 +80,8 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     t0 = time.perf_counter()
     for _ in range(warmup):  # includes compilation
         accumulate_gradients(model, objective, [batch], count, 1, autocast, scaler, "ddp")
-        clip_gradients(params, 1.0, opt, scaler)
+        unscale_gradients(opt, scaler)
+        clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
     sync(device)
@@ -97,7 +100,8 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
         scaler.scale(loss).backward()
         sync(device)
         c = time.perf_counter()
-        clip_gradients(params, 1.0, opt, scaler)
+        unscale_gradients(opt, scaler)
+        clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
         sync(device)
@@ -109,7 +113,8 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     a = time.perf_counter()
     for _ in range(steps):
         accumulate_gradients(model, objective, [batch], count, 1, autocast, scaler, "ddp")
-        clip_gradients(params, 1.0, opt, scaler)
+        unscale_gradients(opt, scaler)
+        clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
     sync(device)
@@ -118,8 +123,10 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     return {
         "preset": preset, "precision": precision, "compile": compile_, "batch_size": batch_size, "optimizer": optimizer,
         "block_size": cfg.block_size, "params": raw.num_params(), "flops_per_token": raw.flops_per_token(),
+        "flops_per_token_causal": raw.flops_per_token(causal=True),
         "step_ms": 1000 * step_s, "tokens_per_sec": tokens / step_s,
         "achieved_tflops": raw.flops_per_token() * tokens / step_s / 1e12,
+        "achieved_tflops_causal": raw.flops_per_token(causal=True) * tokens / step_s / 1e12,
         "forward_ms": 1000 * fwd / steps, "backward_ms": 1000 * bwd / steps, "optimizer_ms": 1000 * upd / steps,
         "warmup_s": warmup_s, "peak_memory_mb": peak_memory_mb(device),
     }
@@ -236,14 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
                            args.optimizer)
             after = matmul_peak(device, dtype, n=n, seconds=2.0)
             r["peak_before_after_tflops"] = [readings[-1] / 1e12, after / 1e12]
-            r["mfu_measured_peak"] = r["achieved_tflops"] * 1e12 / ((readings[-1] + after) / 2)
-            readings.append(after)
             vp = vendor_peak(device, prec)
-            r["mfu_vendor_peak"] = r["achieved_tflops"] * 1e12 / vp if vp else None
+            for suffix in ("", "_causal"):  # 6N + 12LdT (train/mfu's convention), 6N + 6LdT
+                r[f"mfu_measured_peak{suffix}"] = r[f"achieved_tflops{suffix}"] * 1e12 / ((readings[-1] + after) / 2)
+                r[f"mfu_vendor_peak{suffix}"] = r[f"achieved_tflops{suffix}"] * 1e12 / vp if vp else None
+            readings.append(after)
             results["step"].append(r)
             print(f"step {prec} {'compiled' if compile_ else 'eager':8s}: {r['tokens_per_sec']:,.0f} tok/s, "
                   f"{r['achieved_tflops'] * 1000:.1f} GFLOP/s, MFU {100 * r['mfu_measured_peak']:.1f}% of measured "
-                  f"peak", flush=True)
+                  f"peak (6N + 12LdT; causal 6N + 6LdT: {100 * r['mfu_measured_peak_causal']:.1f}%)", flush=True)
         results["peak"][prec]["readings_tflops"] = [x / 1e12 for x in readings]
     if not args.no_loop:
         results["loop"] = bench_loop(args.preset, device, batch_size, max(4 * args.steps, 20), overrides, cache,
@@ -259,14 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
         vendor = f", vendor {p['vendor_tflops']:.0f}" if p["vendor_tflops"] else ""
         seen = ", ".join(f"{x * 1000:.1f}" for x in p["readings_tflops"])
         print(f"matmul peak {prec}: {seen} GFLOP/s measured (before, and after each step measurement){vendor}")
+    print("MFU: model FLOPs 6N + 12LdT (full attention, the PaLM / nanoGPT convention, as train/mfu); causal: "
+          "6N + 6LdT (as the kernels compute it)")
     print(f"{'preset':8s} {'prec':5s} {'mode':9s} {'tok/s':>10s} {'GFLOP/s':>9s} {'MFU(meas)':>9s} {'MFU(vend)':>9s} "
-          f"{'fwd ms':>8s} {'bwd ms':>8s} {'opt ms':>8s} {'mem MB':>8s}")
+          f"{'causal(meas)':>12s} {'causal(vend)':>12s} {'fwd ms':>8s} {'bwd ms':>8s} {'opt ms':>8s} {'mem MB':>8s}")
     for r in results["step"]:
-        mv = f"{100 * r['mfu_vendor_peak']:.1f}%" if r["mfu_vendor_peak"] else "-"
+        mv, cv = (f"{100 * r[k]:.1f}%" if r[k] else "-" for k in ("mfu_vendor_peak", "mfu_vendor_peak_causal"))
         print(f"{r['preset']:8s} {r['precision']:5s} {'compiled' if r['compile'] else 'eager':9s} "
               f"{r['tokens_per_sec']:10,.0f} {r['achieved_tflops'] * 1000:9.1f} {100 * r['mfu_measured_peak']:8.1f}% "
-              f"{mv:>9s} {r['forward_ms']:8.1f} {r['backward_ms']:8.1f} {r['optimizer_ms']:8.1f} "
-              f"{r['peak_memory_mb']:8.0f}")
+              f"{mv:>9s} {100 * r['mfu_measured_peak_causal']:11.1f}% {cv:>12s} {r['forward_ms']:8.1f} "
+              f"{r['backward_ms']:8.1f} {r['optimizer_ms']:8.1f} {r['peak_memory_mb']:8.0f}")
     if results["loop"]:
         print(f"train.py loop: {results['loop']['tokens_per_sec']:,.0f} tok/s")
     if results["data"]:

@@ -7,8 +7,10 @@
     torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu --max-tokens 1e7
 
 What is measured, on the validation split of each source (--split train|all for others):
-  text        val_loss (nats per target token), perplexity, bits_per_byte = summed nats / (ln 2 x UTF-8 bytes of the
-              scored target tokens), tokens, bytes. Blocks of block_size tokens, as the trainer's validation.
+  text        val_loss (nats per target token), perplexity, bits_per_byte = summed nats of the text targets / (ln 2 x
+              their UTF-8 bytes; special tokens such as <|endoftext|>, 0 bytes, are left out of both sums: the
+              trainer's definition, training/evaluation.py), tokens, bytes. Blocks of block_size tokens, as the
+              trainer's validation.
   chat        accuracy: exact match of the greedy reply (stopping at <|end|>) with the reference, for records with
               `messages` (the last assistant turn is the reference) or `prompt` + `completion`; per task when the
               records name one (the built-in `synthetic` tasks do).

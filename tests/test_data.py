@@ -22,7 +22,6 @@ from data.shards import (  # noqa: E402
     open_tokens,
     prepare,
     read_manifest,
-    target_bytes,
     token_dtype,
 )
 from data.sources import (  # noqa: E402
@@ -371,9 +370,13 @@ def test_eval_batches_in_order_with_max_tokens():
 
 
 def test_target_bytes_and_dtype(tok):
+    from training.evaluation import bpb_sums  # the one bits-per-byte definition
+
     text = "café 😀 x"
     ids = torch.tensor([tok.encode(text) + [EOT_ID, -100]])
-    assert target_bytes(ids, tok.token_byte_lengths()) == len(text.encode("utf-8"))
+    # one nat per target: the text's tokens count, the end-of-text token (0 bytes) and the ignored one do not
+    text_nats, nbytes = bpb_sums(torch.ones(ids.shape), ids, torch.as_tensor(tok.token_byte_lengths()).long())
+    assert (text_nats, nbytes) == (len(tok.encode(text)), len(text.encode("utf-8")))
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 

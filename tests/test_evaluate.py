@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -78,23 +79,61 @@ def test_json_has_every_field(tiny_run, sft_run, small_text, tmp_path):
     assert saved["samples"][0]["prompt"] == "What is 2+3?" and "<|" not in saved["samples"][0]["completion"]
 
 
-def test_bits_per_byte_by_hand(tiny_run, small_text):
-    result = run_eval(tiny_run, "--data", small_text, "--batch-size", 3)
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits are given: logits (1, T, V), whatever the inputs."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_bits_per_byte_leaves_out_special_targets_by_hand():
+    """Vocabulary (<|endoftext|> 0 bytes, 'a' 1 byte, 'bc' 2 bytes); targets a, <|endoftext|>, bc, ignored, with
+    probabilities 1/2, 1/4, 1/8: nats ln 2, ln 4, ln 8. loss averages all three targets: 6 ln 2 / 3 = 2 ln 2. Bits per
+    byte leaves the end-of-text target out of both sums: (ln 2 + ln 8) / (ln 2 x 3 bytes) = 4/3 (counting its nats
+    would give 6 ln 2 / (3 ln 2) = 2)."""
+    from model.losses import IGNORE
+    from training.evaluation import lm_figures
+
+    probs = torch.tensor([[[1 / 4, 1 / 2, 1 / 4], [1 / 4, 1 / 2, 1 / 4], [1 / 2, 3 / 8, 1 / 8], [1 / 3, 1 / 3, 1 / 3]]])
+    targets = torch.tensor([[1, 0, 2, IGNORE]])
+    byte_lengths = torch.tensor([0, 1, 2])
+    f = lm_figures(FixedLogits(probs.log()), [(torch.zeros_like(targets), targets)], byte_lengths, nullcontext())
+    assert f["tokens"] == 3 and f["bytes"] == 3
+    assert f["loss"] == pytest.approx(2 * math.log(2), rel=1e-6)
+    assert f["perplexity"] == pytest.approx(4.0, rel=1e-6)
+    assert f["bpb"] == pytest.approx(4 / 3, rel=1e-6)
+
+
+def test_bits_per_byte_by_hand(tiny_run, tmp_path):
+    # The same document twice: the token stream is document, end-of-text, document, end-of-text whatever the order,
+    # so an end-of-text token sits among the scored targets
+    source = tmp_path / "two_docs"
+    for split in ("train", "val"):
+        (source / split).mkdir(parents=True)
+        for name in ("a.txt", "b.txt"):
+            (source / split / name).write_text(VAL_TEXT)
+    result = run_eval(tiny_run, "--data", source, "--batch-size", 3)
     run = load_run(tiny_run, "cpu", "fp32")
     T = run.gcfg.block_size
-    ids = run.tok.encode(VAL_TEXT) + [0]  # the document and its end-of-text token
+    ids = (run.tok.encode(VAL_TEXT) + [0]) * 2  # each document and its end-of-text token
     n_blocks = (len(ids) - 1) // T
     assert n_blocks >= 3
     x = torch.tensor([ids[i * T: i * T + T] for i in range(n_blocks)])
     y = torch.tensor([ids[i * T + 1: i * T + T + 1] for i in range(n_blocks)])
+    assert (y == 0).sum() == 1
     with torch.no_grad():
-        nats = F.cross_entropy(run.model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        nats = F.cross_entropy(run.model(x).flatten(0, 1), y.flatten(), reduction="none")  # (n_blocks * T,)
+    text = y.flatten() != 0  # the end-of-text target is left out of bits per byte, not of the loss
     tokens = y.numel()
     nbytes = sum(len(run.tok.decode([t]).encode("utf-8")) for t in y.flatten().tolist() if t != 0)  # ASCII text
     assert (result["tokens"], result["bytes"]) == (tokens, nbytes)
-    assert result["val_loss"] == pytest.approx(nats / tokens, rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(nats / tokens / math.log(2) * tokens / nbytes, rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] / math.log(2) * tokens / nbytes, rel=1e-12)
+    assert result["val_loss"] == pytest.approx(nats.sum().item() / tokens, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nats[text].sum().item() / (math.log(2) * nbytes), rel=1e-5)
+    assert nats[~text].item() > 1e-3 * nats.sum().item()  # large enough that counting it would fail the line above
 
 
 def test_default_data_is_the_runs_validation_split(tiny_run):

@@ -108,8 +108,16 @@ def test_param_and_flop_counts_by_hand():
     total = 10 * 8 + 2 * per_layer + 8  # embedding (tied head) + blocks + final norm = 1272
     assert model.num_params() == total == 1272
     assert model.num_params(non_embedding=True) == total - 80
-    # 6 x (2 x (192 + 384) + 8 x 10) + 12 x 2 x 8 x 6 = 6 x 1232 + 1152
+    # N = 2 x (192 + 384) + 8 x 10 = 1232 matmul weights; L d = 2 x 8. Training, full attention (PaLM):
+    # 6 x 1232 + 12 x 2 x 8 x 6 = 7392 + 1152; causal: 7392 + 6 x 2 x 8 x 6 = 7392 + 576
     assert model.flops_per_token() == 6 * 1232 + 1152 == 8544
+    assert model.flops_per_token(causal=True) == 6 * 1232 + 576 == 7968
+    # a padded batch of T = 4 (not block_size): 7392 + 12 x 2 x 8 x 4 = 7392 + 768; causal 7392 + 384
+    assert model.flops_per_token(4) == 6 * 1232 + 768 == 8160
+    assert model.flops_per_token(4, causal=True) == 6 * 1232 + 384 == 7776
+    # a forward pass alone (a third): 2 x 1232 + 4 x 2 x 8 x 4 = 2464 + 256; causal at T = 6: 2464 + 2 x 2 x 8 x 6
+    assert model.flops_per_token(4, forward_only=True) == 2 * 1232 + 256 == 2720
+    assert model.flops_per_token(causal=True, forward_only=True) == 2 * 1232 + 192 == 2656
 
     # gpt2: learned positions, LayerNorm with bias, untied head, biases in linears; hidden 4*8 = 32.
     cfg = GPTConfig(vocab_size=10, block_size=6, n_layer=1, n_head=2, n_embd=8, arch="gpt2", bias=True,
@@ -122,6 +130,7 @@ def test_param_and_flop_counts_by_hand():
     assert model.num_params() == total == 1096
     assert model.num_params(non_embedding=True) == total - 80 - 48
     assert model.flops_per_token() == 6 * (4 * 64 + 2 * 8 * 32 + 80) + 12 * 1 * 8 * 6 == 5088 + 576 == 5664
+    assert model.flops_per_token(causal=True) == 5088 + 6 * 1 * 8 * 6 == 5376
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])

@@ -20,7 +20,7 @@ from tests.conftest import TINY_ARGS
 from train import main
 from training import checkpoint
 from training.config import parse_args
-from training.loop import TrainingError, accumulate_gradients, apply_update, clip_gradients
+from training.loop import TrainingError, accumulate_gradients, apply_update, clip_gradients, unscale_gradients
 from training.objectives import LanguageModeling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,8 +131,7 @@ def test_clipping_caps_applied_norm_and_reports_pre_clip_norm():
     (LanguageModeling()(model, b)[0] * 100).backward()  # large gradients
     params = list(model.parameters())
     expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
-    opt = torch.optim.SGD(params, lr=0.1)
-    norm = clip_gradients(params, 0.5, opt, torch.amp.GradScaler("cpu", enabled=False))
+    norm = clip_gradients(params, 0.5)
     assert norm.item() == pytest.approx(expected.item(), rel=1e-5) and norm.item() > 0.5
     after = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
     assert after.item() <= 0.5 * (1 + 1e-5)
@@ -145,7 +144,8 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient_and_leaves_parameters():
     before = [p.detach().clone() for p in model.parameters()]
     scaler.scale(LanguageModeling()(model, batch(2, 2))[0]).backward()
     next(model.parameters()).grad.view(-1)[0] = float("inf")
-    clip_gradients(list(model.parameters()), 1.0, opt, scaler)
+    unscale_gradients(opt, scaler)
+    clip_gradients(list(model.parameters()), 1.0)
     assert apply_update(opt, scaler) is True
     assert scaler.get_scale() == 512.0
     for a, b in zip(before, model.parameters(), strict=True):
@@ -154,7 +154,8 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient_and_leaves_parameters():
     # The next, finite step goes through.
     opt.zero_grad()
     scaler.scale(LanguageModeling()(model, batch(2, 3))[0]).backward()
-    clip_gradients(list(model.parameters()), 1.0, opt, scaler)
+    unscale_gradients(opt, scaler)
+    clip_gradients(list(model.parameters()), 1.0)
     assert apply_update(opt, scaler) is False
     assert not torch.equal(before[0], next(model.parameters()))
 
@@ -236,15 +237,74 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus_dir, m
 def test_fp16_run_counts_skipped_step_without_advancing_schedule(tmp_path, corpus_dir, monkeypatch):
     monkeypatch.setenv("GPTRAIN_FAULT", "inf_grad@2")
     out = tmp_path / "fp16"
-    summary = main(run_args(corpus_dir, out, "--train.precision=fp16", "--train.max_steps=4", "--model.n_layer=1",
-                            "--train.batch_size=2", "--model.block_size=32", "--train.warmup_steps=3"))
-    assert summary["skipped_steps"] == 1
+    summary = main(run_args(corpus_dir, out, "--train.precision=fp16", "--train.max_steps=5", "--model.n_layer=1",
+                            "--train.batch_size=2", "--model.block_size=32", "--train.warmup_steps=3",
+                            "--train.schedule=wsd", "--train.decay_frac=0.4", "--train.min_lr_ratio=0.1"))
+    # max_steps counts applied updates: the skipped step 2 is attempted again, so 5 updates take 6 steps
+    assert (summary["skipped_steps"], summary["step"], summary["max_steps"]) == (1, 6, 5)
     rows = {r["step"]: r for r in read_metrics(out) if "train/lr" in r}
-    # Step 2 was skipped, so step 3 reuses step 2's learning rate (warmup 1/3, 2/3, 2/3, 3/3 of the peak).
-    lrs = [rows[s]["train/lr"] for s in (1, 2, 3, 4)]
-    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 3e-3])
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    # Step 2 was skipped, so step 3 reuses step 2's learning rate: warmup 1/3, 2/3, 2/3, 3/3 of the peak 3e-3, then
+    # the decay (its last 2 of 5 updates) halfway to the floor 3e-4 and onto it: the last update runs at the floor
+    lrs = [rows[s]["train/lr"] for s in range(1, 7)]
+    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3, 3e-3, 1.65e-3, 3e-4])
     ck = checkpoint.load(out)
-    assert ck["skipped_steps"] == 1 and ck["sched_step"] == 3 and ck["scaler"] is not None
+    assert ck["skipped_steps"] == 1 and ck["sched_step"] == 5 and ck["step"] == 6 and ck["scaler"] is not None
+
+
+def test_block_grad_norms_are_logged_before_clipping(tmp_path, corpus_dir):
+    """grad_norm/<block> is measured where train/grad_norm is, before clipping: every parameter sits in one block's
+    group, so the squared block norms sum to the squared global norm, although clipping to 0.001 scales the applied
+    gradients far below it."""
+    out = tmp_path / "health"
+    main(run_args(corpus_dir, out, "--train.max_steps=2", "--train.grad_clip=0.001", "--log.health_interval=1",
+                  "--log.hist_interval=0", "--model.n_layer=1", "--train.batch_size=2"))
+    rows = read_metrics(out)
+    for step in (1, 2):
+        total = next(r["train/grad_norm"] for r in rows if r["step"] == step and "train/grad_norm" in r)
+        blocks = {k: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("grad_norm/")}
+        assert set(blocks) == {"grad_norm/block_0", "grad_norm/embedding", "grad_norm/final_norm"}, blocks
+        assert total > 100 * 0.001  # clipping changed the gradients a lot
+        assert sum(v * v for v in blocks.values()) == pytest.approx(total ** 2, rel=1e-5)
+
+
+def test_step_flops_by_hand():
+    """A step's model FLOPs sum each micro-batch's tokens at its own length T (model/gpt.py's 6N + 12 L d T); a live
+    DPO reference adds its forward pass (2N + 4 L d T). N = 1232 matmul weights, L d = 2 x 8 (tests/test_model.py)."""
+    from training.monitor import step_flops
+
+    model = GPT(GPTConfig(vocab_size=10, block_size=6, n_layer=2, n_head=2, n_kv_head=1, n_embd=8, mlp_ratio=2.0))
+    ids = lambda b, t: torch.zeros(b, t, dtype=torch.long)  # noqa: E731
+    # SFT micro-batches padded to 4 and to 6 tokens: 2 x 4 x (7392 + 768) + 3 x 6 x (7392 + 1152)
+    sft = [{"input_ids": ids(2, 4), "labels": ids(2, 4)}, {"input_ids": ids(3, 6), "labels": ids(3, 6)}]
+    assert step_flops(model, sft) == 2 * 4 * 8160 + 3 * 6 * 8544 == 219072
+    # a DPO pair batch of width 5, chosen and rejected: 20 tokens x (7392 + 960), plus the reference's 2464 + 320
+    dpo = [{"chosen_input_ids": ids(2, 5), "rejected_input_ids": ids(2, 5), "chosen_labels": ids(2, 5)}]
+    assert step_flops(model, dpo) == 20 * 8352 == 167040
+    assert step_flops(model, dpo, reference_forward=True) == 20 * (8352 + 2784) == 222720
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_mfu_counts_the_padded_length_of_fine_tuning_batches(tiny_run, tmp_path, stage):
+    """SFT and DPO pad a batch to its longest example, not to block_size: train/mfu counts FLOPs at that length T
+    (6N + 12 L d T per token; DPO adds the live reference's forward, 2N + 4 L d T). With one record per step,
+    mfu x peak / tokens_per_sec is the FLOPs per token of the step's T, and T = the step's tokens / its rows."""
+    out, peak = tmp_path / stage, 1e9
+    main(["--stage", stage, "--init-from", str(tiny_run), "--out", str(out), "--train.max_steps=3",
+          "--train.batch_size=2", "--data.synthetic_train=64", "--data.synthetic_val=4", "--eval.interval=0",
+          "--log.interval=1", f"--train.peak_flops={peak:g}", "--log.tensorboard=false", "--eval.sample_tokens=1",
+          "--log.health_interval=0", "--log.hist_interval=0"])
+    model = GPT(GPTConfig.from_dict(checkpoint.load(out)["model_config"]))
+    rows_per_step = 2 * (2 if stage == "dpo" else 1)  # batch 2; a DPO pair is a chosen and a rejected row
+    seen, lengths = 0, []
+    for r in sorted((r for r in read_metrics(out) if "train/mfu" in r), key=lambda r: r["step"]):
+        T = round((r["train/tokens_seen"] - seen) / rows_per_step)
+        assert T * rows_per_step == r["train/tokens_seen"] - seen
+        seen = r["train/tokens_seen"]
+        per_token = model.flops_per_token(T) + (model.flops_per_token(T, forward_only=True) if stage == "dpo" else 0)
+        assert r["train/mfu"] * peak / r["train/tokens_per_sec"] == pytest.approx(per_token, rel=1e-9), (r, T)
+        lengths.append(T)
+    assert len(lengths) == 3 and max(lengths) < model.cfg.block_size, lengths  # the rows were padded short
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, corpus_dir):
@@ -316,16 +376,19 @@ def test_budget_replanning_moves_only_the_start_of_the_decay():
 
     t = TrainSection(warmup_steps=10, schedule="wsd", decay_frac=0.3)
     # 500 steps done, 500 s left at 0.2 s/step: 2500 more; the decay (900 steps) starts at 2100, still ahead
-    assert replan_budget_steps(500, 500, 500.0, 0.2, t) == 3000
+    assert replan_budget_steps(500, 500.0, 0.2, t) == 3000
     # 2000 done, 20 s left: 2100 would put the decay's start at 1470, behind us. The decay starts at the next step
     # instead: the smallest m with m - round(0.3 m) >= 2000 is 2857 (2857 - 857); 2856 - 857 = 1999
-    assert replan_budget_steps(2000, 2000, 20.0, 0.2, t) == 2857
+    assert replan_budget_steps(2000, 20.0, 0.2, t) == 2857
     # over budget already: the same rule (143 - 43 = 100)
-    assert replan_budget_steps(100, 100, -5.0, 0.2, t) == 143
-    # the rule reads the schedule's step: after 3 fp16-skipped steps (sched_step 97), 138 (138 - 41 = 97; 137 - 41 = 96)
-    assert replan_budget_steps(100, 97, -5.0, 0.2, t) == 138
+    assert replan_budget_steps(100, -5.0, 0.2, t) == 143
+    # the count is of applied updates, as max_steps is: 100 steps with 3 fp16-skipped ones applied 97 updates; 10 s at
+    # 0.2 s/step buy 50 more, 147 in all (counting from the 100 attempted steps would give 150, three too many)
+    assert replan_budget_steps(97, 10.0, 0.2, t) == 147
+    # ... and the decay-start rule reads the updates: 138 (138 - 41 = 97; 137 - 41 = 96)
+    assert replan_budget_steps(97, -5.0, 0.2, t) == 138
     # a decay over every step after the warmup has no flat part to protect: the plain count (it used to hang)
-    assert replan_budget_steps(40, 40, 1.0, 0.1, TrainSection(warmup_steps=35, decay_frac=1.0)) == 50
+    assert replan_budget_steps(40, 1.0, 0.1, TrainSection(warmup_steps=35, decay_frac=1.0)) == 50
 
 
 def test_time_budget_is_replanned_when_the_machine_slows_down(tmp_path, corpus_dir, monkeypatch, capsys):
@@ -462,3 +525,30 @@ def test_muon_orthogonalizes_and_resumes_exactly(tmp_path, corpus_dir):
     full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert sorted(resumed) == list(range(1, 7)) and all(full[k] == resumed[k] for k in full)
     assert full[6] < full[1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_weight_decay_applies_where_documented(optimizer, arch):
+    """train.weight_decay's rule (training/config.py): adamw decays every 2-D weight; muon only the embeddings and an
+    untied head (its AdamW part, at train.lr), not the blocks' Muon matrices; norms and biases never. With zero
+    gradients a step changes a weight by its decoupled decay alone: x (1 - lr x weight_decay)."""
+    from training.config import TrainSection
+    from training.optim import build_optimizer
+
+    gpt2 = arch == "gpt2"
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, arch=arch, bias=gpt2,
+                          tie_embeddings=not gpt2))
+    opt = build_optimizer(model, TrainSection(optimizer=optimizer, lr=0.01, muon_lr=0.02, weight_decay=0.1), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    mlp = ("up_proj", "down_proj") if gpt2 else ("gate_proj", "up_proj", "down_proj")
+    block_matrices = {f"blocks.0.attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")} | \
+        {f"blocks.0.mlp.{m}.weight" for m in mlp}
+    decayed = {"wte.weight"} | ({"wpe.weight", "lm_head.weight"} if gpt2 else set()) | \
+        (block_matrices if optimizer == "adamw" else set())
+    for name, p in model.named_parameters():
+        factor = 1 - 0.01 * 0.1 if name in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-6, atol=0, msg=name)

@@ -57,7 +57,8 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 2000  # optimizer steps (the LR schedule ends here); replaced by time_budget_min when that is set
+    max_steps: int = 2000  # applied updates (the LR schedule ends here; an fp16-skipped step is attempted again and
+    # the logged step counts attempts); replaced by time_budget_min when that is set
     stop_after_steps: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0 = off
     time_budget_min: float = 0.0  # wall-clock budget of the training loop, turned into max_steps (re-planned under
     # wsd while the lr is flat; pretrain defaults to 10, the CPU speedrun; train.max_steps without a budget: off)
@@ -71,7 +72,10 @@ class TrainSection:
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW at train.lr for the rest)
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices
     muon_momentum: float = 0.95
-    weight_decay: float = 0.1  # applied to matrices only (2-D weights), never to norms and biases
+    weight_decay: float = 0.1  # decoupled, w *= 1 - lr x weight_decay per step (lr: the group's scheduled lr), on
+    # the matrices AdamW updates: with adamw every 2-D weight (the blocks' linear layers, the token embedding = the
+    # tied head, gpt2's position embedding, an untied head); with muon only those embeddings and an untied head (at
+    # train.lr) -- the blocks' Muon matrices get none. Never norms and biases.
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off); the pre-clip norm is logged
@@ -97,7 +101,8 @@ class EvalSection:
 @dataclass
 class LogSection:
     interval: int = 10  # console line, TensorBoard scalars and metrics.jsonl every N steps
-    health_interval: int = 100  # per-block gradient norms and update/weight ratios every N steps (0 = off)
+    health_interval: int = 100  # per-block gradient norms (before clipping) and update/weight ratios every N steps
+    # (0 = off)
     hist_interval: int = 500  # weight and activation histograms every N steps (0 = off)
     tensorboard: bool = True
 

@@ -1,7 +1,11 @@
 """Held-out measurements shared by the trainer's validation and scripts/evaluate.py.
 
 Sums are reduced over ranks once at the end (every rank takes part), then normalised:
-    loss = summed nats / target tokens;  bits_per_byte = summed nats / (ln 2 x UTF-8 bytes of the target tokens).
+    loss = summed nats / target tokens (every scored target; perplexity = exp(loss))
+    bits_per_byte = summed nats of the text targets / (ln 2 x their UTF-8 bytes)
+A text target is a scored target whose token has at least one byte: special tokens such as <|endoftext|> (0 bytes)
+are left out of both sums (as nanochat does), since they encode no text whose bytes could pay for their nats.
+This is the one definition, used by the trainer's validation and by scripts/evaluate.py.
 """
 
 from __future__ import annotations
@@ -15,31 +19,42 @@ from data import chat
 from data.synthetic import answer_matches
 from data.tokenizer import END_ID
 from model.gpt import GPT
-from model.losses import IGNORE, token_ce_sum
+from model.losses import IGNORE, token_logps
 from training.distributed import all_reduce
+
+
+def bpb_sums(nats: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's bits-per-byte sums: (nats of the text targets, their UTF-8 bytes). nats and targets (B, T),
+    byte_lengths (V,) from Tokenizer.token_byte_lengths(); ignored targets and 0-byte (special) tokens count in
+    neither sum."""
+    nbytes = byte_lengths[targets.clamp(min=0)] * (targets != IGNORE)  # (B, T), 0 where ignored
+    return (nats * (nbytes > 0)).sum(), nbytes.sum()
 
 
 @torch.no_grad()
 def lm_figures(model, batches: Iterable, byte_lengths: torch.Tensor | None, autocast) -> dict[str, float]:
-    """Loss (and bits per byte when byte_lengths is given) over (inputs, targets) batches."""
+    """Loss (and bits per byte when byte_lengths is given) over (inputs, targets) batches (module docstring)."""
     was_training = model.training
     model.eval()
-    sums = None
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, text nats, text bytes
     for x, y in batches:
         with autocast:
-            loss_sum, n = token_ce_sum(model(x), y)
-        nbytes = byte_lengths[y.clamp(min=0)][y != IGNORE].sum() if byte_lengths is not None else n
-        part = torch.stack([loss_sum.double(), n.double(), nbytes.double()])
-        sums = part if sums is None else sums + part
+            logits = model(x)
+        nats = -token_logps(logits, y).double()  # (B, T), 0 where ignored
+        sums[0] += nats.sum()
+        sums[1] += (y != IGNORE).sum()
+        if byte_lengths is not None:
+            text_nats, text_bytes = bpb_sums(nats, y, byte_lengths)
+            sums[2] += text_nats
+            sums[3] += text_bytes
     model.train(was_training)
-    device = next(model.parameters()).device
-    sums = all_reduce(sums if sums is not None else torch.zeros(3, dtype=torch.float64, device=device))
-    nats, tokens, nbytes = sums.tolist()
+    nats, tokens, text_nats, nbytes = all_reduce(sums).tolist()
     if tokens == 0:
         raise ValueError("validation scored no tokens")
     figures = {"loss": nats / tokens, "perplexity": math.exp(min(nats / tokens, 700)), "tokens": tokens}
     if byte_lengths is not None:
-        figures["bpb"] = nats / (math.log(2) * nbytes)
+        figures["bpb"] = text_nats / (math.log(2) * nbytes)
         figures["bytes"] = nbytes
     return figures
 

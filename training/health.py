@@ -1,7 +1,8 @@
 """Network health, cheap enough to leave on: per-block gradient norms, update/weight ratios, histograms.
 
 Vanishing or exploding gradients show as `grad_norm/<block>` curves drifting apart; a learning rate that is too
-high or too low as `update_ratio/<group>` far from ~1e-3 per step.
+high or too low as `update_ratio/<group>` far from ~1e-3 per step. `grad_norm/<block>` is measured before clipping
+(after fp16 unscaling), as `train/grad_norm`: the squares of the block norms sum to the square of the global norm.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def _group_of(name: str) -> str:
 @torch.no_grad()
 def block_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """L2 norm of the gradients of each block (and embedding, head, final norm), after the gradient all-reduce, so
-    the figures are the synchronised gradients. Every rank calls it: under FSDP2 `full_tensor()` gathers the shards
-    (a collective); rank 0 alone logs the result."""
+    the figures are the synchronised gradients; the loop calls it after unscaling and before clipping. Every rank
+    calls it: under FSDP2 `full_tensor()` gathers the shards (a collective); rank 0 alone logs the result."""
     sq: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.grad is None:

@@ -24,7 +24,7 @@ from training.config import Config, check_resume_compatible, from_dict, to_dict,
 from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.health import activation_hooks, block_grad_norms, update_ratios
 from training.inputs import build_stage_data, resolve_tokenizer
-from training.monitor import Monitor, Throughput, fmt_duration, print0
+from training.monitor import Monitor, Throughput, fmt_duration, print0, step_flops
 from training.optim import build_optimizer, lr_at, replan_budget_steps, set_lr, wsd_decay_start
 from training.runinfo import environment_info, measure_peak_flops
 
@@ -181,10 +181,14 @@ def accumulate_gradients(model, objective, batches: list[dict], count: torch.Ten
     return loss_sum, metric_sums
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float, optimizer, scaler) -> torch.Tensor:
-    """Unscale (fp16), clip the global norm to max_norm (0 = no clipping); returns the norm before clipping."""
+def unscale_gradients(optimizer, scaler) -> None:
+    """fp16: divide the gradients by the loss scale, once per step, before anything reads or clips them."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global norm of the (unscaled) gradients to max_norm (0 = no clipping); returns the norm before."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
 
@@ -348,7 +352,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             load_weights(reference, checkpoint.load(init_ckpt)["model"])
     flops_per_token = raw.flops_per_token()
     print0(f"model: {gcfg.arch}, {raw.num_params() / 1e6:.2f}M parameters "
-           f"({raw.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token")
+           f"({raw.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token "
+           f"at T={gcfg.block_size} (6N + 12LdT, as train/mfu counts)")
 
     param_dtype = torch.bfloat16 if precision == "bf16" else None
     model = distributed.wrap_model(raw, cfg.dist.strategy, info, param_dtype)
@@ -429,10 +434,13 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
     t_start, start_step = time.perf_counter(), step
     val_figures = run_validation() if step == 0 and cfg.eval.interval > 0 else {}
     first_val = dict(val_figures)
-    throughput = Throughput(flops_per_token, peak * info.world_size)
+    throughput = Throughput(peak * info.world_size)
+    live_reference = cfg.stage == "dpo" and not cfg.dpo.ref_cache  # its forward passes count as model FLOPs
     budget_window_start, window_step = None, 0
     health_due = False
-    while max_steps is None or step < max_steps:
+    # max_steps counts applied updates (sched_step == step - skipped): an fp16-skipped step is attempted again, so
+    # the schedule's last steps, down to its floor, all run.
+    while max_steps is None or sched_step < max_steps:
         if t.stop_after_steps and step >= t.stop_after_steps:
             save("stop_after_steps")
             break
@@ -454,8 +462,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             h.remove()
         if fault is not None and fault.due(step + 1, info.rank):
             fault.apply(loss_sum, params)
-        grad_norm = clip_gradients(params, t.grad_clip, optimizer, scaler)
-        block_norms = block_grad_norms(raw) if health_due else None  # every rank: under FSDP this gathers
+        unscale_gradients(optimizer, scaler)
+        # Before clipping, as train/grad_norm: every rank (under FSDP this gathers)
+        block_norms = block_grad_norms(raw) if health_due else None
+        grad_norm = clip_gradients(params, t.grad_clip)
         before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]] if health_due else None
 
         # One host sync per step: the reduced loss and metrics, the stop request of any rank.
@@ -484,11 +494,11 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             consecutive_skips = 0
             sched_step += 1  # a skipped step does not advance the LR schedule
         step += 1
-        # Tokens actually processed: SFT/DPO rows are padded to the global batch's longest example, not block_size
-        # (every rank pads to the same length, so this rank's count times the world size is the global count).
+        # Tokens and model FLOPs actually processed: SFT/DPO rows are padded to the global batch's longest example,
+        # not block_size (every rank pads to the same length, so this rank's count times the world size is global).
         step_tokens = sum(data.batch_tokens(b) for b in batches) * info.world_size
         tokens_seen += step_tokens
-        throughput.add(step_tokens)
+        throughput.add(step_tokens, step_flops(raw, batches, live_reference) * info.world_size)
 
         # ---- a wall-clock budget becomes a step count after a short timing window, re-planned while the lr is flat
         if t.time_budget_min > 0:
@@ -505,8 +515,8 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
                 if max_steps is None and cfg.eval.interval:
                     per_step_all += data.last_val_seconds / cfg.eval.interval
                 # Under wsd the machine's drift moves the end (and so the decay's start) to fit the budget
-                planned = replan_budget_steps(step, sched_step, remaining, per_step_all, t) if t.schedule == "wsd" \
-                    else step + max(int(remaining / per_step_all), 0)
+                planned = replan_budget_steps(sched_step, remaining, per_step_all, t) if t.schedule == "wsd" \
+                    else sched_step + max(int(remaining / per_step_all), 0)
                 planned = distributed.broadcast_object(planned)  # rank 0's count: every rank stops together
                 if max_steps is None:
                     print0(f"time budget {t.time_budget_min:g} min: {per_step * 1000:.1f} ms/step -> "
@@ -526,10 +536,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
         if hist_due:  # every rank: under FSDP each full weight is gathered (a collective); rank 0 writes it
             for name, p in raw.named_parameters():
                 monitor.histogram(f"weights/{name}", p.full_tensor() if hasattr(p, "full_tensor") else p, step)
-        if step % cfg.log.interval == 0 or step == max_steps:
+        if step % cfg.log.interval == 0 or sched_step == max_steps:
             tps, mfu = throughput.report()
             elapsed = elapsed_before + time.perf_counter() - t_start
-            eta = (max_steps - step) * (time.perf_counter() - t_start) / max(step - start_step, 1) \
+            eta = (max_steps - sched_step) * (time.perf_counter() - t_start) / max(step - start_step, 1) \
                 if max_steps else float("nan")
             scal = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm_value,
                     "train/tokens_per_sec": tps, "train/mfu": mfu, "train/tokens_seen": tokens_seen}
@@ -541,11 +551,12 @@ def _run(cfg: Config, info: DistInfo, stop: StopSignal) -> dict:
             monitor.scalars(step, scal)
             extra = "".join(f" | {k} {v.item() / max(units, 1):.3f}" for k, v in metric_sums.items()
                             if k in ("rewards/accuracies", "rewards/margins"))
-            print0(f"step {step:5d}/{max_steps or '?'} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm "
+            last = max_steps + skipped if max_steps else "?"  # the step the run ends at if no more are skipped
+            print0(f"step {step:5d}/{last} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm "
                    f"{grad_norm_value:.3f} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{extra} | "
                    f"{fmt_duration(elapsed)} elapsed | eta {fmt_duration(eta) if math.isfinite(eta) else '?'}")
 
-        done = max_steps is not None and step >= max_steps
+        done = max_steps is not None and sched_step >= max_steps
         if cfg.eval.interval and step % cfg.eval.interval == 0 and not done:
             val_figures = run_validation()
             throughput.reset()

@@ -74,25 +74,48 @@ class Monitor:
         self.jsonl.close()
 
 
-class Throughput:
-    """Tokens/s and MFU over the steps since the last report (host time; the loop syncs once per step anyway)."""
+# The model inputs of every stage's batches, each (B, T): input_ids (pre-training, SFT), [chosen; rejected] (DPO).
+MODEL_INPUTS = ("input_ids", "chosen_input_ids", "rejected_input_ids")
 
-    def __init__(self, flops_per_token: int, peak_flops: float) -> None:
-        self.flops_per_token = flops_per_token
+
+def step_flops(model, batches: list[dict], reference_forward: bool = False) -> int:
+    """Model FLOPs of one step's micro-batches on this rank, in train/mfu's convention (model/gpt.py: 6N + 12 L d T
+    per token, full attention, the PaLM / nanoGPT one): each model input (B, T) at its own padded length T, which
+    is block_size in pre-training and the batch's longest example in SFT and DPO. A live DPO reference adds its
+    forward pass over the same inputs (2N + 4 L d T per token)."""
+    total = 0
+    for batch in batches:
+        for key in MODEL_INPUTS:
+            if key in batch:
+                B, T = batch[key].shape
+                per_token = model.flops_per_token(T)
+                if reference_forward:
+                    per_token += model.flops_per_token(T, forward_only=True)
+                total += B * T * per_token
+    return total
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report (host time; the loop syncs once per step anyway).
+
+    MFU = model FLOPs per second (step_flops: 6N + 12 L d T, the PaLM convention) / peak FLOP/s."""
+
+    def __init__(self, peak_flops: float) -> None:
         self.peak = peak_flops
         self.t_last = time.perf_counter()
-        self.tokens = 0
+        self.tokens = self.flops = 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flops: int) -> None:
         self.tokens += tokens
+        self.flops += flops
 
     def report(self) -> tuple[float, float]:
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         tps = self.tokens / dt
-        self.t_last, self.tokens = now, 0
-        mfu = tps * self.flops_per_token / self.peak if self.peak > 0 else 0.0
+        mfu = self.flops / dt / self.peak if self.peak > 0 else 0.0
+        self.t_last, self.tokens, self.flops = now, 0, 0
         return tps, mfu
 
     def reset(self) -> None:
-        self.t_last, self.tokens = time.perf_counter(), 0
+        self.t_last, self.tokens, self.flops = time.perf_counter(), 0, 0

@@ -43,7 +43,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainSection, device_type: str) -
 
 
 def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `max_steps`.
+    """Learning rate of the update after `step` applied ones (0-based; the schedule's step) of `max_steps` updates.
 
     Linear warmup from 0 to lr over warmup_steps, then either cosine decay to lr * min_lr_ratio at max_steps, or
     warmup-stable-decay: constant lr, then a linear decay to the floor over the last decay_frac of the steps.
@@ -68,17 +68,17 @@ def wsd_decay_start(max_steps: int, t: TrainSection) -> int:
     return max(max_steps - max(int(round(t.decay_frac * max_steps)), 1), warmup)
 
 
-def replan_budget_steps(step: int, sched_step: int, seconds_left: float, seconds_per_step: float,
-                        t: TrainSection) -> int:
+def replan_budget_steps(sched_step: int, seconds_left: float, seconds_per_step: float, t: TrainSection) -> int:
     """A wall-clock budget's step count under warmup-stable-decay, planned while the learning rate is not decaying.
 
-    `step` steps are done (`sched_step` of them advanced the schedule; fewer only after fp16 skipped steps),
-    `seconds_left` remain and steps take `seconds_per_step`: the count that fills the budget is
-    step + seconds_left / seconds_per_step. Before the decay, moving the end only moves where the decay starts, so the
-    schedule keeps its shape; the count is never set so low that the decay would already have begun (the next step
-    would jump down the ramp): then the decay starts at the next step.
+    The count is of applied updates, as train.max_steps is (the loop ends when the schedule's step reaches it; an
+    fp16-skipped step is attempted again). `sched_step` updates are applied, `seconds_left` remain and steps take
+    `seconds_per_step`: the count that fills the budget is sched_step + seconds_left / seconds_per_step. Before the
+    decay, moving the end only moves where the decay starts, so the schedule keeps its shape; the count is never set
+    so low that the decay would already have begun (the next step would jump down the ramp): then the decay starts
+    at the next step.
     """
-    planned = step + max(int(seconds_left / seconds_per_step), 0)
+    planned = sched_step + max(int(seconds_left / seconds_per_step), 0)
     if t.decay_frac >= 1:  # the decay spans every step after the warmup: there is no flat part to move
         return planned
     while wsd_decay_start(planned, t) < sched_step:  # it grows with the count, by ~(1 - decay_frac) per step
@@ -116,7 +116,9 @@ class Muon(torch.optim.Optimizer):
     """Muon (momentum + orthogonalised updates) for the 2-D weights inside the blocks, AdamW for the rest.
 
     Groups with `muon=True` take Nesterov momentum, orthogonalise it, and step by lr x sqrt(max(1, rows/cols));
-    the other groups (embeddings, output head, norms, biases) are plain AdamW. One optimizer object, so checkpoints,
+    the other groups (embeddings, output head, norms, biases) are plain AdamW. Weight decay (decoupled, lr x
+    weight_decay per step) only where a group sets it: build_muon gives it to the embeddings and an untied head, not to
+    the Muon matrices (train.weight_decay in training/config.py says so). One optimizer object, so checkpoints,
     the GradScaler and the schedule treat it like AdamW. Single-device maths: under FSDP the gradients are shards,
     which Muon cannot orthogonalise, so the trainer refuses that combination.
     """
@@ -163,6 +165,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_muon(model: torch.nn.Module, t: TrainSection) -> Muon:
+    """Groups: the blocks' 2-D weights (Muon at muon_lr, no weight decay); the other matrices, i.e. the embeddings
+    and an untied head (AdamW at lr, weight decay); vectors, i.e. norms and biases (AdamW at lr, no weight decay)."""
     hidden, other_matrices, vectors = [], [], []
     seen = set()
     for name, p in model.named_parameters():
