@@ -460,7 +460,15 @@ def test_bad_records_name_index_and_file(tmp_path, tiny_run):
     write_jsonl(dpo / "train.jsonl", [pair, pair, {"prompt": "q", "chosen": "a"}])
     with pytest.raises(ValueError, match=r"record 2 of .*train\.jsonl: a preference record .*missing \['rejected'\]"):
         run(tmp_path / "d", "dpo", tiny_run, "--data", str(dpo), "--train.max_steps=1")
-    assert not any((tmp_path / x / "checkpoints").exists() for x in "abcd")
+
+    (dpo / "train.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps([pair]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dpo/train\.jsonl: line 2 holds a list, not a JSON object"):
+        run(tmp_path / "e", "dpo", tiny_run, "--data", str(dpo), "--train.max_steps=1")
+    write_jsonl(sft / "train.jsonl", [_conv("a", "b")] * 2)
+    (sft / "more.csv").write_text("prompt,completion\nc,d\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"folder .*sft mixes file formats \['csv', 'json'\]"):
+        run(tmp_path / "f", "sft", tiny_run, "--data", str(sft), "--train.max_steps=1")
+    assert not any((tmp_path / x / "checkpoints").exists() for x in "abcdef")
 
 
 # ----------------------------------------------------------------------------------------------- resume

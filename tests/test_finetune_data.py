@@ -4,6 +4,7 @@ truncation, and the batchers (padding, packing boundaries, exact resume, rank sl
 import json
 import re
 
+import datasets
 import pytest
 import torch
 
@@ -125,7 +126,6 @@ def test_load_sft_formats_render_identically(tok, tmp_path):
 
 
 def test_load_sft_parquet_and_held_out_split(tok, tmp_path):
-    datasets = pytest.importorskip("datasets")
     records = [{"messages": conv(f"What is {i}+1?", str(i + 1))} for i in range(60)]
     path = tmp_path / "chat.parquet"
     datasets.Dataset.from_list(records).to_parquet(str(path))
@@ -152,6 +152,42 @@ def test_load_sft_bad_records_name_index_and_file(tok, tmp_path):
         load_sft(tmp_path / "missing.jsonl", "train", tok, block_size=64)
     with pytest.raises(ValueError, match="split"):
         load_sft("synthetic", "test", tok, block_size=64)
+
+
+@pytest.mark.parametrize("bad,holds", [("[1, 2]", "a list"), ("7", "a number"), ('"a bare string"', "a string")])
+def test_record_line_that_is_not_an_object_names_file_and_line(tok, tmp_path, bad, holds):
+    sft = json.dumps({"messages": conv("hi", "hello")})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join([sft] * 4 + [bad] + [sft] * 40) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"sft\.jsonl: line 5 holds {holds}, not a JSON object"):
+        load_sft(path, "train", tok, block_size=64)
+    pair = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    (tmp_path / "dpo").mkdir()
+    write_jsonl(tmp_path / "dpo" / "train.jsonl", [json.loads(pair)] * 5)
+    (tmp_path / "dpo" / "validation.jsonl").write_text("\n".join([pair, bad, pair]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"dpo/validation\.jsonl: line 2 holds {holds}, not a JSON object"):
+        load_preferences(tmp_path / "dpo", "train", tok, block_size=64)  # datasets reads every split of a folder
+
+
+def test_record_folder_mixing_formats_is_refused_like_pretraining(tok, tmp_path):
+    """datasets would read the folder's commonest format and silently drop the rest (here the parquet file)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"messages": conv(f"q{i}", "a")} for i in range(5)])
+    write_jsonl(folder / "train-2.jsonl", [{"messages": conv(f"r{i}", "a")} for i in range(5)])
+    write_jsonl(folder / "validation.jsonl", [{"messages": conv(f"v{i}", "a")} for i in range(3)])
+    datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": "c"} for i in range(4)]).to_parquet(
+        str(folder / "train-3.parquet"))
+    mixed = r"folder .*mixed mixes file formats \['json', 'parquet'\]; keep one format per source"
+    with pytest.raises(ValueError, match=mixed):
+        load_sft(folder, "train", tok, block_size=64)
+    with pytest.raises(ValueError, match=mixed):
+        load_preferences(folder, "train", tok, block_size=64)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "train.txt").write_text("some text")
+    with pytest.raises(ValueError, match=r"texts: unsupported file type '\.txt' for records"):
+        load_sft(texts, "train", tok, block_size=64)
 
 
 def test_truncation_drops_and_counts(tok, tmp_path):
