@@ -187,12 +187,14 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
     """Load, render and tokenize one split of an SFT dataset.
 
     Returns ``(examples, stats)``; stats = ``{"source", "split", "n_records", "n_examples", "n_dropped", "n_tokens",
-    "n_supervised"}`` where ``n_dropped`` counts conversations truncation left without a supervised token (the
-    caller logs it). Raises ValueError on a malformed record (naming its index and file) or when nothing remains.
+    "n_supervised", "kept"}`` where ``n_dropped`` counts conversations truncation left without a supervised token (the
+    caller logs it) and ``kept`` is the record index of each example, in order (so validation prompts can skip the
+    dropped records). Raises ValueError on a malformed record (naming its index and file) or when nothing remains.
     """
     records, label = load_records(source, split, "sft", seed, n_synthetic, cache_dir)
     split = {"val": "validation"}.get(split, split)
     examples: list[SFTExample] = []
+    kept: list[int] = []  # record index of each example
     for i, record in records:
         where = f"record {i} of {label}"
         try:
@@ -202,6 +204,7 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
         ex = to_example(ids, mask, block_size)
         if ex is not None:
             examples.append(SFTExample(*ex))
+            kept.append(i)
     n_dropped = len(records) - len(examples)
     if not examples:
         why = "it has no records" if not records else (
@@ -215,6 +218,7 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
         "n_dropped": n_dropped,
         "n_tokens": sum(len(e.input_ids) for e in examples),
         "n_supervised": sum(sum(y != IGNORE_INDEX for y in e.labels) for e in examples),
+        "kept": kept,
     }
     return examples, stats
 

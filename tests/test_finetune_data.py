@@ -13,6 +13,8 @@ from data.preference import PreferenceBatcher, load_preferences
 from data.sft import SFTBatcher, SFTExample, load_records, load_sft
 from data.synthetic import answer_matches, make_preferences, make_sft, split_of, write_builtin
 from data.tokenizer import ASSISTANT_ID, END_ID, PAD_ID, USER_ID, Tokenizer, train_tokenizer
+from training.config import Config
+from training.inputs import _chat_eval_items
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,32 @@ def test_truncation_drops_and_counts(tok, tmp_path):
     only_long = write_jsonl(tmp_path / "long.jsonl", [{"messages": long_}] * 5)
     with pytest.raises(ValueError, match=r"no SFT examples left .*long\.jsonl.*block_size"):
         load_sft(only_long, "train", tok, block_size=block)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_validation_prompts_leave_out_records_dropped_for_length(tok, tmp_path, kind):
+    """A validation record dropped for length is not among the prompts scored for accuracy (or sampled), and
+    neither is a kept one whose prompt fills the whole context (generate() would cut it to its last half)."""
+    edge_q, long_q = "Sort: 5 3 9 1 7 2 8 4 6", "Reverse: " + " ".join("abcdefghij" * 4)
+    short = [(f"What is {i}+1?", str(i + 1)) for i in range(3)]
+    block = len(render_prompt([{"role": "user", "content": edge_q}], tok))  # the edge prompt fills the context
+    assert len(render_prompt([{"role": "user", "content": long_q}], tok)) > block + 1  # nothing of it is supervised
+    assert all(len(render_prompt([{"role": "user", "content": q}], tok)) < block for q, _ in short)
+    qa = [short[0], (long_q, "j i h"), short[1], (edge_q, "1 2 3 4 5 6 7 8 9"), short[2]]
+    if kind == "sft":
+        records, load = [{"messages": conv(q, a)} for q, a in qa], load_sft
+    else:
+        records, load = [{"prompt": q, "chosen": a, "rejected": a + " 0"} for q, a in qa], load_preferences
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", records[:1] * 4)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", records)
+    _, stats = load(tmp_path / "data", "validation", tok, block_size=block)
+    assert stats["n_dropped"] == 1 and stats["kept"] == [0, 2, 3, 4]  # the edge record keeps a supervised token
+    cfg = Config()
+    cfg.data.source = str(tmp_path / "data")
+    items = _chat_eval_items(cfg, kind, 100, tok, block, stats["kept"])
+    assert items == [([{"role": "user", "content": q}], a) for q, a in short]
+    assert _chat_eval_items(cfg, kind, 2, tok, block, stats["kept"]) == items[:2]
 
 
 # --- preference loading -------------------------------------------------------------------------------------------
