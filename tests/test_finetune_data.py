@@ -275,15 +275,15 @@ def sft_examples(tok):
 def test_sft_batch_padding_never_supervised(sft_examples):
     b = SFTBatcher(sft_examples, batch_size=5, seed=0).next_batch()
     assert set(b) == {"input_ids", "labels"} and b["input_ids"].dtype == b["labels"].dtype == torch.long
-    lengths = [len(e.input_ids) for e in sft_examples]
-    assert b["input_ids"].shape[1] <= max(lengths)
-    for row in range(5):
-        pad = b["input_ids"][row] == PAD_ID
-        assert pad.any() or b["input_ids"].shape[1] in lengths
-        assert (b["labels"][row][pad] == IGNORE_INDEX).all()
-        n = int((~pad).sum())
-        matching = [e for e in sft_examples if e.input_ids == b["input_ids"][row, :n].tolist()]
-        assert matching and b["labels"][row, :n].tolist() == matching[0].labels
+    T = b["input_ids"].shape[1]
+    rows = []  # the example in each row: the one whose ids start the row, followed by padding only
+    for ids in b["input_ids"].tolist():
+        (ex,) = [e for e in sft_examples if ids == e.input_ids + [PAD_ID] * (T - len(e.input_ids))]
+        rows.append(ex)
+    assert len({tuple(e.input_ids) for e in rows}) == 5  # five different examples (37 in the epoch)
+    assert T == max(len(e.input_ids) for e in rows)  # padded to the batch's longest example, no further
+    for ex, labels in zip(rows, b["labels"].tolist(), strict=True):  # the example's labels, padding ignored
+        assert labels == ex.labels + [IGNORE_INDEX] * (T - len(ex.labels))
     fixed = SFTBatcher(sft_examples, batch_size=2, block_size=48, pad_to_block=True).next_batch()
     assert fixed["input_ids"].shape == (2, 48)
 
