@@ -74,11 +74,13 @@ def load_preferences(source: str | os.PathLike, split: str, tok: Any, block_size
     """Load, render and tokenize one split of a preference dataset.
 
     Returns ``(examples, stats)``; stats = ``{"source", "split", "n_records", "n_examples", "n_dropped",
-    "n_tokens"}``. Raises ValueError on a malformed record (naming its index and file) or when no pair remains.
+    "n_tokens", "kept"}`` (``kept``: the record index of each pair, in order). Raises ValueError on a malformed
+    record (naming its index and file) or when no pair remains.
     """
     records, label = load_records(source, split, "dpo", seed, n_synthetic, cache_dir)
     split = {"val": "validation"}.get(split, split)
     examples: list[PreferenceExample] = []
+    kept: list[int] = []  # record index of each pair
     for i, record in records:
         where = f"record {i} of {label}"
         try:
@@ -92,6 +94,7 @@ def load_preferences(source: str | os.PathLike, split: str, tok: Any, block_size
             raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
         if sides[0] is not None and sides[1] is not None:
             examples.append(PreferenceExample(*sides[0], *sides[1]))
+            kept.append(i)
     n_dropped = len(records) - len(examples)
     if not examples:
         why = "it has no records" if not records else (
@@ -104,6 +107,7 @@ def load_preferences(source: str | os.PathLike, split: str, tok: Any, block_size
         "n_examples": len(examples),
         "n_dropped": n_dropped,
         "n_tokens": sum(len(e.chosen_input_ids) + len(e.rejected_input_ids) for e in examples),
+        "kept": kept,
     }
     return examples, stats
 

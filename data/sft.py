@@ -6,7 +6,8 @@ Sources (``load_sft``), all read through ``datasets.load_dataset``:
 - a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file. It has no splits, so a fixed, deterministic
   held-out part (5%, at most 500 records, chosen by a seeded permutation that does not depend on the run's seed)
   is the ``validation`` split and the rest is ``train``;
-- a local folder (split names from its file names: ``train.jsonl``, ``validation.jsonl``, ...) or a hub dataset
+- a local folder of one file format (split names from its file names: ``train.jsonl``, ``validation.jsonl``, ...;
+  a folder mixing formats is refused, as for pre-training: ``datasets`` would read only its commonest) or a hub dataset
   (``NAME``, ``hf:NAME`` or ``hf:NAME:CONFIG``): its own splits are used (``validation`` also accepts ``valid``,
   ``val``, ``dev``, ``test``); without any of those the held-out part is carved from ``train`` as for a file.
 
@@ -89,9 +90,12 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
 
     import datasets  # deferred: importing datasets costs about a second
 
+    from data.sources import find_bad_json, local_files
+
     spec = str(source)
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
+    files: list[Path] = []  # the local files read, to name a malformed line if datasets fails
     try:
         if spec.startswith(("hf:", "hub:")) or not path.exists():
             name = spec.split(":", 1)[1] if spec.startswith(("hf:", "hub:")) else spec
@@ -103,15 +107,21 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
         elif path.is_file():
             if suffix not in _FILE_BUILDERS:
                 raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(_FILE_BUILDERS)}")
+            files = [path]
             splits = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), cache_dir=cache_dir)
             label = str(path)
         else:  # a folder: datasets finds its files and takes split names from them (train*, validation*, ...)
+            files = local_files(path)  # one format, as for pre-training: datasets would read only the commonest
+            if files[0].suffix.lower() not in _FILE_BUILDERS:
+                raise ValueError(f"{path}: unsupported file type {files[0].suffix!r} for records; use one of "
+                                 f"{sorted(_FILE_BUILDERS)}")
             splits = datasets.load_dataset(str(path), cache_dir=cache_dir)
             label = str(path)
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError, ...)
-        raise ValueError(f"cannot load data source {spec!r}: {type(e).__name__}: {e}") from e
+        bad_line = find_bad_json(files)  # a line that is not a JSON object: name the file and the line
+        raise ValueError(bad_line or f"cannot load data source {spec!r}: {type(e).__name__}: {e}") from e
 
     names = list(splits)
     val_name = next((a for a in _VAL_ALIASES if a in splits), None)
@@ -177,12 +187,14 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
     """Load, render and tokenize one split of an SFT dataset.
 
     Returns ``(examples, stats)``; stats = ``{"source", "split", "n_records", "n_examples", "n_dropped", "n_tokens",
-    "n_supervised"}`` where ``n_dropped`` counts conversations truncation left without a supervised token (the
-    caller logs it). Raises ValueError on a malformed record (naming its index and file) or when nothing remains.
+    "n_supervised", "kept"}`` where ``n_dropped`` counts conversations truncation left without a supervised token (the
+    caller logs it) and ``kept`` is the record index of each example, in order (so validation prompts can skip the
+    dropped records). Raises ValueError on a malformed record (naming its index and file) or when nothing remains.
     """
     records, label = load_records(source, split, "sft", seed, n_synthetic, cache_dir)
     split = {"val": "validation"}.get(split, split)
     examples: list[SFTExample] = []
+    kept: list[int] = []  # record index of each example
     for i, record in records:
         where = f"record {i} of {label}"
         try:
@@ -192,6 +204,7 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
         ex = to_example(ids, mask, block_size)
         if ex is not None:
             examples.append(SFTExample(*ex))
+            kept.append(i)
     n_dropped = len(records) - len(examples)
     if not examples:
         why = "it has no records" if not records else (
@@ -205,6 +218,7 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
         "n_dropped": n_dropped,
         "n_tokens": sum(len(e.input_ids) for e in examples),
         "n_supervised": sum(sum(y != IGNORE_INDEX for y in e.labels) for e in examples),
+        "kept": kept,
     }
     return examples, stats
 

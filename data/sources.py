@@ -25,12 +25,16 @@ Text encoding: local text files must be valid UTF-8. A file with an invalid byte
 naming the file and the byte offset of the first bad byte (no silent replacement that would change the corpus and
 its byte count; convert the file first, e.g. with ``iconv``). ``.txt`` files are read in text mode, so ``\\r\\n``
 line endings become ``\\n``. Empty and missing (null) texts are dropped: they would only add a lone end-of-text.
+A ``.jsonl`` line (or ``.json`` array element) that is not a JSON object -- a list, a number, a bare string -- or is
+not valid JSON is rejected with a ValueError naming the file and the line (or element); the lines are scanned only
+after ``datasets`` failed to read the files, so loading files that are fine costs nothing extra.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import os
 import re
 import sys
@@ -176,8 +180,11 @@ def _parse(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
-def _local_files(path: Path) -> list[Path]:
-    """Data files of a local source: the file itself, or the supported files under a folder (one format)."""
+def local_files(path: Path) -> list[Path]:
+    """Data files of a local source: the file itself, or the supported files under a folder (one format).
+
+    Pre-training and the SFT/DPO record loader (``data.sft.load_records``) both read folders through this, so a
+    folder mixing formats is refused the same way everywhere (``datasets`` would read only its most common one)."""
     if path.is_file():
         if path.suffix.lower() not in LOCAL_FORMATS:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected one of {sorted(LOCAL_FORMATS)}")
@@ -229,7 +236,7 @@ def describe_source(spec: str, split: str) -> SourceInfo:
         python_version = ".".join(map(str, sys.version_info[:3]))
     elif kind == "local":
         root = Path(target)
-        files = _local_files(root)
+        files = local_files(root)
         named = _named_split_files(root, files)
         if named is not None:
             files = named[split]
@@ -261,6 +268,60 @@ def check_utf8(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> None:
             if not chunk:
                 return
             offset += len(chunk)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):  # before int: bool is a subclass of int
+        return "a boolean"
+    kinds = {list: "a list", dict: "an object", str: "a string", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _bad_json_lines(path: Path) -> str | None:
+    """'line N ...' for the first line of a JSON Lines file that is not one JSON object, else None."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+            if not isinstance(value, dict):
+                return f"line {n} holds {_json_kind(value)}, not a JSON object (one object per line is needed)"
+    return None
+
+
+def _bad_json_document(path: Path) -> str | None:
+    """Like ``_bad_json_lines`` for a ``.json`` file, which may be one document (an array of objects) or lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        # "Extra data" after a complete first value: the file is JSON Lines, not one document
+        if e.msg == "Extra data":
+            return _bad_json_lines(path)
+        return f"line {e.lineno} is not valid JSON ({e.msg}, column {e.colno})"
+    if isinstance(value, list):
+        bad = next((k for k, v in enumerate(value) if not isinstance(v, dict)), None)
+        return None if bad is None else f"element {bad} of its array holds {_json_kind(value[bad])}, not a JSON object"
+    return None if isinstance(value, dict) else f"it holds {_json_kind(value)}, not JSON objects"
+
+
+def find_bad_json(files: list[Path]) -> str | None:
+    """'FILE: line N holds a list, not a JSON object' (or the like) for the first malformed JSON/JSON Lines file.
+
+    Called only after ``datasets`` failed to read the files: its pyarrow error names neither the file nor the line,
+    and scanning every line of every file up front would slow down loading the large files that are fine.
+    """
+    for p in map(Path, files):
+        if p.suffix.lower() not in (".jsonl", ".json"):
+            continue
+        check_utf8(p)
+        problem = _bad_json_lines(p) if p.suffix.lower() == ".jsonl" else _bad_json_document(p)
+        if problem is not None:
+            return f"{p}: {problem}"
+    return None
 
 
 def _select_text(ds: datasets.Dataset, text_column: str, where: str) -> datasets.Dataset:
@@ -321,7 +382,9 @@ def _load_files(files: list[Path], text_column: str, cache_dir: str | None, fmt:
             fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
         )
     except Exception as e:  # malformed JSON/CSV surface as assorted `datasets`/pyarrow errors
-        raise ValueError(f"cannot read {fmt} data from {files[0]}{' ...' if len(files) > 1 else ''}: {e}") from e
+        bad_line = find_bad_json(files) if fmt == "json" else None  # name the file and line when we can
+        more = " ..." if len(files) > 1 else ""
+        raise ValueError(bad_line or f"cannot read {fmt} data from {files[0]}{more}: {e}") from e
     where = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
     return _select_text(ds, text_column, where)
 
@@ -364,7 +427,7 @@ def load_source(
         ds = _load_files(stdlib_files(split), "text", cache_dir, fmt="text")
     else:
         root = Path(target)
-        files = _local_files(root)
+        files = local_files(root)
         named = _named_split_files(root, files)
         if named is not None:
             ds = _load_files(named[split], text_column, cache_dir)

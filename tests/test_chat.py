@@ -6,6 +6,7 @@ import pytest
 from data.chat import CHAT_TEMPLATE, IGNORE_INDEX, decode_reply, render, render_prompt, to_example
 from data.synthetic import make_preferences, make_sft
 from data.tokenizer import ASSISTANT_ID, END_ID, SYSTEM_ID, USER_ID, Tokenizer, train_tokenizer
+from tests.conftest import optional_import
 
 CONV = [
     {"role": "system", "content": "Answer briefly."},
@@ -123,7 +124,7 @@ def _conversations():
 
 
 def test_chat_template_parity_with_transformers(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = optional_import("transformers")
     tok.save(tmp_path / "tokenizer.json")
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
                                               chat_template=CHAT_TEMPLATE)

@@ -432,6 +432,32 @@ def test_missing_column(tmp_path, tok, hf_cache):
     assert shard_files(out) == []
 
 
+@pytest.mark.parametrize("bad,holds", [("[1, 2]", "a list"), ("42", "a number"), ('"just text"', "a string")])
+def test_jsonl_line_that_is_not_an_object_names_file_and_line(tmp_path, tok, hf_cache, bad, holds):
+    out = tmp_path / "out"
+    lines = [json.dumps({"text": d}) for d in DOCS[:8]]
+    folder = tmp_path / "docs"
+    write_jsonl(folder / "a.jsonl", DOCS[8:12])  # a good file first: the message must name the bad one
+    (folder / "b.jsonl").write_text("\n".join(lines[:4] + ["", bad] + lines[4:]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"docs/b\.jsonl: line 6 holds {holds}, not a JSON object"):
+        prepare(str(folder), tok, out, "train", hf_cache_dir=hf_cache)
+    assert shard_files(out) == []
+    # a .json file may be one array of objects: its element is named instead of a line
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}, json.loads(bad)]))
+    with pytest.raises(ValueError, match=rf"array\.json: element 2 of its array holds {holds}, not a JSON object"):
+        load_source(str(tmp_path / "array.json"), "train", cache_dir=hf_cache)
+    (tmp_path / "broken.jsonl").write_text("\n".join(lines[:2] + ['{"text": "unterminated'] + lines[2:]))
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 3 is not valid JSON \(Unterminated string"):
+        load_source(str(tmp_path / "broken.jsonl"), "train", cache_dir=hf_cache)
+
+
+def test_folder_mixing_formats_is_refused(tmp_path, tok, hf_cache):
+    write_jsonl(tmp_path / "mixed" / "a.jsonl", DOCS[:20])
+    (tmp_path / "mixed" / "b.txt").write_text(DOCS[20])
+    with pytest.raises(ValueError, match=r"folder .*mixed mixes file formats \['json', 'text'\]; keep one format"):
+        prepare(str(tmp_path / "mixed"), tok, tmp_path / "out", "train", hf_cache_dir=hf_cache)
+
+
 def test_non_utf8_rejected_with_file_and_offset(tmp_path, tok, hf_cache):
     out = tmp_path / "out"
     good = "héllo wörld 😀\n".encode()

@@ -16,10 +16,10 @@ from data.chat import render, render_prompt
 from data.synthetic import make_preferences, make_sft
 from data.tokenizer import END_ID, EOT_ID
 from model.gpt import GPT, GPTConfig
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, optional_import
 from training.load import load_run, save_run
 
-transformers = pytest.importorskip("transformers")  # the `hf` extra; CI installs it, so these tests run there
+transformers = optional_import("transformers")  # the `hf` extra; CI installs it, so these tests run there
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,6 +4,7 @@ truncation, and the batchers (padding, packing boundaries, exact resume, rank sl
 import json
 import re
 
+import datasets
 import pytest
 import torch
 
@@ -12,6 +13,8 @@ from data.preference import PreferenceBatcher, load_preferences
 from data.sft import SFTBatcher, SFTExample, load_records, load_sft
 from data.synthetic import answer_matches, make_preferences, make_sft, split_of, write_builtin
 from data.tokenizer import ASSISTANT_ID, END_ID, PAD_ID, USER_ID, Tokenizer, train_tokenizer
+from training.config import Config
+from training.inputs import _chat_eval_items
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,6 @@ def test_load_sft_formats_render_identically(tok, tmp_path):
 
 
 def test_load_sft_parquet_and_held_out_split(tok, tmp_path):
-    datasets = pytest.importorskip("datasets")
     records = [{"messages": conv(f"What is {i}+1?", str(i + 1))} for i in range(60)]
     path = tmp_path / "chat.parquet"
     datasets.Dataset.from_list(records).to_parquet(str(path))
@@ -154,6 +156,42 @@ def test_load_sft_bad_records_name_index_and_file(tok, tmp_path):
         load_sft("synthetic", "test", tok, block_size=64)
 
 
+@pytest.mark.parametrize("bad,holds", [("[1, 2]", "a list"), ("7", "a number"), ('"a bare string"', "a string")])
+def test_record_line_that_is_not_an_object_names_file_and_line(tok, tmp_path, bad, holds):
+    sft = json.dumps({"messages": conv("hi", "hello")})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join([sft] * 4 + [bad] + [sft] * 40) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"sft\.jsonl: line 5 holds {holds}, not a JSON object"):
+        load_sft(path, "train", tok, block_size=64)
+    pair = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    (tmp_path / "dpo").mkdir()
+    write_jsonl(tmp_path / "dpo" / "train.jsonl", [json.loads(pair)] * 5)
+    (tmp_path / "dpo" / "validation.jsonl").write_text("\n".join([pair, bad, pair]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"dpo/validation\.jsonl: line 2 holds {holds}, not a JSON object"):
+        load_preferences(tmp_path / "dpo", "train", tok, block_size=64)  # datasets reads every split of a folder
+
+
+def test_record_folder_mixing_formats_is_refused_like_pretraining(tok, tmp_path):
+    """datasets would read the folder's commonest format and silently drop the rest (here the parquet file)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"messages": conv(f"q{i}", "a")} for i in range(5)])
+    write_jsonl(folder / "train-2.jsonl", [{"messages": conv(f"r{i}", "a")} for i in range(5)])
+    write_jsonl(folder / "validation.jsonl", [{"messages": conv(f"v{i}", "a")} for i in range(3)])
+    datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": "c"} for i in range(4)]).to_parquet(
+        str(folder / "train-3.parquet"))
+    mixed = r"folder .*mixed mixes file formats \['json', 'parquet'\]; keep one format per source"
+    with pytest.raises(ValueError, match=mixed):
+        load_sft(folder, "train", tok, block_size=64)
+    with pytest.raises(ValueError, match=mixed):
+        load_preferences(folder, "train", tok, block_size=64)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "train.txt").write_text("some text")
+    with pytest.raises(ValueError, match=r"texts: unsupported file type '\.txt' for records"):
+        load_sft(texts, "train", tok, block_size=64)
+
+
 def test_truncation_drops_and_counts(tok, tmp_path):
     short, long_ = conv("What is 1+1?", "2"), conv("Reverse: " + " ".join("abcdefghij" * 4), "j i h")
     n_prompt_long = len(render_prompt(long_[:1], tok))
@@ -168,6 +206,32 @@ def test_truncation_drops_and_counts(tok, tmp_path):
     only_long = write_jsonl(tmp_path / "long.jsonl", [{"messages": long_}] * 5)
     with pytest.raises(ValueError, match=r"no SFT examples left .*long\.jsonl.*block_size"):
         load_sft(only_long, "train", tok, block_size=block)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_validation_prompts_leave_out_records_dropped_for_length(tok, tmp_path, kind):
+    """A validation record dropped for length is not among the prompts scored for accuracy (or sampled), and
+    neither is a kept one whose prompt fills the whole context (generate() would cut it to its last half)."""
+    edge_q, long_q = "Sort: 5 3 9 1 7 2 8 4 6", "Reverse: " + " ".join("abcdefghij" * 4)
+    short = [(f"What is {i}+1?", str(i + 1)) for i in range(3)]
+    block = len(render_prompt([{"role": "user", "content": edge_q}], tok))  # the edge prompt fills the context
+    assert len(render_prompt([{"role": "user", "content": long_q}], tok)) > block + 1  # nothing of it is supervised
+    assert all(len(render_prompt([{"role": "user", "content": q}], tok)) < block for q, _ in short)
+    qa = [short[0], (long_q, "j i h"), short[1], (edge_q, "1 2 3 4 5 6 7 8 9"), short[2]]
+    if kind == "sft":
+        records, load = [{"messages": conv(q, a)} for q, a in qa], load_sft
+    else:
+        records, load = [{"prompt": q, "chosen": a, "rejected": a + " 0"} for q, a in qa], load_preferences
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", records[:1] * 4)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", records)
+    _, stats = load(tmp_path / "data", "validation", tok, block_size=block)
+    assert stats["n_dropped"] == 1 and stats["kept"] == [0, 2, 3, 4]  # the edge record keeps a supervised token
+    cfg = Config()
+    cfg.data.source = str(tmp_path / "data")
+    items = _chat_eval_items(cfg, kind, 100, tok, block, stats["kept"])
+    assert items == [([{"role": "user", "content": q}], a) for q, a in short]
+    assert _chat_eval_items(cfg, kind, 2, tok, block, stats["kept"]) == items[:2]
 
 
 # --- preference loading -------------------------------------------------------------------------------------------
@@ -211,15 +275,15 @@ def sft_examples(tok):
 def test_sft_batch_padding_never_supervised(sft_examples):
     b = SFTBatcher(sft_examples, batch_size=5, seed=0).next_batch()
     assert set(b) == {"input_ids", "labels"} and b["input_ids"].dtype == b["labels"].dtype == torch.long
-    lengths = [len(e.input_ids) for e in sft_examples]
-    assert b["input_ids"].shape[1] <= max(lengths)
-    for row in range(5):
-        pad = b["input_ids"][row] == PAD_ID
-        assert pad.any() or b["input_ids"].shape[1] in lengths
-        assert (b["labels"][row][pad] == IGNORE_INDEX).all()
-        n = int((~pad).sum())
-        matching = [e for e in sft_examples if e.input_ids == b["input_ids"][row, :n].tolist()]
-        assert matching and b["labels"][row, :n].tolist() == matching[0].labels
+    T = b["input_ids"].shape[1]
+    rows = []  # the example in each row: the one whose ids start the row, followed by padding only
+    for ids in b["input_ids"].tolist():
+        (ex,) = [e for e in sft_examples if ids == e.input_ids + [PAD_ID] * (T - len(e.input_ids))]
+        rows.append(ex)
+    assert len({tuple(e.input_ids) for e in rows}) == 5  # five different examples (37 in the epoch)
+    assert T == max(len(e.input_ids) for e in rows)  # padded to the batch's longest example, no further
+    for ex, labels in zip(rows, b["labels"].tolist(), strict=True):  # the example's labels, padding ignored
+        assert labels == ex.labels + [IGNORE_INDEX] * (T - len(ex.labels))
     fixed = SFTBatcher(sft_examples, batch_size=2, block_size=48, pad_to_block=True).next_batch()
     assert fixed["input_ids"].shape == (2, 48)
 

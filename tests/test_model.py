@@ -134,16 +134,30 @@ def test_param_and_flop_counts_by_hand():
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
-def test_greedy_generate_matches_argmax_without_cache(arch):
+@pytest.mark.parametrize("prompt_len", [5, 40])
+def test_generate_with_kv_cache_equals_full_forward_over_its_window(arch, prompt_len, monkeypatch):
+    """At every step, the logits generate() samples from (KV cache) equal a full forward without cache over the
+    window generate() defines: the tokens since the window's start, the start moving to the last block_size // 2 =
+    16 tokens whenever the window holds block_size = 32 (a longer prompt starts at its last 16). 60 tokens after a
+    5-token prompt cross three rebuilds (at lengths 32, 48, 64). Sampled at temperature 1, not greedy: at this init
+    the greedy continuation is one token repeated, and windows of one repeated token give the same logits."""
     model = make(arch)
-    prompt = torch.randint(0, 97, (1, 5))
-    out = model.generate(prompt, 40, temperature=0)  # runs past block_size=32: exercises the cache rebuild
-    ref = prompt
-    for _ in range(40):
-        ctx = ref[:, -32:] if ref.shape[1] <= 32 else ref[:, -16:]
-        ref = torch.cat([ref, model(ctx)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out[:, :32], ref[:, :32])  # identical while the context fits
-    assert out.shape == (1, 45)
+    prompt = torch.randint(0, 97, (1, prompt_len))
+    seen = []  # the (1, V) logits of each step, as generate() hands them to sample_next
+    from model.gpt import sample_next as real
+
+    monkeypatch.setattr("model.gpt.sample_next", lambda logits, *args: seen.append(logits) or real(logits, *args))
+    out = model.generate(prompt, 60, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, prompt_len + 60) and len(seen) == 60
+    g, start = torch.Generator().manual_seed(0), 0
+    for t in range(60):
+        n = prompt_len + t  # tokens before this step; the window is out[:, start:n]
+        if n - start >= 32:
+            start = n - 16
+        with torch.no_grad():
+            logits = model(out[:, start:n])[:, -1]
+        torch.testing.assert_close(seen[t], logits, rtol=0, atol=1e-5)
+        assert out[0, n] == real(logits, 1.0, None, None, g)  # the same draw from the same distribution
 
 
 def test_generate_stop_tokens_and_sampling_filters():

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import chat
-from data.tokenizer import END_ID, EOT_ID
+from data.tokenizer import ASSISTANT_ID, END_ID, EOT_ID, USER_ID
 from training.load import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +58,17 @@ def test_sampling_is_reproducible_and_filters_reduce_to_greedy(tiny_run):
 def test_chat_mode_answers_a_user_turn(tiny_run):
     run = load_run(tiny_run, "cpu", "fp32")
     (reply,) = run_sample(tiny_run, "--chat", "--prompt", "What is 2+3?", "--temperature", 0, "--max-new-tokens", 10)
-    idx = torch.tensor([chat.render_prompt([{"role": "user", "content": "What is 2+3?"}], run.tok)])
-    out = run.model.generate(idx, 10, temperature=0.0, stop_tokens=(END_ID,))
-    assert reply == chat.decode_reply(out[0, idx.shape[1]:].tolist(), run.tok)
+    # The chat format written out (data/chat.py's docstring): <|user|>content<|end|><|assistant|>; then greedy
+    # decoding by a full forward per token (no KV cache, not model.generate), stopping at <|end|>.
+    ids = [USER_ID, *run.tok.encode("What is 2+3?"), END_ID, ASSISTANT_ID]
+    reply_ids = []
+    with torch.no_grad():
+        for _ in range(10):
+            nxt = run.model(torch.tensor([ids + reply_ids]))[0, -1].argmax().item()
+            if nxt == END_ID:
+                break
+            reply_ids.append(nxt)
+    assert reply == run.tok.decode(reply_ids)
 
 
 def test_bad_input(tiny_run, tmp_path):

@@ -18,6 +18,7 @@ from data.tokenizer import (
     Tokenizer,
     train_tokenizer,
 )
+from tests.conftest import optional_import
 
 SAMPLES = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -106,7 +107,7 @@ def test_different_tokenizers_have_different_hashes(tok):
 
 
 def test_transformers_parity(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = optional_import("transformers")
     path = tmp_path / "tokenizer.json"
     tok.save(path)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))

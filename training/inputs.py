@@ -167,11 +167,22 @@ def generate(model, idx, max_new, temperature, top_k, top_p, stop, generator):
 
 
 # ----------------------------------------------------------------------------------------------- SFT
-def _chat_eval_items(cfg: Config, kind: str, limit: int) -> list[tuple[list[dict], str]]:
-    """(prompt messages, reference answer) pairs from the validation split: the last assistant turn is the answer."""
+def _chat_eval_items(cfg: Config, kind: str, limit: int, tok: Tokenizer, block_size: int,
+                     kept: list[int]) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) pairs from the validation split: the last assistant turn is the answer.
+
+    Only records whose example survived the length filter (``kept``: the record indices load_sft/load_preferences
+    returned) and whose rendered prompt leaves room to generate (fewer than block_size tokens; generate() would keep
+    only the last block_size // 2 tokens of a longer one) are used: a prompt dropped for length must not come back,
+    truncated, among the scored and sampled prompts."""
     records, label = load_records(cfg.data.source, "validation", kind, cfg.train.seed, cfg.data.synthetic_val)
-    items = []
-    for i, rec in records[:limit]:
+    kept_records = set(kept)
+    items, n_too_long = [], 0
+    for i, rec in records:
+        if len(items) == limit:
+            break
+        if i not in kept_records:
+            continue
         where = f"record {i} of {label}"
         if kind == "sft":
             messages = record_to_messages(rec, where)
@@ -181,7 +192,15 @@ def _chat_eval_items(cfg: Config, kind: str, limit: int) -> list[tuple[list[dict
             prompt, chosen, _ = record_to_pair(rec, where)
             messages = prompt + chosen
         last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        if len(chat.render_prompt(messages[:last], tok)) >= block_size:
+            n_too_long += 1
+            continue
         items.append((messages[:last], messages[last]["content"]))
+    if not items:
+        raise ValueError(f"no validation prompt of {label} fits in block_size={block_size} tokens with room to "
+                         "generate a reply; accuracy and samples need at least one")
+    if n_too_long:
+        print0(f"data: {n_too_long} validation prompts not scored: {block_size} tokens or longer")
     return items
 
 
@@ -202,7 +221,7 @@ class SFTData:
                                 world_size=info.world_size, pack=cfg.data.pack, block_size=T)
         self.val_examples = val
         self.tokens_per_micro_batch = cfg.train.batch_size * T
-        self.eval_items = _chat_eval_items(cfg, "sft", self.accuracy_examples)
+        self.eval_items = _chat_eval_items(cfg, "sft", self.accuracy_examples, tok, T, sv["kept"])
         self.last_val_seconds = 0.0
 
     def train_batch(self) -> dict:
@@ -269,7 +288,7 @@ class DPOData:
                                        world_size=info.world_size)
         self.tokens_per_micro_batch = 2 * cfg.train.batch_size * T
         # Held-out prompts answered greedily: does preference training help (or hurt) the actual task?
-        self.eval_items = _chat_eval_items(cfg, "dpo", SFTData.accuracy_examples)
+        self.eval_items = _chat_eval_items(cfg, "dpo", SFTData.accuracy_examples, tok, T, sv["kept"])
         self.objective = None
         self.last_val_seconds = 0.0
 
