@@ -175,10 +175,11 @@ def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[i
 
 def chat_items(source: str, args, run: LoadedRun) -> tuple[list[tuple[list[dict], str, str]], str]:
     """(prompt messages, reference answer, task) of each record: the last assistant turn is the reference; for
-    preference records (a DPO run's own data) the chosen answer is."""
+    preference records (a DPO run's own data) the chosen answer is. A prompt that leaves no room for a reply in the
+    context (block_size tokens or more) is not scored, as in the trainer's validation."""
     kind = "dpo" if source == "synthetic" and run.cfg.stage == "dpo" else "sft"
     records, label = _records(source, kind, args, run)
-    items = []
+    items, too_long = [], 0
     for i, rec in records:
         where = f"record {i} of {label}"
         if rec.get("chosen") is not None:
@@ -189,10 +190,17 @@ def chat_items(source: str, args, run: LoadedRun) -> tuple[list[tuple[list[dict]
         last = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
         if not last:
             raise ValueError(f"{where}: no assistant turn to use as the reference answer")
-        render_prompt(messages[: last[-1]], run.tok)  # validates roles and contents with a clear error
+        prompt_ids = render_prompt(messages[: last[-1]], run.tok)  # validates roles and contents, clear error
+        if len(prompt_ids) >= run.gcfg.block_size:  # no room to reply: generate() would cut the prompt
+            too_long += 1
+            continue
         items.append((messages[: last[-1]], messages[last[-1]]["content"], str(rec.get("task") or "")))
+    if too_long:
+        print(f"chat: {too_long} of {len(records)} prompts not scored: {run.gcfg.block_size} tokens or longer "
+              "(the trainer's validation leaves them out too)", file=sys.stderr)
     if not items:
-        raise ValueError(f"{label}: no records to evaluate")
+        raise ValueError(f"{label}: no records to evaluate" + (f" ({too_long} prompts of {run.gcfg.block_size} "
+                                                               "tokens or longer)" if too_long else ""))
     return items, label
 
 

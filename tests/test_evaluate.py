@@ -205,3 +205,16 @@ def test_torchrun_figures_equal_single_process(tiny_run, small_text, tmp_path):
         assert dist[key] == single[key]
     for key in ("val_loss", "bits_per_byte", "logp_accuracy", "logp_margin", "preference_accuracy"):
         assert dist[key] == pytest.approx(single[key], rel=1e-5, abs=1e-5), key  # sums in another order
+
+
+def test_chat_prompts_without_room_to_reply_are_not_scored(tiny_run, tmp_path, capsys):
+    """A prompt of block_size tokens or more would be cut by generate(): like the trainer's validation, evaluate.py
+    leaves it out and says so, instead of scoring a reply to a truncated prompt."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("What is 2+3?", "5"), ("word " * 200, "long"), ("Reverse: a b", "b a"))]
+    data = tmp_path / "chat"
+    data.mkdir()
+    (data / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_eval(tiny_run, "--chat-data", data)
+    assert result["examples"] == 2
+    assert "chat: 1 of 3 prompts not scored: 64 tokens or longer" in capsys.readouterr().err
