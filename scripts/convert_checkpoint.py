@@ -4,15 +4,17 @@
 
 Older checkpoints held Python's and NumPy's random-number states (unused: every step reseeds torch). NumPy objects
 are outside what torch's restricted unpickler (`torch.load(..., weights_only=True)`) loads, so gptrain refuses such a
-file. This script loads it ONCE with `weights_only=False`, which runs whatever the file's pickle says: use it only on
-files you trust. It refuses, without loading, a file whose pickle names anything but NumPy objects (a gptrain
-checkpoint never did), drops the two random-number states, checks that the result loads safely, and rewrites the file
-atomically (temporary file, fsync, rename). A file that already loads safely is left as it is.
+file. This script refuses, without loading, a file whose pickle names anything but the few NumPy objects of that
+state (checkpoint.OLD_FORMAT_GLOBALS: an array, its dtype and NumPy's array constructor); it then loads the file with
+the restricted unpickler, those names allowed and nothing else, drops the two random-number states, checks that the
+result loads with nothing extra allowed, and rewrites the file atomically (temporary file, fsync, rename). A file that
+already loads safely is left as it is. Convert only files you trust all the same: they came from a run folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import sys
 from pathlib import Path
@@ -22,13 +24,26 @@ import torch
 from training import checkpoint
 
 
+def numpy_state_globals() -> list:
+    """The objects of checkpoint.OLD_FORMAT_GLOBALS that this NumPy has (the restricted unpickler's extra names)."""
+    import numpy as np
+
+    found = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            found.append(importlib.import_module(module)._reconstruct)
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
 def converted_bytes(path: Path) -> bytes:
     """The bytes of the converted checkpoint: torch.save of the old state without its Python/NumPy RNG states."""
     refused = checkpoint.unsafe_globals(path)
     if not checkpoint.is_old_format(refused):  # not what an older gptrain wrote: never loaded, even here
         raise ValueError(checkpoint.refusal_message(path, refused))
-    print(f"{path}: loading with weights_only=False (this runs the file's pickle: only for a file you trust)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(numpy_state_globals()):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path}: not a gptrain checkpoint (no model/config entries)")
     rng = state.get("rng")

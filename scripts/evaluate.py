@@ -13,7 +13,8 @@ What is measured, on the validation split of each source (--split train|all for 
               trainer's validation.
   chat        accuracy: exact match of the greedy reply (stopping at <|end|>) with the reference, for records with
               `messages` (the last assistant turn is the reference) or `prompt` + `completion`; per task when the
-              records name one (the built-in `synthetic` tasks do).
+              records name one (the built-in `synthetic` tasks do). A prompt of block_size tokens or more (no room
+              for a reply) is left out, as in the trainer's validation, and the count is printed.
   preference  on `prompt`/`chosen`/`rejected` records: preference_accuracy (share of pairs whose DPO reward, beta x
               the log-ratio to the reference model, is higher for the chosen answer) and reward_margin (mean
               chosen - rejected reward) against --reference (default: the checkpoint the run started from; beta and

@@ -258,7 +258,7 @@ def test_an_older_checkpoint_is_refused_with_how_to_convert_it(tiny_run, tmp_pat
     cli = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", str(path)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
-    assert "weights_only=False" in cli.stdout and "only for a file you trust" in cli.stdout
+    assert f"{path}: converted" in cli.stdout
     assert not list(path.parent.glob("*.tmp"))
     converted = checkpoint.load(run)
     assert set(converted["rng"]) == {"torch"} and torch.equal(converted["rng"]["torch"], current["rng"]["torch"])
@@ -313,3 +313,32 @@ def test_kill_9_at_any_moment_loses_no_saved_checkpoint(tmp_path, corpus_dir):
     assert reported == [2, 4, 8] and checkpoint.load(out)["step"] == 8 and sorted(losses) == list(range(1, 9))
     assert step_files(out) == ["step_00000006.pt", "step_00000008.pt"] and pointer(out) == "step_00000008.pt"
     assert not list((out / checkpoint.CKPT_DIR).glob("*.tmp"))
+
+
+class _NumpyCall:
+    """Pickles as a call of a NumPy function that writes a file: a NumPy name that is not random-number state."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return np.savetxt, (str(self.marker), np.zeros(1))
+
+
+def test_the_converter_refuses_numpy_names_beyond_the_old_rng_state(tiny_run, tmp_path):
+    """Only the old RNG state's NumPy names are let through (and only by the restricted unpickler): a pickle that
+    names another NumPy function is refused by the converter too, and the function never runs."""
+    run = copy_run(tiny_run, tmp_path / "numpy_call")
+    path = checkpoint.latest(run)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    marker = tmp_path / "ran.txt"
+    state["rng"]["numpy"] = np.random.get_state()
+    state["payload"] = _NumpyCall(marker)
+    torch.save(state, path)
+    refused = checkpoint.unsafe_globals(path)
+    assert any("savetxt" in name for name in refused) and not checkpoint.is_old_format(refused)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": refused, its pickle names .*savetxt"):
+        checkpoint.load(run)
+    with pytest.raises(ValueError, match=r"refused, its pickle names .*savetxt"):
+        load_script("convert_checkpoint").convert(path)
+    assert not marker.exists()

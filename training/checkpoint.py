@@ -137,9 +137,15 @@ def unsafe_globals(path: str | Path) -> list[str]:
         return []
 
 
+# What NumPy's random-number state (`np.random.get_state()`: a uint32 array) pickles as: all an older gptrain
+# checkpoint named beyond torch's allow-list (numpy 1.x spells the module `numpy.core`, 2.x `numpy._core`).
+OLD_FORMAT_GLOBALS = frozenset({"numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
+                                "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"})
+
+
 def is_old_format(refused: list[str]) -> bool:
-    """Only NumPy objects: the random-number state that gptrain saved before checkpoints held plain values only."""
-    return bool(refused) and all(name.startswith("numpy.") for name in refused)
+    """Only the NumPy objects of the random-number state gptrain saved before checkpoints held plain values only."""
+    return bool(refused) and set(refused) <= OLD_FORMAT_GLOBALS
 
 
 def refusal_message(path: str | Path, refused: list[str]) -> str:
