@@ -128,6 +128,22 @@ def _encoded_batches(ds: datasets.Dataset, tokenizer: Tokenizer, num_proc: int |
             yield tokenizer.encode_batch(texts), [len(t.encode("utf-8")) for t in texts]
 
 
+def _write_tokens(f, encoded, dtype, bar) -> tuple[int, int, int]:
+    """Append each document's ids and an EOT_ID to the open file f; returns (tokens, UTF-8 bytes, documents)."""
+    n_tokens = n_bytes = n_docs = 0
+    for ids_list, bytes_list in encoded:
+        flat: list[int] = []
+        for ids in ids_list:
+            flat.extend(ids)
+            flat.append(EOT_ID)  # document boundary
+        np.asarray(flat, dtype=dtype).tofile(f)
+        n_tokens += len(flat)
+        n_bytes += sum(bytes_list)
+        n_docs += len(ids_list)
+        bar.update(len(ids_list))
+    return n_tokens, n_bytes, n_docs
+
+
 def prepare(
     source: str,
     tokenizer: Tokenizer,
@@ -147,7 +163,8 @@ def prepare(
     ``Dataset.map``; otherwise one process encodes batches on the tokenizer's thread pool (all cores).
     ``block_size``: fail unless the split holds at least ``block_size + 1`` tokens (one training block), before
     any shard is written. A matching prepared split is reused unless ``force``. Safe to call from several
-    processes at once: they serialise on ``<out_dir>/.<split>.lock``.
+    processes at once: they serialise on ``<out_dir>/.<split>.lock``. (Over 60 lines on purpose: the locked
+    section -- reuse check, temporary shard, manifest, renames -- stays in one piece so its atomicity can be read.)
     """
     split = normalize_split(split)
     info = describe_source(source, split)  # FileNotFoundError for a missing path, before anything is created
@@ -178,23 +195,13 @@ def prepare(
 
         t0 = time.perf_counter()
         ds = load_source(source, split, text_column, val_fraction=val_fraction, cache_dir=hf_cache_dir)
-        n_tokens = n_bytes = n_docs = 0
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{split}.bin.", suffix=".tmp")
         try:
             with (
                 os.fdopen(fd, "wb") as f,
                 tqdm(total=len(ds), unit="doc", desc=f"tokenizing {split}", disable=not verbose) as bar,
             ):
-                for ids_list, bytes_list in _encoded_batches(ds, tokenizer, num_proc):
-                    flat: list[int] = []
-                    for ids in ids_list:
-                        flat.extend(ids)
-                        flat.append(EOT_ID)  # document boundary
-                    np.asarray(flat, dtype=dtype).tofile(f)
-                    n_tokens += len(flat)
-                    n_bytes += sum(bytes_list)
-                    n_docs += len(ids_list)
-                    bar.update(len(ids_list))
+                n_tokens, n_bytes, n_docs = _write_tokens(f, _encoded_batches(ds, tokenizer, num_proc), dtype, bar)
                 f.flush()
                 os.fsync(f.fileno())
             if block_size is not None:

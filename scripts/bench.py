@@ -40,9 +40,9 @@ from model import GPT, GPTConfig  # noqa: E402
 from training.config import STAGE_DEFAULTS, TrainSection  # noqa: E402
 from training.hostmem import keep_freed_memory  # noqa: E402
 from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients  # noqa: E402
-from training.objectives import LanguageModeling  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.runinfo import environment_info, matmul_peak, vendor_peak  # noqa: E402
+from training.stages.pretrain import LanguageModeling  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

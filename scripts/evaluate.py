@@ -51,11 +51,12 @@ from data.sft import load_records, record_to_messages
 from data.sources import LOCAL_FORMATS
 from training import distributed
 from training.config import DistSection
-from training.evaluation import chat_accuracy, lm_figures, preference_figures
-from training.inputs import cache_root
+from training.evaluation import chat_accuracy, lm_figures
 from training.load import PRECISIONS, LoadedRun, load_run
 from training.monitor import Monitor, print0
-from training.objectives import DPO
+from training.stages import STAGES
+from training.stages.dpo import DPO, preference_figures
+from training.tokenizer_cache import cache_root
 
 KINDS = ("text", "chat", "preference")
 SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
@@ -91,8 +92,8 @@ def peek_fields(source: str) -> set[str] | None:
 
 def detect_kind(source: str, stage: str, text_column: str) -> str:
     """text | chat | preference, from the records' fields (see the module docstring)."""
-    if source == "synthetic":
-        return "preference" if stage == "dpo" else "chat"
+    if source == "synthetic":  # the built-in tasks: the stage's own kind of records
+        return "preference" if STAGES[stage].synthetic_records == "dpo" else "chat"
     fields = peek_fields(source)
     if fields is None:
         return "text"
@@ -122,13 +123,8 @@ def plan(args, run: LoadedRun) -> dict[str, str]:
             raise ValueError(f"{run.ckpt['path']} was imported from {run.ckpt['imported_from']} and has no data of its "
                              "own: give --data, --chat-data or --preference-data")
         own = run.cfg.data.source
-        stage = run.cfg.stage
-        if stage == "pretrain":
-            todo["text"] = own
-        elif stage == "sft":
-            todo["chat"] = own
-        else:
-            todo["preference"] = todo["chat"] = own
+        for kind in STAGES[run.cfg.stage].eval_kinds:  # what the run's stage trains and validates on
+            todo[kind] = own
     return todo
 
 
@@ -178,7 +174,7 @@ def chat_items(source: str, args, run: LoadedRun) -> tuple[list[tuple[list[dict]
     """(prompt messages, reference answer, task) of each record: the last assistant turn is the reference; for
     preference records (a DPO run's own data) the chosen answer is. A prompt that leaves no room for a reply in the
     context (block_size tokens or more) is not scored, as in the trainer's validation."""
-    kind = "dpo" if source == "synthetic" and run.cfg.stage == "dpo" else "sft"
+    kind = STAGES[run.cfg.stage].synthetic_records if source == "synthetic" else "sft"
     records, label = _records(source, kind, args, run)
     items, too_long = [], 0
     for i, rec in records:
@@ -289,7 +285,7 @@ def pref_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
 
 
 def samples(run: LoadedRun, prompts: list[str], args) -> list[dict]:
-    chat_mode = args.chat if args.chat is not None else run.cfg.stage in ("sft", "dpo")
+    chat_mode = args.chat if args.chat is not None else STAGES[run.cfg.stage].chat
     g = torch.Generator(device=run.device).manual_seed(args.seed)
     return [{"prompt": p, "completion": run.generate_text(p, args.max_new_tokens, args.temperature, args.top_k,
                                                           None, chat_mode, g)} for p in prompts]

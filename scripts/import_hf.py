@@ -27,7 +27,7 @@ from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from model.gpt import GPT
 from training.hf import from_hf_state_dict, gpt_config_from_hf, require_transformers
 from training.load import check_new_folder, save_run
-from training.loop import load_weights
+from training.weights import load_weights
 
 
 def load_hf_tokenizer(hf_dir: Path) -> Tokenizer:

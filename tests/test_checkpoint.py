@@ -22,7 +22,7 @@ import torch
 from tests.conftest import TINY_ARGS
 from train import main
 from training import checkpoint
-from training.loop import rng_state, set_rng_state
+from training.run_state import rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses import this checkout's packages (scripts/ alone would find an installed copy first).

@@ -31,7 +31,7 @@ from tests import dist_worker
 from tests.conftest import TINY_ARGS
 from train import main
 from training import checkpoint
-from training.loop import load_weights
+from training.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 # Dropout 0 and fp32 so runs on different world sizes compute the same function; a clip of 0.5 is active on every

@@ -29,9 +29,10 @@ from data.sft import SFTBatcher, load_records, load_sft
 from data.tokenizer import Tokenizer
 from model.gpt import GPT, GPTConfig
 from model.losses import IGNORE, sequence_logps, token_ce_sum
-from training import checkpoint, loop, objectives
-from training.inputs import DPOData
-from training.objectives import DPO, LanguageModeling
+from training import checkpoint, loop, weights
+from training.stages import dpo as dpo_stage
+from training.stages.dpo import DPO, DPOStage
+from training.stages.pretrain import LanguageModeling
 
 SEED = 1337  # the default train.seed: the runs' synthetic data are drawn with it
 BLOCK = 64  # the tiny fixture's context length
@@ -76,7 +77,7 @@ def train_series(out: Path, key: str = "train/loss") -> dict[int, float]:
 def load_run(run_dir: Path) -> tuple[GPT, Tokenizer, dict]:
     ck = checkpoint.load(run_dir)
     model = GPT(GPTConfig.from_dict(ck["model_config"]))
-    loop.load_weights(model, ck["model"])
+    weights.load_weights(model, ck["model"])
     tok = Tokenizer(tokenizers.Tokenizer.from_str(ck["tokenizer"]))
     return model, tok, ck
 
@@ -112,14 +113,14 @@ def dpo_run(tmp_path_factory, sft_run) -> tuple[Path, dict, dict]:
     steps: the figure depends on the exact pre-trained weights, so the bounds below leave room for that)."""
     out = tmp_path_factory.mktemp("ft") / "dpo"
     seen: dict = {}
-    make = DPOData.make_objective
+    make = DPOStage.make_objective
 
     def spy(self, reference, *args):
         seen["reference"], seen["objective"] = reference, make(self, reference, *args)
         return seen["objective"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DPOData, "make_objective", spy)
+        mp.setattr(DPOStage, "make_objective", spy)
         summary = run(out, "dpo", sft_run[0], f"--train.max_steps={DPO_STEPS}", f"--eval.interval={DPO_STEPS}",
                       "--data.synthetic_val=100", "--log.tensorboard=true", "--train.lr=2e-4")
     return out, summary, seen
@@ -395,7 +396,7 @@ def test_dpo_metric_names_in_metrics_jsonl_and_tensorboard(dpo_run, sft_run):
 
 def test_dpo_ref_cache_equals_live_reference(tmp_path, tiny_run):
     seen: dict = {}
-    make = DPOData.make_objective
+    make = DPOStage.make_objective
 
     def spy(self, reference, *args):
         seen["objective"] = make(self, reference, *args)
@@ -403,7 +404,7 @@ def test_dpo_ref_cache_equals_live_reference(tmp_path, tiny_run):
 
     args = ["--train.max_steps=3", "--train.batch_size=8", "--eval.interval=3"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DPOData, "make_objective", spy)
+        mp.setattr(DPOStage, "make_objective", spy)
         cached = run(tmp_path / "cached", "dpo", tiny_run, "--dpo.ref_cache=true", *args)
     assert seen["objective"].reference is None  # only log-probs are kept, not the reference model
     # At step 0 the policy is the model that wrote the cache: rewards vanish and the loss is ln 2.
@@ -474,8 +475,8 @@ def test_dpo_ref_cache_is_computed_on_the_bf16_path(tmp_path, tiny_run, monkeypa
         calls.append([t.detach().clone() for t in (pc, pr, rc, rr)])
         return real_dpo_loss(pc, pr, rc, rr, *args)
 
-    real_dpo_loss = objectives.dpo_loss
-    monkeypatch.setattr(objectives, "dpo_loss", recording_dpo_loss)
+    real_dpo_loss = dpo_stage.dpo_loss
+    monkeypatch.setattr(dpo_stage, "dpo_loss", recording_dpo_loss)
     out = tmp_path / "cached"
     summary = run(out, "dpo", tiny_run, *BF16_STEP, "--dpo.ref_cache=true", "--train.batch_size=8",
                   "--data.synthetic_train=64", "--data.synthetic_val=4", "--eval.interval=100")

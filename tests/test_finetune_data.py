@@ -14,7 +14,7 @@ from data.sft import SFTBatcher, SFTExample, load_records, load_sft
 from data.synthetic import answer_matches, make_preferences, make_sft, split_of, write_builtin
 from data.tokenizer import ASSISTANT_ID, END_ID, PAD_ID, USER_ID, Tokenizer, train_tokenizer
 from training.config import Config
-from training.inputs import _chat_eval_items
+from training.stages.base import chat_eval_items
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +229,9 @@ def test_validation_prompts_leave_out_records_dropped_for_length(tok, tmp_path, 
     assert stats["n_dropped"] == 1 and stats["kept"] == [0, 2, 3, 4]  # the edge record keeps a supervised token
     cfg = Config()
     cfg.data.source = str(tmp_path / "data")
-    items = _chat_eval_items(cfg, kind, 100, tok, block, stats["kept"])
+    items = chat_eval_items(cfg, kind, 100, tok, block, stats["kept"])
     assert items == [([{"role": "user", "content": q}], a) for q, a in short]
-    assert _chat_eval_items(cfg, kind, 2, tok, block, stats["kept"]) == items[:2]
+    assert chat_eval_items(cfg, kind, 2, tok, block, stats["kept"]) == items[:2]
 
 
 # --- preference loading -------------------------------------------------------------------------------------------

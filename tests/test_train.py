@@ -21,7 +21,7 @@ from train import main
 from training import checkpoint
 from training.config import parse_args
 from training.loop import TrainingError, accumulate_gradients, apply_update, clip_gradients, unscale_gradients
-from training.objectives import LanguageModeling
+from training.stages.pretrain import LanguageModeling
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -359,20 +359,20 @@ def test_default_corpus_run_lowers_validation_loss(tmp_path):
 
 def test_lr_schedules_by_hand():
     from training.config import TrainSection
-    from training.optim import lr_at, wsd_decay_start
+    from training.optim import lr_factor, wsd_decay_start
 
     wsd = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="wsd", decay_frac=0.3)
     assert wsd_decay_start(100, wsd) == 70
-    assert [lr_at(s, 100, wsd) for s in (0, 9, 10, 69)] == [pytest.approx(0.1), 1.0, 1.0, 1.0]
-    assert lr_at(70, 100, wsd) == pytest.approx(1 - 0.9 / 30) and lr_at(99, 100, wsd) == pytest.approx(0.1)
+    assert [lr_factor(s, 100, wsd) for s in (0, 9, 10, 69)] == [pytest.approx(0.1), 1.0, 1.0, 1.0]
+    assert lr_factor(70, 100, wsd) == pytest.approx(1 - 0.9 / 30) and lr_factor(99, 100, wsd) == pytest.approx(0.1)
     cos = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
-    assert lr_at(10, 100, cos) == 1.0 and lr_at(55, 100, cos) == pytest.approx(0.55)
-    assert lr_at(100, 100, cos) == pytest.approx(0.1)
+    assert lr_factor(10, 100, cos) == 1.0 and lr_factor(55, 100, cos) == pytest.approx(0.55)
+    assert lr_factor(100, 100, cos) == pytest.approx(0.1)
 
 
 def test_budget_replanning_moves_only_the_start_of_the_decay():
+    from training.budget import replan_budget_steps
     from training.config import TrainSection
-    from training.optim import replan_budget_steps
 
     t = TrainSection(warmup_steps=10, schedule="wsd", decay_frac=0.3)
     # 500 steps done, 500 s left at 0.2 s/step: 2500 more; the decay (900 steps) starts at 2100, still ahead
@@ -389,6 +389,30 @@ def test_budget_replanning_moves_only_the_start_of_the_decay():
     assert replan_budget_steps(97, -5.0, 0.2, t) == 138
     # a decay over every step after the warmup has no flat part to protect: the plain count (it used to hang)
     assert replan_budget_steps(40, 1.0, 0.1, TrainSection(warmup_steps=35, decay_frac=1.0)) == 50
+
+
+def test_time_budget_object_plans_and_replans_from_the_times_it_is_fed(capsys):
+    """training/budget.py alone, on a fake clock (binary fractions, so the arithmetic is exact): step 1 untimed,
+    then 0.125 s a step; the validations' share is added to the first plan only; re-plans every 30 steps while
+    wsd's lr is flat, none once it decays."""
+    from training.budget import TimeBudget
+    from training.config import TrainSection
+
+    t = TrainSection(time_budget_min=1.0, schedule="wsd", warmup_steps=0, decay_frac=0.5)
+    budget = TimeBudget(t, eval_interval=10)
+    budget.validation_took(1.25)  # 0.125 s per step over 10 steps
+    assert budget.after_step(1, 1, None, now=10.0, elapsed=12.0) is None  # the window starts after step 1
+    assert budget.after_step(30, 30, None, now=13.5, elapsed=15.5) is None  # not yet 30 timed steps
+    # 30 steps in 3.75 s: 0.125 + 0.125 s a step, 60 - 15 = 45 s left: 180 more updates after the 31 applied
+    assert budget.after_step(31, 31, None, now=13.75, elapsed=15.75 - 0.75) == 211
+    assert "time budget 1 min: 125.0 ms/step -> max_steps=211" in capsys.readouterr().out
+    # the machine slows down: 60 steps in 15 s (0.25 s a step over the window), 60 - 27 = 33 s left: 132 more
+    assert budget.after_step(61, 61, 211, now=25.0, elapsed=27.0) == 61 + 132
+    assert "time budget: 250.0 ms/step so far -> max_steps=193 (was 211; the decay starts at step 97)" in \
+        capsys.readouterr().out
+    assert budget.after_step(62, 62, 193, now=25.25, elapsed=27.25) == 193  # between re-plans: unchanged
+    # past the start of the decay (step 97) the count is fixed, however slow the machine
+    assert budget.after_step(121, 121, 193, now=90.0, elapsed=92.0) == 193
 
 
 def test_time_budget_is_replanned_when_the_machine_slows_down(tmp_path, corpus_dir, monkeypatch, capsys):

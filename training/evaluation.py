@@ -5,7 +5,8 @@ Sums are reduced over ranks once at the end (every rank takes part), then normal
     bits_per_byte = summed nats of the text targets / (ln 2 x their UTF-8 bytes)
 A text target is a scored target whose token has at least one byte: special tokens such as <|endoftext|> (0 bytes)
 are left out of both sums (as nanochat does), since they encode no text whose bytes could pay for their nats.
-This is the one definition, used by the trainer's validation and by scripts/evaluate.py.
+This is the one definition, used by the trainer's validation and by scripts/evaluate.py. (DPO's preference
+figures live with its stage: training/stages/dpo.py:preference_figures.)
 """
 
 from __future__ import annotations
@@ -75,23 +76,3 @@ def chat_accuracy(model, tok, items: list[tuple[list[dict], str]], autocast, dev
         correct += answer_matches(reply, reference)
     model.train(was_training)
     return correct / max(len(items), 1)
-
-
-@torch.no_grad()
-def preference_figures(model, objective, batches: list[dict], autocast, split: str = "validation") -> dict:
-    """DPO loss and TRL's reward metrics averaged over pairs; `logps/accuracies` is the reference-free share of
-    pairs where the policy alone gives the chosen answer the higher log-probability."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    names = ("loss",) + objective.metric_names
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
-    for batch in batches:
-        with autocast:
-            loss_sum, metrics = objective(model, batch, split=split)
-        row = [loss_sum] + [metrics[k] for k in objective.metric_names] + [objective.count(batch)]
-        sums += torch.stack([v.to(device).double() for v in row])
-    model.train(was_training)
-    all_reduce(sums)
-    n = max(sums[-1].item(), 1)
-    return {name: sums[i].item() / n for i, name in enumerate(names)} | {"pairs": sums[-1].item()}

@@ -26,9 +26,11 @@ from data import chat
 from data.tokenizer import END_ID, EOT_ID, Tokenizer
 from model.gpt import GPT, GPTConfig
 from training import checkpoint
-from training.config import Config, from_dict, to_dict, to_toml
+from training.config import Config, from_dict, to_toml
 from training.distributed import pick_device
-from training.loop import autocast_ctx, load_weights, resolve_precision
+from training.precision import autocast_ctx, resolve_precision
+from training.run_state import RunState, build_checkpoint
+from training.weights import load_weights
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -143,13 +145,9 @@ def save_run(run_dir: str | os.PathLike, model_state: dict, gcfg: GPTConfig, tok
         for k, v in gcfg.to_dict().items():  # the shape as explicit model.* keys (norm_eps lives in model_config)
             if hasattr(cfg.model, k):
                 setattr(cfg.model, k, v)
-    state = {
-        "model": model_state, "optimizer": None, "scaler": None, "step": step, "sched_step": step,
-        "max_steps": step, "skipped_steps": 0, "tokens_seen": 0, "elapsed": 0.0,
-        "config": to_dict(cfg), "model_config": gcfg.to_dict(), "tokenizer": tok.backend.to_str(),
-        "tokenizer_hash": tok.hash, "loader": None, "rng": None, "world_size": 1, "init_from": "", "stage": stage,
-        **(extra or {}),
-    }
+    state = build_checkpoint(RunState(step=step, max_steps=step), model_state, None, None, cfg, gcfg, tok,
+                             stage=stage, init_from="")
+    state.update(extra or {})
 
     def fill(tmp: Path) -> None:
         checkpoint.save(tmp, step, state)

@@ -1,7 +1,8 @@
 """Parameter groups, the optimizers (AdamW; Muon for hidden matrices) and the learning-rate schedule.
 
-The schedule gives a factor in [0, 1] of each group's own peak learning rate (`peak_lr`), so AdamW and Muon groups
-follow one schedule with their own peaks.
+The schedule (lr_factor) gives a factor in [0, 1] of each group's own peak learning rate (`peak_lr`), and set_lr
+applies it, so AdamW and Muon groups follow one schedule with their own peaks; the lr goes one way, from train.lr
+(and train.muon_lr) to the groups' peaks to factor x peak. The wall-clock budget's planner is training/budget.py.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ def build_optimizer(model: torch.nn.Module, t: TrainSection, device_type: str) -
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
-def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
-    """Learning rate of the update after `step` applied ones (0-based; the schedule's step) of `max_steps` updates.
+def lr_factor(step: int, max_steps: int, t: TrainSection) -> float:
+    """The schedule's factor in [0, 1] of each group's peak learning rate for the update after `step` applied ones
+    (0-based; the schedule's step) of `max_steps` updates. set_lr applies it; the logged lr is train.lr x factor.
 
-    Linear warmup from 0 to lr over warmup_steps, then either cosine decay to lr * min_lr_ratio at max_steps, or
-    warmup-stable-decay: constant lr, then a linear decay to the floor over the last decay_frac of the steps.
+    Linear warmup from 0 to 1 over warmup_steps, then either cosine decay to min_lr_ratio at max_steps, or
+    warmup-stable-decay: constant 1, then a linear decay to the floor over the last decay_frac of the steps.
     """
-    peak, floor = t.lr, t.lr * t.min_lr_ratio
+    peak, floor = 1.0, t.min_lr_ratio
     warmup = min(t.warmup_steps, max(max_steps - 1, 0))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -66,24 +68,6 @@ def wsd_decay_start(max_steps: int, t: TrainSection) -> int:
     """The first step of warmup-stable-decay's linear decay (the last decay_frac of max_steps, after the warmup)."""
     warmup = min(t.warmup_steps, max(max_steps - 1, 0))
     return max(max_steps - max(int(round(t.decay_frac * max_steps)), 1), warmup)
-
-
-def replan_budget_steps(sched_step: int, seconds_left: float, seconds_per_step: float, t: TrainSection) -> int:
-    """A wall-clock budget's step count under warmup-stable-decay, planned while the learning rate is not decaying.
-
-    The count is of applied updates, as train.max_steps is (the loop ends when the schedule's step reaches it; an
-    fp16-skipped step is attempted again). `sched_step` updates are applied, `seconds_left` remain and steps take
-    `seconds_per_step`: the count that fills the budget is sched_step + seconds_left / seconds_per_step. Before the
-    decay, moving the end only moves where the decay starts, so the schedule keeps its shape; the count is never set
-    so low that the decay would already have begun (the next step would jump down the ramp): then the decay starts
-    at the next step.
-    """
-    planned = sched_step + max(int(seconds_left / seconds_per_step), 0)
-    if t.decay_frac >= 1:  # the decay spans every step after the warmup: there is no flat part to move
-        return planned
-    while wsd_decay_start(planned, t) < sched_step:  # it grows with the count, by ~(1 - decay_frac) per step
-        planned += 1
-    return planned
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
