@@ -366,8 +366,11 @@ def test_lr_schedules_by_hand():
     assert [lr_at(s, 100, wsd) for s in (0, 9, 10, 69)] == [pytest.approx(0.1), 1.0, 1.0, 1.0]
     assert lr_at(70, 100, wsd) == pytest.approx(1 - 0.9 / 30) and lr_at(99, 100, wsd) == pytest.approx(0.1)
     cos = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
-    assert lr_at(10, 100, cos) == 1.0 and lr_at(55, 100, cos) == pytest.approx(0.55)
-    assert lr_at(100, 100, cos) == pytest.approx(0.1)
+    # the cosine runs over steps 10..99 with progress (step - 9) / 90: half-way at step 54, the floor at step 99,
+    # the last applied update (it used to reach the floor only at step 100, which never runs)
+    assert lr_at(9, 100, cos) == 1.0 and lr_at(54, 100, cos) == pytest.approx(0.55)
+    assert lr_at(10, 100, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 90)))
+    assert lr_at(99, 100, cos) == pytest.approx(0.1, abs=1e-12)
 
 
 def test_budget_replanning_moves_only_the_start_of_the_decay():

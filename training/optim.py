@@ -45,7 +45,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainSection, device_type: str) -
 def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
     """Learning rate of the update after `step` applied ones (0-based; the schedule's step) of `max_steps` updates.
 
-    Linear warmup from 0 to lr over warmup_steps, then either cosine decay to lr * min_lr_ratio at max_steps, or
+    Linear warmup from 0 to lr over warmup_steps, then either cosine decay reaching lr * min_lr_ratio at the last
+    update (step max_steps - 1), or
     warmup-stable-decay: constant lr, then a linear decay to the floor over the last decay_frac of the steps.
     """
     peak, floor = t.lr, t.lr * t.min_lr_ratio
@@ -53,7 +54,8 @@ def lr_at(step: int, max_steps: int, t: TrainSection) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     if t.schedule == "cosine":
-        progress = (step - warmup) / max(max_steps - warmup, 1)
+        # +1 as in the decay below: the last update (step max_steps - 1) runs at the floor, not just above it
+        progress = (step - warmup + 1) / max(max_steps - warmup, 1)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay_start = wsd_decay_start(max_steps, t)
     if step < decay_start:
