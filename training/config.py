@@ -142,7 +142,7 @@ class CkptSection:
     """checkpoints in the run folder"""
 
     interval: int = option(500, "save every N steps (and at the end)")
-    keep: int = option(2, "keep the newest k checkpoints")
+    keep: int = option(2, "keep the newest k checkpoints (by step) and always the one just written")
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Config:
     stage: str = option("pretrain", "sft and dpo fine-tune the run given with --init-from", STAGES)
     out: str = option("runs/default", "run folder")
     init_from: str = option("", "run folder to start from (weights, model config, tokenizer); fresh optimizer")
-    resume: bool = option(False, "continue the latest complete checkpoint in `out`")
+    resume: bool = option(False, "continue from the newest complete checkpoint in `out` (highest step)")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
