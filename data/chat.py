@@ -32,7 +32,9 @@ from typing import Any, Protocol
 from data.tokenizer import ASSISTANT_ID, END_ID, SPECIAL_TOKENS, SYSTEM_ID, USER_ID
 
 ROLE_IDS: dict[str, int] = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
-IGNORE_INDEX = -100  # label of unsupervised positions (the ignore_index of every loss in model/losses.py)
+# Label of unsupervised positions, defined here only: model/losses.py imports it as IGNORE (the default
+# ignore_index of its losses); -100 is also F.cross_entropy's default.
+IGNORE_INDEX = -100
 
 
 class _Encoder(Protocol):

@@ -33,6 +33,7 @@ import torch
 
 from data.chat import IGNORE_INDEX, render, render_prompt, to_example
 from data.sft import ExampleStream, as_messages, check_rank, load_records, present_fields
+from data.sources import normalize_split
 from data.tokenizer import PAD_ID
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -78,7 +79,7 @@ def load_preferences(source: str | os.PathLike, split: str, tok: Any, block_size
     record (naming its index and file) or when no pair remains.
     """
     records, label = load_records(source, split, "dpo", seed, n_synthetic, cache_dir)
-    split = {"val": "validation"}.get(split, split)
+    split = normalize_split(split)
     examples: list[PreferenceExample] = []
     kept: list[int] = []  # record index of each pair
     for i, record in records:

@@ -1,15 +1,17 @@
 """Supervised fine-tuning data: conversation records -> (input_ids, labels) examples -> padded or packed batches.
 
-Sources (``load_sft``), all read through ``datasets.load_dataset``:
+Sources (``load_sft``), parsed by ``data.sources.parse_source`` (the grammar, the split names and the held-out
+rules are in that module's docstring) and read through ``datasets.load_dataset``:
 
 - ``"synthetic"``: the built-in verifiable tasks of ``data.synthetic`` (generated in memory from ``seed``);
 - a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file. It has no splits, so a fixed, deterministic
   held-out part (5%, at most 500 records, chosen by a seeded permutation that does not depend on the run's seed)
-  is the ``validation`` split and the rest is ``train``;
+  is the ``val`` split and the rest is ``train``;
 - a local folder of one file format (split names from its file names: ``train.jsonl``, ``validation.jsonl``, ...;
   a folder mixing formats is refused, as for pre-training: ``datasets`` would read only its commonest) or a hub dataset
-  (``NAME``, ``hf:NAME`` or ``hf:NAME:CONFIG``): its own splits are used (``validation`` also accepts ``valid``,
-  ``val``, ``dev``, ``test``); without any of those the held-out part is carved from ``train`` as for a file.
+  (``NAME``, ``hf:NAME`` or ``hf:NAME:CONFIG``): its own splits are used (``val`` is the split named ``validation``,
+  ``valid``, ``val``, ``dev`` or ``test``); without any of those the held-out part is carved from ``train`` as for a
+  file.
 
 Records, in the formats TRL uses:
 
@@ -41,17 +43,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import datasets
 import numpy as np
 import torch
 
 from data.chat import IGNORE_INDEX, render, to_example
+from data.sources import (
+    RECORD_FORMATS,
+    Source,
+    dataset_split_names,
+    find_bad_json,
+    local_files,
+    normalize_split,
+    parse_source,
+)
 from data.tokenizer import PAD_ID
 
 HELD_OUT_FRACTION = 0.05  # share of a split-less dataset held out for validation
 HELD_OUT_MAX = 500  # ... capped, so a big dataset does not lose much training data
 _HELD_OUT_SEED = 1234  # fixed: the held-out part must not move when the training seed changes
-_VAL_ALIASES = ("validation", "valid", "val", "dev", "test")
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class SFTExample(NamedTuple):
@@ -74,79 +84,85 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
                  n_synthetic: int | None = None, cache_dir: str | None = None) -> tuple[list[tuple[int, dict]], str]:
     """Raw records of one split as ``[(record_index, record), ...]`` plus a label naming where they came from.
 
-    ``split`` is "train" or "validation" (alias "val"). ``record_index`` is the record's row in its file (or
-    split), so error messages point at the right line. ``kind`` ("sft" or "dpo") only selects which built-in
-    dataset ``"synthetic"`` means. Hub names may be written ``NAME``, ``hf:NAME`` or ``hf:NAME:CONFIG``.
+    ``source`` is parsed by ``data.sources.parse_source``; ``split`` is "train" or "val" (alias "validation").
+    ``record_index`` is the record's row in its file (or split), so error messages point at the right line.
+    ``kind`` ("sft" or "dpo") only selects which built-in dataset ``"synthetic"`` means. The held-out rule is in
+    the ``data.sources`` module docstring.
     """
-    split = {"val": "validation"}.get(split, split)
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation' (or 'val'), got {split!r}")
-    if str(source) == "synthetic":
-        from data import synthetic
+    split = normalize_split(split)
+    src = parse_source(source)
+    if src.kind == "synthetic":
+        return _synthetic_records(split, kind, seed, n_synthetic)
+    if src.kind == "stdlib":
+        raise ValueError(f"data source {src.text!r} is the built-in text corpus for pre-training, not "
+                         f"{kind.upper()} records; give 'synthetic', a file or folder of records, or a Hub dataset")
+    splits = _read_record_splits(src, cache_dir)
+    return _records_of_split(splits, split, src)
 
-        n = synthetic.DEFAULT_SIZES[split] if n_synthetic is None else n_synthetic
-        make = {"sft": synthetic.make_sft, "dpo": synthetic.make_preferences}[kind]
-        return list(enumerate(make(n, seed, split))), f"built-in synthetic {kind} data ({split}, seed {seed})"
 
-    import datasets  # deferred: importing datasets costs about a second
+def _synthetic_records(split: str, kind: str, seed: int, n: int | None) -> tuple[list[tuple[int, dict]], str]:
+    from data import synthetic
 
-    from data.sources import find_bad_json, local_files
+    name = dataset_split_names(split)[0]  # data.synthetic's own split names: "train", "validation"
+    n = synthetic.DEFAULT_SIZES[name] if n is None else n
+    make = {"sft": synthetic.make_sft, "dpo": synthetic.make_preferences}[kind]
+    return list(enumerate(make(n, seed, name))), f"built-in synthetic {kind} data ({name}, seed {seed})"
 
-    spec = str(source)
-    path = Path(spec).expanduser()
-    suffix = path.suffix.lower()
+
+def _record_builder(path: Path, suffix: str, what: str = "") -> str:
+    """The ``datasets`` builder of a record file type; ValueError naming ``path`` for another type (e.g. .txt)."""
+    if suffix.lower() not in RECORD_FORMATS:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}{what}; use one of {sorted(RECORD_FORMATS)}")
+    return RECORD_FORMATS[suffix.lower()]
+
+
+def _read_record_splits(src: Source, cache_dir: str | None):
+    """All splits of a hub, file or folder source as a ``datasets.DatasetDict``; clear errors for bad files."""
     files: list[Path] = []  # the local files read, to name a malformed line if datasets fails
     try:
-        if spec.startswith(("hf:", "hub:")) or not path.exists():
-            name = spec.split(":", 1)[1] if spec.startswith(("hf:", "hub:")) else spec
-            if name == spec and (suffix in _FILE_BUILDERS or spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-                raise FileNotFoundError(f"data source not found: {spec} (no such file or folder)")
-            name, _, config = name.partition(":")
-            splits = datasets.load_dataset(name, config or None, cache_dir=cache_dir)
-            label = f"hub dataset {name}" + (f" ({config})" if config else "")
-        elif path.is_file():
-            if suffix not in _FILE_BUILDERS:
-                raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(_FILE_BUILDERS)}")
-            files = [path]
-            splits = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), cache_dir=cache_dir)
-            label = str(path)
-        else:  # a folder: datasets finds its files and takes split names from them (train*, validation*, ...)
-            files = local_files(path)  # one format, as for pre-training: datasets would read only the commonest
-            if files[0].suffix.lower() not in _FILE_BUILDERS:
-                raise ValueError(f"{path}: unsupported file type {files[0].suffix!r} for records; use one of "
-                                 f"{sorted(_FILE_BUILDERS)}")
-            splits = datasets.load_dataset(str(path), cache_dir=cache_dir)
-            label = str(path)
+        if src.kind == "hub":
+            return datasets.load_dataset(src.name, src.config, cache_dir=cache_dir)
+        if src.kind == "file":
+            files = [src.path]
+            builder = _record_builder(src.path, src.path.suffix)
+            return datasets.load_dataset(builder, data_files=str(src.path), cache_dir=cache_dir)
+        # a folder: datasets finds its files and takes split names from them (train*, validation*, ...)
+        files = local_files(src.path)  # one format, as for pre-training: datasets would read only the commonest
+        _record_builder(src.path, files[0].suffix, " for records")
+        return datasets.load_dataset(str(src.path), cache_dir=cache_dir)
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError, ...)
         bad_line = find_bad_json(files)  # a line that is not a JSON object: name the file and the line
-        raise ValueError(bad_line or f"cannot load data source {spec!r}: {type(e).__name__}: {e}") from e
+        raise ValueError(bad_line or f"cannot load data source {src.text!r}: {type(e).__name__}: {e}") from e
 
-    names = list(splits)
-    val_name = next((a for a in _VAL_ALIASES if a in splits), None)
+
+def _records_of_split(splits, split: str, src: Source) -> tuple[list[tuple[int, dict]], str]:
+    """The ``split`` records of a source's splits: its own validation split, else the held-out part of train."""
+    label, names = src.label, list(splits)
+    val_name = next((a for a in dataset_split_names("val") if a in splits), None)
     if val_name is not None:  # the source has its own validation split: use the splits as they are
-        own = val_name if split == "validation" else "train"
+        own = val_name if split == "val" else "train"
         if own not in splits:
             raise ValueError(f"{label}: no {split!r} split; splits are {names}")
-        return list(enumerate(splits[own].to_list())), _split_label(path, own, label)
+        return list(enumerate(splits[own].to_list())), _split_label(src.path, own, label)
     # No validation split: carve a fixed held-out part out of "train" (or of the only split there is).
     base = "train" if "train" in splits else names[0] if len(names) == 1 else None
     if base is None:
         raise ValueError(f"{label}: no {split!r} split and no 'train' split to carve one from; splits are {names}")
     ds = splits[base]
     held = _held_out(len(ds))
-    keep = sorted(held) if split == "validation" else [i for i in range(len(ds)) if i not in held]
+    keep = sorted(held) if split == "val" else [i for i in range(len(ds)) if i not in held]
     rows = ds.to_list()  # one Arrow-to-Python conversion; indexing row by row is much slower
-    return [(i, rows[i]) for i in keep], label if len(names) == 1 else _split_label(path, base, label)
+    return [(i, rows[i]) for i in keep], label if len(names) == 1 else _split_label(src.path, base, label)
 
 
-def _split_label(path: Path, split_name: str, label: str) -> str:
+def _split_label(path: Path | None, split_name: str, label: str) -> str:
     """Name the file a split came from when a folder holds exactly one file for it (e.g. ``validation.jsonl``),
     so a record index in an error message is a line of a file the user can open."""
-    if path.is_dir():
+    if path is not None and path.is_dir():
         files = [f for f in sorted(path.rglob("*"))
-                 if f.is_file() and f.suffix.lower() in _FILE_BUILDERS and split_name in f.name.lower()]
+                 if f.is_file() and f.suffix.lower() in RECORD_FORMATS and split_name in f.name.lower()]
         if len(files) == 1:
             return str(files[0])
     return f"split {split_name!r} of {label}"
@@ -192,7 +208,7 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
     dropped records). Raises ValueError on a malformed record (naming its index and file) or when nothing remains.
     """
     records, label = load_records(source, split, "sft", seed, n_synthetic, cache_dir)
-    split = {"val": "validation"}.get(split, split)
+    split = normalize_split(split)
     examples: list[SFTExample] = []
     kept: list[int] = []  # record index of each example
     for i, record in records:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+# The label of unsupervised positions is defined once, by the data that writes it (data/ imports nothing of model/).
+from data.chat import IGNORE_INDEX as IGNORE
+
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 
 

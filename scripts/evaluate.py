@@ -48,7 +48,8 @@ from data import shards
 from data.chat import render_prompt
 from data.preference import PreferenceBatcher, load_preferences, record_to_pair
 from data.sft import load_records, record_to_messages
-from data.sources import LOCAL_FORMATS
+from data.sources import RECORD_FORMATS, local_files, parse_source
+from data.sources import SPLITS as SOURCE_SPLITS
 from training import distributed
 from training.config import DistSection
 from training.evaluation import chat_accuracy, lm_figures
@@ -59,19 +60,17 @@ from training.stages.dpo import DPO, preference_figures
 from training.tokenizer_cache import cache_root
 
 KINDS = ("text", "chat", "preference")
-SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
+SPLITS = {**{split: (split,) for split in SOURCE_SPLITS}, "all": SOURCE_SPLITS}  # --split -> data splits
 
 
 # ----------------------------------------------------------------------------------------------- which data
 def peek_fields(source: str) -> set[str] | None:
     """Field names of a local tabular source's records (None for plain text); read from the first file only."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        return None  # stdlib, hub names, missing paths: the loaders give the precise error
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_FORMATS
-        and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files or files[0].suffix.lower() == ".txt":
+    src = parse_source(source)  # FileNotFoundError for a missing path
+    if not src.is_local:
+        return None  # stdlib, hub names: the loaders give the precise error
+    files = local_files(src.path)
+    if files[0].suffix.lower() not in RECORD_FORMATS:
         return None
     f, suffix = files[0], files[0].suffix.lower()
     if suffix == ".parquet":

@@ -27,6 +27,7 @@ from data.shards import (  # noqa: E402
 from data.sources import (  # noqa: E402
     STDLIB_EXCLUDED_DIRS,
     STDLIB_VAL_FILES,
+    Source,
     check_utf8,
     describe_source,
     load_source,
@@ -480,3 +481,116 @@ def test_non_utf8_rejected_with_file_and_offset(tmp_path, tok, hf_cache):
 def test_bad_split_name(tmp_path, tok):
     with pytest.raises(ValueError, match="split='test'"):
         prepare("stdlib", tok, tmp_path, "test")
+
+
+# --- one grammar of data sources, one split vocabulary ------------------------------------------------------------
+
+
+def test_parse_source_reads_each_form(tmp_path, monkeypatch):
+    from data.sources import parse_source
+
+    (tmp_path / "docs.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "folder").mkdir()
+    assert parse_source("stdlib") == Source("stdlib", "stdlib")
+    assert parse_source("synthetic") == Source("synthetic", "synthetic")
+    assert parse_source(str(tmp_path / "docs.jsonl")) == Source(str(tmp_path / "docs.jsonl"), "file",
+                                                                path=tmp_path / "docs.jsonl")
+    assert parse_source(tmp_path / "folder") == Source(str(tmp_path / "folder"), "folder", path=tmp_path / "folder")
+    assert parse_source("hf:roneneldan/TinyStories") == Source("hf:roneneldan/TinyStories", "hub",
+                                                                name="roneneldan/TinyStories")
+    assert parse_source("hub:wikitext:wikitext-2-raw-v1") == Source("hub:wikitext:wikitext-2-raw-v1", "hub",
+                                                                     name="wikitext", config="wikitext-2-raw-v1")
+    bare = parse_source("HuggingFaceFW/fineweb-edu:sample-10BT")  # no such local path: a Hub id
+    assert (bare.kind, bare.name, bare.config, bare.hub_id) == ("hub", "HuggingFaceFW/fineweb-edu", "sample-10BT",
+                                                                 "HuggingFaceFW/fineweb-edu:sample-10BT")
+    assert bare.label == "hub dataset HuggingFaceFW/fineweb-edu (sample-10BT)"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stdlib").mkdir()
+    (tmp_path / "roneneldan" / "TinyStories").mkdir(parents=True)
+    assert parse_source("stdlib").kind == "stdlib"  # the built-in name wins over a folder of that name ...
+    assert parse_source("./stdlib") == Source("./stdlib", "folder", path=Path("stdlib"))  # ... unless written as one
+    assert parse_source("roneneldan/TinyStories").kind == "folder"  # an existing path wins over a Hub id
+    assert parse_source("hf:roneneldan/TinyStories").kind == "hub"  # unless hf: says otherwise
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_source("~/docs.jsonl") == Source("~/docs.jsonl", "file", path=tmp_path / "docs.jsonl")
+
+
+@pytest.mark.parametrize("text,error,message", [
+    ("hf:", ValueError, r"data source 'hf:': no dataset name"),
+    ("hub:", ValueError, r"data source 'hub:': no dataset name"),
+    ("hf::cfg", ValueError, r"data source 'hf::cfg': no dataset name"),
+    ("hf:wikitext:", ValueError, r"data source 'hf:wikitext:': no configuration after ':'"),
+    ("hf:a b", ValueError, r"data source 'hf:a b': 'a b' is not a Hub dataset name"),
+    ("hf:a/b/c", ValueError, r"'a/b/c' is not a Hub dataset name"),
+    ("", ValueError, r"data source '': expected 'stdlib', 'synthetic', a file or folder path"),
+    ("  ", ValueError, r"data source '  ': expected"),
+    ("nope.jsonl", FileNotFoundError, r"data source not found: nope.jsonl \(no such file or folder\)"),
+    ("missing.txt", FileNotFoundError, r"data source not found: missing.txt"),
+    ("./corpus", FileNotFoundError, r"data source not found: ./corpus"),
+    ("~/no/such/corpus", FileNotFoundError, r"data source not found: ~/no/such/corpus"),
+    ("a/b/c", FileNotFoundError, r"data source not found: a/b/c"),
+    ("owner/name:bad config", FileNotFoundError, r"data source not found: owner/name:bad config"),
+])
+def test_parse_source_refuses_bad_input_naming_it(tmp_path, monkeypatch, text, error, message):
+    from data.sources import parse_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        parse_source(text)
+
+
+def test_every_loader_reads_sources_through_the_one_parser(tmp_path, monkeypatch, hf_cache):
+    """The same bad source gives the same error from pre-training, the SFT/DPO records and evaluate.py."""
+    import importlib.util
+
+    from data.sft import load_records
+
+    spec = importlib.util.spec_from_file_location("gptrain_eval_sources", Path(__file__).parents[1] / "scripts" /
+                                                  "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    monkeypatch.chdir(tmp_path)
+    for load in (lambda s: load_source(s, "train", cache_dir=hf_cache), lambda s: describe_source(s, "val"),
+                 lambda s: load_records(s, "train", cache_dir=hf_cache), evaluate.peek_fields):
+        with pytest.raises(ValueError, match=r"data source 'hf:': no dataset name"):
+            load("hf:")
+        with pytest.raises(FileNotFoundError, match=r"data source not found: missing\.txt"):
+            load("missing.txt")
+    with pytest.raises(ValueError, match=r"'synthetic' is the built-in SFT/DPO data \(records\), not text"):
+        describe_source("synthetic", "train")
+    with pytest.raises(ValueError, match=r"'stdlib' is the built-in text corpus for pre-training, not DPO records"):
+        load_records("stdlib", "train", "dpo")
+    write_jsonl(tmp_path / "rows.jsonl", ["x"], column="answer")
+    assert evaluate.peek_fields("rows.jsonl") == {"answer", "id"} and evaluate.peek_fields("stdlib") is None
+    (tmp_path / "notes.txt").write_text("plain text")
+    assert evaluate.peek_fields("notes.txt") is None
+
+
+def test_one_split_vocabulary():
+    from data import synthetic
+    from data.sft import load_records
+    from data.sources import SPLITS, dataset_split_names, normalize_split
+
+    assert SPLITS == ("train", "val")
+    assert [normalize_split(s) for s in ("train", "val", "validation")] == ["train", "val", "val"]
+    assert dataset_split_names("train") == ("train",)
+    assert dataset_split_names("validation") == dataset_split_names("val") == ("validation", "valid", "val", "dev",
+                                                                               "test")
+    for bad in ("test", "dev", "Val", ""):
+        with pytest.raises(ValueError, match=rf"split={bad!r}: expected one of \('train', 'val'\)"):
+            normalize_split(bad)
+        with pytest.raises(ValueError, match=rf"split={bad!r}"):
+            load_records("synthetic", bad)
+    # the built-in records keep their own split name, so their content (seeded by it) does not move
+    records, label = load_records("synthetic", "val", "sft", seed=3, n_synthetic=5)
+    assert [r for _, r in records] == synthetic.make_sft(5, 3, "validation")
+    assert label == "built-in synthetic sft data (validation, seed 3)"
+    assert load_records("synthetic", "validation", "sft", seed=3, n_synthetic=5) == (records, label)
+
+
+def test_the_label_ignore_value_is_defined_once():
+    import data.chat
+    import model.losses
+
+    # the very same object, not two equal literals (CPython caches only -5..256, so two -100s are two objects)
+    assert model.losses.IGNORE is data.chat.IGNORE_INDEX

@@ -3,6 +3,10 @@
 Resolution order: dataclass defaults -> the stage's defaults (sft and dpo fine-tune with other settings) ->
 `--config FILE.toml` -> `--section.key=value` flags. An unknown key or a value of the wrong type is an error that
 names the key and suggests the closest valid one. The resolved config is saved with every checkpoint.
+
+Each field is declared with `option(default, help, choices)`: its one-line description and, for enum-like keys, the
+values it accepts live beside it and nowhere else. `--help` (anywhere on the line) prints them, grouped by section,
+with the values this command line resolves to; `set_key` and `validate` enforce the same choices (CHOICES).
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shlex
 import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
+
+from model.gpt import ARCHS, PRESETS, GPTConfig
+from model.losses import DPO_LOSS_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,119 +29,149 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STAGES = ("pretrain", "sft", "dpo")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def option(default, help: str, choices: tuple = ()) -> typing.Any:
+    """A config field with its one-line `--help` text and, for enum-like options, the values it accepts.
+
+    The help and the choices live here, beside the field, and nowhere else: `--help` prints them, and `set_key` and
+    `validate` enforce the choices (through CHOICES, derived from these fields).
+    """
+    return field(default=default, metadata={"help": help, "choices": tuple(choices)})
 
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"  # tiny | small | gpt2 | medium (model/gpt.py PRESETS); the fields below override it
-    vocab_size: int | None = None  # tokenizer and embedding size (default: the preset's)
-    block_size: int | None = None  # context length in tokens
-    n_layer: int | None = None  # transformer blocks
-    n_head: int | None = None  # query heads
-    n_kv_head: int | None = None  # key/value heads (grouped-query attention); 0 = n_head
-    n_embd: int | None = None  # residual width
-    mlp_ratio: float | None = None  # MLP hidden width / n_embd
-    dropout: float | None = None  # dropout probability (may change at fine-tuning; DPO defaults to 0)
-    tie_embeddings: bool | None = None  # share input embedding and output head
-    arch: str | None = None  # modern (RoPE, RMSNorm, SwiGLU) | gpt2 (learned positions, LayerNorm, GELU)
-    bias: bool | None = None  # biases in linear layers and norms
-    rope_theta: float | None = None  # rotary base frequency
-    init_std: float | None = None  # std of the normal initialisation
-    zero_init_residual: bool | None = None  # attention and MLP output projections start at zero
+    """the network's shape: the preset's (shown), a key set here overrides it; --init-from: the run's shape"""
+
+    preset: str = option("tiny", "named shape (model/gpt.py PRESETS)", tuple(PRESETS))
+    vocab_size: int | None = option(None, "tokenizer and embedding size")
+    block_size: int | None = option(None, "context length in tokens")
+    n_layer: int | None = option(None, "transformer blocks")
+    n_head: int | None = option(None, "query heads")
+    n_kv_head: int | None = option(None, "key/value heads (grouped-query attention); 0 = n_head")
+    n_embd: int | None = option(None, "residual width")
+    mlp_ratio: float | None = option(None, "MLP hidden width / n_embd")
+    dropout: float | None = option(None, "dropout probability (may change at fine-tuning; DPO defaults to 0)")
+    tie_embeddings: bool | None = option(None, "share input embedding and output head")
+    arch: str | None = option(None, "modern: RoPE RMSNorm SwiGLU; gpt2: learned positions, LayerNorm, GELU", ARCHS)
+    bias: bool | None = option(None, "biases in linear layers and norms")
+    rope_theta: float | None = option(None, "rotary base frequency")
+    init_std: float | None = option(None, "std of the normal initialisation")
+    zero_init_residual: bool | None = option(None, "attention and MLP output projections start at zero")
 
 
 @dataclass
 class DataSection:
-    source: str = "stdlib"  # stdlib | synthetic | a local file/folder (.txt .jsonl .json .parquet .csv) | hub name
-    text_column: str = "text"  # column holding the text in tabular sources
-    tokenizer: str = ""  # an existing tokenizer.json to use instead of training one
-    cache_dir: str = ""  # where tokenizers and token shards are cached ("" = $GPTRAIN_CACHE or ~/.cache/gptrain)
-    num_proc: int = 0  # processes for tokenization (0 = all cores)
-    tokenizer_max_mb: float = 8.0  # at most this many MB of training text are used to train the tokenizer
-    synthetic_train: int = 4000  # examples in the built-in synthetic fine-tuning task (train split)
-    synthetic_val: int = 200  # ... and in its validation split
-    pack: bool = False  # SFT: pack several examples per row (block-diagonal attention, restarted positions)
+    """the text (pretrain) or the records (sft, dpo), and the tokenizer"""
+
+    source: str = option("stdlib", "stdlib, synthetic, a file/folder (txt jsonl json parquet csv) or hf:NAME[:CONFIG]")
+    text_column: str = option("text", "column holding the text in tabular sources")
+    tokenizer: str = option("", "an existing tokenizer.json to use instead of training one")
+    cache_dir: str = option("", "cache of tokenizers and token shards ('' = $GPTRAIN_CACHE or ~/.cache/gptrain)")
+    num_proc: int = option(0, "processes for tokenization (0 = all cores)")
+    tokenizer_max_mb: float = option(8.0, "at most this many MB of training text train the tokenizer")
+    synthetic_train: int = option(4000, "examples in the built-in synthetic fine-tuning task (train split)")
+    synthetic_val: int = option(200, "examples in the built-in synthetic fine-tuning task (validation split)")
+    pack: bool = option(False, "sft: pack several examples per row (block-diagonal attention, restarted positions)")
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 2000  # applied updates (the LR schedule ends here; an fp16-skipped step is attempted again and
-    # the logged step counts attempts); replaced by time_budget_min when that is set
-    stop_after_steps: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0 = off
-    time_budget_min: float = 0.0  # wall-clock budget of the training loop, turned into max_steps (re-planned under
-    # wsd while the lr is flat; pretrain defaults to 10, the CPU speedrun; train.max_steps without a budget: off)
-    batch_size: int = 32  # sequences per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 50  # linear warmup from 0
-    schedule: str = "wsd"  # cosine | wsd (warmup, stable, then linear decay over the last decay_frac of steps)
-    decay_frac: float = 0.3  # wsd: share of steps spent decaying
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW at train.lr for the rest)
-    muon_lr: float = 0.02  # peak learning rate of the Muon matrices
-    muon_momentum: float = 0.95
-    weight_decay: float = 0.1  # decoupled, w *= 1 - lr x weight_decay per step (lr: the group's scheduled lr), on
-    # the matrices AdamW updates: with adamw every 2-D weight (the blocks' linear layers, the token embedding = the
-    # tied head, gpt2's position embedding, an untied head); with muon only those embeddings and an untied head (at
-    # train.lr) -- the blocks' Muon matrices get none. Never norms and biases.
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off); the pre-clip norm is logged
-    seed: int = 1337
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA that supports it, else fp32)
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"  # auto | cpu | cuda
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU (0 = known GPU peak, or measured matmul peak on CPU)
+    """the optimizer, its schedule and the length of the run"""
+
+    # An fp16-skipped step is attempted again; the logged step counts attempts.
+    max_steps: int = option(2000, "applied updates; the lr schedule ends here (time_budget_min replaces it when set)")
+    stop_after_steps: int = option(0, "stop (with a checkpoint) after this step, the schedule unchanged; 0 = off")
+    # Re-planned under wsd while the lr is flat. Pretrain's stage default is 10 (the CPU speedrun); a train.max_steps
+    # given without a budget turns the budget off.
+    time_budget_min: float = option(0.0, "loop wall-clock minutes, planned into max_steps (re-planned under wsd); 0 = off")
+    batch_size: int = option(32, "sequences per process per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    lr: float = option(3e-3, "peak learning rate (with muon: of the parameters AdamW updates)")
+    min_lr_ratio: float = option(0.1, "the schedule ends at lr x min_lr_ratio")
+    warmup_steps: int = option(50, "linear warmup from 0, in steps")
+    schedule: str = option("wsd", "wsd: warmup, stable, linear decay over the last decay_frac of steps",
+                           ("cosine", "wsd"))
+    decay_frac: float = option(0.3, "wsd: share of steps spent decaying")
+    optimizer: str = option("adamw", "muon: Muon for the blocks' matrices, AdamW at train.lr for the rest",
+                            ("adamw", "muon"))
+    muon_lr: float = option(0.02, "peak learning rate of the Muon matrices")
+    muon_momentum: float = option(0.95, "momentum of the Muon matrices")
+    # w *= 1 - lr x weight_decay per step, lr being the group's scheduled lr. With adamw: every 2-D weight (the
+    # blocks' linear layers, the token embedding = the tied head, gpt2's position embedding, an untied head); with
+    # muon: only those embeddings and an untied head (at train.lr) -- the blocks' Muon matrices get none.
+    weight_decay: float = option(0.1, "decoupled, on the 2-D weights AdamW updates (never norms, biases or Muon's matrices)")
+    beta1: float = option(0.9, "AdamW's first-moment decay")
+    beta2: float = option(0.95, "AdamW's second-moment decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off); the pre-clip norm is logged")
+    seed: int = option(1337, "seed of the initialisation, data order, dropout and samples")
+    precision: str = option("auto", "auto: bf16 on CUDA that supports it, else fp32", PRECISIONS)
+    compile: bool = option(False, "torch.compile the model")
+    device: str = option("auto", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda"))
+    peak_flops: float = option(0.0, "device peak FLOP/s for MFU (0 = known GPU peak, or measured CPU matmul peak)")
 
 
 @dataclass
 class EvalSection:
-    interval: int = 500  # validate every N steps (and at the start and end); 0 = only at the end
-    max_tokens: int = 32768  # tokens of the validation split scored per periodic validation (0 = all); the final
-    # pre-training validation always scores the whole split
-    sample_interval: int = 500  # print/log a generated sample every N steps (and at the end; 0 = only at the end)
-    sample_prompt: str = "def "  # prompt of the generated samples (chat stages use a validation prompt)
-    sample_tokens: int = 96  # tokens generated per sample
-    temperature: float = 0.8
-    top_k: int = 50
+    """validation and generated samples"""
+
+    interval: int = option(500, "validate every N steps (and at the start and end); 0 = only at the end")
+    # The final pre-training validation always scores the whole split.
+    max_tokens: int = option(32768, "validation tokens scored per periodic validation (0 = all)")
+    sample_interval: int = option(500, "log a generated sample every N steps and at the end (0 = only at the end)")
+    sample_prompt: str = option("def ", "prompt of the samples (chat stages use a validation prompt)")
+    sample_tokens: int = option(96, "tokens generated per sample")
+    temperature: float = option(0.8, "sampling temperature of the samples")
+    top_k: int = option(50, "samples draw from the k most likely tokens (0 = all)")
 
 
 @dataclass
 class LogSection:
-    interval: int = 10  # console line, TensorBoard scalars and metrics.jsonl every N steps
-    health_interval: int = 100  # per-block gradient norms (before clipping) and update/weight ratios every N steps
-    # (0 = off)
-    hist_interval: int = 500  # weight and activation histograms every N steps (0 = off)
-    tensorboard: bool = True
+    """console, TensorBoard and metrics.jsonl"""
+
+    interval: int = option(10, "console line, TensorBoard scalars and metrics.jsonl every N steps")
+    health_interval: int = option(100, "per-block pre-clip gradient norms and update/weight ratios every N steps (0 = off)")
+    hist_interval: int = option(500, "weight and activation histograms every N steps (0 = off)")
+    tensorboard: bool = option(True, "write TensorBoard event files")
 
 
 @dataclass
 class CkptSection:
-    interval: int = 500  # save every N steps (and at the end)
-    keep: int = 2  # keep the newest k checkpoints
+    """checkpoints in the run folder"""
+
+    interval: int = option(500, "save every N steps (and at the end)")
+    keep: int = option(2, "keep the newest k checkpoints (by step) and always the one just written")
 
 
 @dataclass
 class DistSection:
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    timeout_min: float = 10.0  # collective timeout
+    """several processes (torchrun)"""
+
+    strategy: str = option("ddp", "fsdp: FSDP2 fully_shard", ("ddp", "fsdp"))
+    backend: str = option("auto", "auto: nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
+    timeout_min: float = option(10.0, "collective timeout in minutes")
 
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | robust | ipo | hinge
-    label_smoothing: float = 0.0  # cDPO / robust DPO label-noise rate
-    ref_cache: bool = False  # compute reference log-probs once before training, cache on disk, free the reference
+    """direct preference optimisation (--stage dpo)"""
+
+    beta: float = option(0.1, "scale of the implicit reward beta x (policy - reference) log-ratio")
+    loss_type: str = option("sigmoid", "DPO; label-noise-robust DPO; IPO; SLiC-style hinge", DPO_LOSS_TYPES)
+    label_smoothing: float = option(0.0, "cDPO / robust DPO label-noise rate")
+    ref_cache: bool = option(False, "compute reference log-probs once before training, cache on disk, free the reference")
 
 
 @dataclass
 class Config:
-    stage: str = "pretrain"  # pretrain | sft | dpo
-    out: str = "runs/default"  # run folder
-    init_from: str = ""  # run folder to start from (weights, model config, tokenizer); fresh optimizer
-    resume: bool = False  # continue the latest complete checkpoint in `out`
+    """the stage, the run folder and where the run starts"""
+
+    stage: str = option("pretrain", "sft and dpo fine-tune the run given with --init-from", STAGES)
+    out: str = option("runs/default", "run folder")
+    init_from: str = option("", "run folder to start from (weights, model config, tokenizer); fresh optimizer")
+    resume: bool = option(False, "continue from the newest complete checkpoint in `out` (highest step)")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -162,37 +200,37 @@ STAGE_DEFAULTS: dict[str, dict] = {
             "eval.interval": 50, "eval.max_tokens": 0, "ckpt.interval": 150},
 }
 
-CHOICES = {
-    "stage": STAGES,
-    "model.preset": ("tiny", "small", "gpt2", "medium"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.schedule": ("cosine", "wsd"),
-    "train.optimizer": ("adamw", "muon"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "dist.strategy": ("ddp", "fsdp"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "dpo.loss_type": ("sigmoid", "robust", "ipo", "hinge"),
-}
-
-
 def _sections(cfg: Config) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
 
 
+def _option_fields() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every settable dotted key -> (its type, its dataclass field), in the order of the dataclasses."""
+    keys: dict[str, tuple[type, dataclasses.Field]] = {}
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sub_hints = typing.get_type_hints(hints[f.name])
+            for sf in fields(hints[f.name]):
+                keys[f"{f.name}.{sf.name}"] = (sub_hints[sf.name], sf)
+        else:
+            keys[f.name] = (hints[f.name], f)
+    return keys
+
+
 def all_keys() -> dict[str, tuple[type, object]]:
     """Every settable dotted key -> (type, default)."""
-    cfg = Config()
-    keys: dict[str, tuple[type, object]] = {}
-    hints = typing.get_type_hints(Config)
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            sub_hints = typing.get_type_hints(type(value))
-            for sf in fields(value):
-                keys[f"{f.name}.{sf.name}"] = (sub_hints[sf.name], getattr(value, sf.name))
-        else:
-            keys[f.name] = (hints[f.name], value)
-    return keys
+    return {key: (tp, f.default) for key, (tp, f) in _option_fields().items()}
+
+
+# The values each enum-like key accepts, from the fields' metadata: what --help prints is what is enforced.
+CHOICES: dict[str, tuple] = {key: f.metadata["choices"] for key, (_, f) in _option_fields().items()
+                             if f.metadata.get("choices")}
+
+
+def _check_choice(key: str, value) -> None:
+    if key in CHOICES and value is not None and value not in CHOICES[key]:
+        raise ValueError(f"{key}={value!r}: expected one of {CHOICES[key]}")
 
 
 def _suggest(key: str, valid) -> str:
@@ -248,8 +286,7 @@ def set_key(cfg: Config, key: str, value, from_string: bool = False) -> None:
     if key not in keys:
         raise ValueError(f"unknown config key {key!r}{_suggest(key, keys)}")
     value = _coerce(key, value, keys[key][0], from_string)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"{key}={value!r}: expected one of {CHOICES[key]}")
+    _check_choice(key, value)
     if "." in key:
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
@@ -315,6 +352,8 @@ def to_toml(cfg: Config) -> str:
 
 
 def validate(cfg: Config) -> None:
+    for key, value in _flatten_toml(to_dict(cfg)).items():
+        _check_choice(key, value)  # set_key checks these too; a Config built in code passes here
     t = cfg.train
     for key, value in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                        ("log.interval", cfg.log.interval), ("ckpt.keep", cfg.ckpt.keep)):
@@ -334,37 +373,79 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--stage {cfg.stage} fine-tunes a checkpoint: give --init-from RUN_DIR")
 
 
-def build_parser_help() -> str:
-    lines = ["Options (each also settable in the TOML file given with --config):"]
-    for key, (tp, default) in all_keys().items():
-        base = _base_type(tp)
-        shown = "(preset)" if default is None else repr(default)
-        lines.append(f"  --{key}=<{base.__name__}>  default {shown}")
-    return "\n".join(lines)
-
-
 USAGE = """usage: train.py [--config FILE.toml] [--stage pretrain|sft|dpo] [--data SOURCE] [--out RUN_DIR]
-                [--init-from RUN_DIR] [--resume] [--section.key=value ...]
+                [--init-from RUN_DIR] [--resume] [--section.key=value ...] [--help]
        torchrun --nproc_per_node=N train.py [same options]"""
+
+HELP_INTRO = """Set an option as --section.key=value or --section.key value, or as `key = value` under [section] in the
+--config file (top-level keys before any [section]). Each value shown is the one this command line resolves to:
+the dataclass default, then the stage's (--stage), then the --config file's, then the flags'."""
 
 # Short flags of the command line contract -> config keys.
 ALIASES = {"--data": "data.source", "--out": "out", "--init-from": "init_from", "--stage": "stage",
            "--init_from": "init_from"}
 
 
-def parse_args(argv: list[str]) -> Config:
-    """Build the resolved config from the command line (see the module docstring for the order)."""
-    config_file = None
-    overrides: list[tuple[str, str]] = []
-    resume = False
+def _shown_value(cfg: Config, key: str) -> str:
+    """The value a run of this config uses, as it would be typed; an unset model field shows the preset's."""
+    section, _, name = key.rpartition(".")
+    value = getattr(getattr(cfg, section) if section else cfg, name)
+    if section == "model" and value is None:
+        value = {f.name: f.default for f in fields(GPTConfig)} | PRESETS[cfg.model.preset]
+        value = value[name]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return shlex.quote(value) if isinstance(value, str) else repr(value)
+
+
+def _help_row(cfg: Config, key: str, f: dataclasses.Field) -> tuple[str, str]:
+    """(--flag=value, description) of one key; the choices, in brackets, lead the description."""
+    flag = f"--{key.replace('_', '-')}" if "." not in key else f"--{key}"
+    assert "." in key or flag in ALIASES or flag == "--resume", flag  # top-level keys are shown by their short flag
+    choices = f.metadata["choices"]
+    description = (f"[{'|'.join(choices)}] " if choices else "") + f.metadata["help"]
+    if flag == "--resume":  # a bare flag, no value
+        return flag, description
+    return f"{flag}={_shown_value(cfg, key)}", description
+
+
+def build_parser_help(cfg: Config | None = None) -> str:
+    """Every option grouped by section, one line each: --key=value (the value shows the type) and description.
+
+    The values are `cfg`'s (parse_args passes the config the command line resolves to); without one, the default
+    pretrain run's. The descriptions and choices are the fields' metadata (see `option`).
+    """
+    cfg = cfg or _stage_config("pretrain")
+    groups = {"": [("--config=FILE", "TOML file of settings, applied after the stage's defaults, before the flags")]}
+    for key, (_, f) in _option_fields().items():
+        groups.setdefault(key.rpartition(".")[0], []).append(_help_row(cfg, key, f))
+    width = max(len(flag) for rows in groups.values() for flag, _ in rows)
+    lines = [HELP_INTRO]
+    for section, rows in groups.items():
+        doc = (type(getattr(cfg, section)) if section else Config).__doc__
+        lines += ["", f"[{section}]  {doc}" if section else f"top level  {doc}"]
+        lines += [f"  {flag:<{width}}  {text}" for flag, text in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class _CommandLine:
+    config_file: str | None = None
+    overrides: list[tuple[str, str]] = field(default_factory=list)  # (key, value as typed), in order
+    resume: bool = False
+    wants_help: bool = False  # -h/--help anywhere: the rest of the line still decides the values shown
+
+
+def _read_argv(argv: list[str]) -> _CommandLine:
+    line = _CommandLine()
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(USAGE + "\n\n" + build_parser_help())
-            raise SystemExit(0)
-        if arg == "--resume":
-            resume = True
+        if arg in ("-h", "--help", "--resume"):  # the flags that take no value
+            if arg == "--resume":
+                line.resume = True
+            else:
+                line.wants_help = True
             i += 1
             continue
         name, eq, value = arg.partition("=")
@@ -377,16 +458,34 @@ def parse_args(argv: list[str]) -> Config:
             i += 1
         i += 1
         if name == "--config":
-            config_file = value
+            line.config_file = value
         elif name in ALIASES:
-            overrides.append((ALIASES[name], value))
+            line.overrides.append((ALIASES[name], value))
         else:
             key = name[2:]
             valid = set(all_keys()) | {a[2:] for a in ALIASES}
             if key not in all_keys():
                 raise ValueError(f"unknown option --{key}{_suggest(key, valid)}")
-            overrides.append((key, value))
+            line.overrides.append((key, value))
+    return line
 
+
+def _stage_config(stage: str) -> Config:
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    cfg = Config()
+    for key, value in STAGE_DEFAULTS[stage].items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Build the resolved config from the command line (see the module docstring for the order).
+
+    With -h/--help anywhere on the line, print every option with the value this line resolves to and exit.
+    """
+    line = _read_argv(argv)
+    config_file, overrides, resume = line.config_file, line.overrides, line.resume
     file_values = load_toml(config_file) if config_file else {}
     given = dict(overrides)
     if resume and "init_from" in given:
@@ -398,12 +497,7 @@ def parse_args(argv: list[str]) -> Config:
         cfg = from_dict(tomllib.loads(open(saved).read()))
         cfg.train.stop_after_steps = 0  # an early stop applies to the run that asked for it, not to its resumption
     else:
-        stage = given.get("stage", file_values.get("stage", "pretrain"))
-        if stage not in STAGES:
-            raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
-        cfg = Config()
-        for key, value in STAGE_DEFAULTS[stage].items():
-            set_key(cfg, key, value)
+        cfg = _stage_config(given.get("stage", file_values.get("stage", "pretrain")))
     for key, value in file_values.items():
         keys = all_keys()
         if key not in keys:
@@ -417,6 +511,9 @@ def parse_args(argv: list[str]) -> Config:
         cfg.train.time_budget_min = 0.0  # an explicit step count means a step-based schedule
     if resume:
         cfg.resume = True
+    if line.wants_help:  # before validate: `--stage sft --help` needs no --init-from
+        print(USAGE + "\n\n" + build_parser_help(cfg))
+        raise SystemExit(0)
     validate(cfg)
     return cfg
 

@@ -133,8 +133,9 @@ def wrap_reference(reference: torch.nn.Module, strategy: str, info: DistInfo, pa
 
     Under FSDP2 (several processes) the policy computes with its weights cast to param_dtype by its
     MixedPrecisionPolicy and no autocast, so the reference is sharded the same way, with the same policy: the same
-    bf16 weights through the same kernels, and only 1/world_size of its weights on each rank. Its root reshards after
-    every forward (a policy's root keeps its gathered weights for the backward; the reference has no backward).
+    bf16 weights through the same kernels, and only 1/world_size of its weights on each rank. Its root is asked to
+    reshard after every forward (a policy's root keeps its gathered weights for the backward; the reference has no
+    backward); FSDP2 honours that for a root module from torch 2.8 on, earlier ones keep the root's weights gathered.
     Otherwise the reference stays a plain module under the loop's autocast, as the policy's own module is: DDP has
     nothing to synchronise for a model without gradients.
     """
@@ -151,7 +152,9 @@ def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None,
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=root_reshard_after_forward)
+    # Passed only when asked for: torch < 2.8 types the argument bool (True) and refuses None
+    root_options = {} if root_reshard_after_forward is None else {"reshard_after_forward": root_reshard_after_forward}
+    fully_shard(model, mp_policy=mp, **root_options)
     return model
 
 

@@ -47,15 +47,17 @@ def lr_factor(step: int, max_steps: int, t: TrainSection) -> float:
     """The schedule's factor in [0, 1] of each group's peak learning rate for the update after `step` applied ones
     (0-based; the schedule's step) of `max_steps` updates. set_lr applies it; the logged lr is train.lr x factor.
 
-    Linear warmup from 0 to 1 over warmup_steps, then either cosine decay to min_lr_ratio at max_steps, or
-    warmup-stable-decay: constant 1, then a linear decay to the floor over the last decay_frac of the steps.
+    Linear warmup from 0 to 1 over warmup_steps, then either cosine decay reaching min_lr_ratio at the last update
+    (step max_steps - 1), or warmup-stable-decay: constant 1, then a linear decay to the floor over the last
+    decay_frac of the steps.
     """
     peak, floor = 1.0, t.min_lr_ratio
     warmup = min(t.warmup_steps, max(max_steps - 1, 0))
     if step < warmup:
         return peak * (step + 1) / warmup
     if t.schedule == "cosine":
-        progress = (step - warmup) / max(max_steps - warmup, 1)
+        # +1 as in the decay below: the last update (step max_steps - 1) runs at the floor, not just above it
+        progress = (step - warmup + 1) / max(max_steps - warmup, 1)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay_start = wsd_decay_start(max_steps, t)
     if step < decay_start:
