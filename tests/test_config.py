@@ -13,7 +13,7 @@ import torch
 
 from model import PRESETS, GPTConfig, dpo_loss
 from training.config import CHOICES, STAGE_DEFAULTS, Config, all_keys, parse_args, set_key, validate
-from training.optim import lr_at
+from training.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
 # "  --flag=value   description" or "  --flag   description" (a value may hold one space: 'def ')
@@ -137,4 +137,4 @@ def test_the_enforced_choices_are_the_ones_the_code_runs():
     for schedule in CHOICES["train.schedule"]:
         cfg = Config()
         cfg.train.schedule = schedule
-        assert lr_at(100, 200, cfg.train) > 0
+        assert lr_factor(100, 200, cfg.train) > 0
