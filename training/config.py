@@ -369,7 +369,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
-    if cfg.stage in ("sft", "dpo") and not cfg.init_from and not cfg.resume:
+    from training.stages import STAGES as STAGE_MODULES  # here: the stage modules import this module
+
+    if STAGE_MODULES[cfg.stage].fine_tunes and not cfg.init_from and not cfg.resume:
         raise ValueError(f"--stage {cfg.stage} fine-tunes a checkpoint: give --init-from RUN_DIR")
 
 

@@ -21,7 +21,7 @@ A stage is one module in training/stages/ holding one Stage subclass, and one li
     stage.sample(model, autocast) -> str         a generated sample
 
 Class attributes answer questions asked without an instance (scripts/evaluate.py, the tokenizer, the console):
-trains_tokenizer, eval_kinds, synthetic_records, chat, console_metrics, tokens_per_micro_batch (set in __init__).
+trains_tokenizer, fine_tunes, eval_kinds, synthetic_records, chat, console_metrics, tokens_per_micro_batch (set in __init__).
 No registry and no deeper hierarchy: a new stage subclasses Stage and overrides what differs.
 """
 
@@ -58,6 +58,7 @@ class Stage:
     in `self.train` (next_batch, state_dict, load_state_dict)."""
 
     trains_tokenizer = False  # may train a fresh tokenizer (else it comes from --init-from)
+    fine_tunes = True  # starts from a checkpoint: --init-from is required (training/config.py:validate)
     eval_kinds: tuple[str, ...] = ("chat",)  # what scripts/evaluate.py measures on the run's own data
     synthetic_records = "sft"  # which records `--data synthetic` gives evaluate.py for this stage: sft | dpo
     chat = True  # samples answer a prompt as a chat turn

@@ -39,6 +39,7 @@ class PretrainStage(Stage):
     """Next-token prediction on every token of a text source, in block_size windows of memmapped shards."""
 
     trains_tokenizer = True
+    fine_tunes = False
     eval_kinds = ("text",)
     chat = False
 
