@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT, GPTConfig  # noqa: E402
-from training.config import STAGE_DEFAULTS, TrainSection  # noqa: E402
+from training.config import TrainSection, stage_defaults  # noqa: E402
 from training.hostmem import keep_freed_memory  # noqa: E402
 from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help=f"default: the default run's batch on CPU ({STAGE_DEFAULTS['pretrain']['train.batch_size']}),"
+                    help=f"default: the default run's batch on CPU ({stage_defaults('pretrain')['train.batch_size']}),"
                          " 16 for gpt2/medium on GPU, else 32")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"),
                     help="adamw (fused), or muon as the default CPU run uses (its Newton-Schulz matmuls are not model "
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         k, _, v = kv.partition("=")
         overrides[k] = type(getattr(GPTConfig(), k))(v) if not isinstance(getattr(GPTConfig(), k), bool) else \
             v.lower() in ("1", "true")
-    batch_size = args.batch_size or (STAGE_DEFAULTS["pretrain"]["train.batch_size"] if device.type == "cpu" else
+    batch_size = args.batch_size or (stage_defaults("pretrain")["train.batch_size"] if device.type == "cpu" else
                                      16 if args.preset in ("gpt2", "medium") else 32)
     cache = tempfile.mkdtemp(prefix="gptrain-bench-cache-")
     env = environment_info()

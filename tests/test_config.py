@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from model import PRESETS, GPTConfig, dpo_loss
-from training.config import CHOICES, STAGE_DEFAULTS, Config, all_keys, parse_args, set_key, validate
+from training.config import CHOICES, Config, all_keys, choices, parse_args, set_key, stage_defaults, validate
 from training.optim import lr_factor
+from training.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 # "  --flag=value   description" or "  --flag   description" (a value may hold one space: 'def ')
@@ -69,7 +70,7 @@ def test_pretrain_help_shows_what_the_stage_uses_not_the_dataclass_defaults(caps
     assert rows["--train.optimizer"][0] == "muon" and Config().train.optimizer == "adamw"
     assert rows["--train.batch_size"][0] == "8" and Config().train.batch_size == 32
     assert rows["--train.time_budget_min"][0] == "10.0"
-    for key, value in STAGE_DEFAULTS["pretrain"].items():
+    for key, value in stage_defaults("pretrain").items():
         assert rows[flag_of(key)][0] == typed(value), key
     assert rows["--model.n_layer"][0] == "4" and rows["--model.vocab_size"][0] == "2048"  # tiny's, for unset fields
     assert rows["--eval.sample_prompt"][0] == "'def '" and rows["--init-from"][0] == "''"
@@ -81,11 +82,11 @@ def test_stage_help_shows_that_stages_defaults_wherever_help_stands(capsys):
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == help_text(["--stage", "sft", "--help"], capsys)  # no --init-from needed to ask for help
     rows = shown(cli.stdout)
-    for key, value in STAGE_DEFAULTS["sft"].items():
+    for key, value in stage_defaults("sft").items():
         assert rows[flag_of(key)][0] == typed(value), key
     assert rows["--stage"][0] == "sft" and rows["--train.optimizer"][0] == "adamw"  # sft does not inherit muon
     rows = shown(help_text(["--stage=dpo", "-h"], capsys))
-    for key, value in STAGE_DEFAULTS["dpo"].items():
+    for key, value in stage_defaults("dpo").items():
         assert rows[flag_of(key)][0] == typed(value), key
 
 
@@ -104,20 +105,22 @@ def test_config_file_help_shows_the_files_values_and_the_flags(tmp_path, capsys)
 
 
 def test_choices_are_printed_and_are_the_ones_enforced(capsys):
-    assert set(CHOICES) == ENUM_KEYS
+    # every enum-like key has its choices in its field, but the stage's, which are the stage table's names
+    assert set(CHOICES) | {"stage"} == ENUM_KEYS and choices("stage") == tuple(STAGES) == ("pretrain", "sft", "dpo")
     rows = shown(help_text(["--help"], capsys))
-    for key, choices in CHOICES.items():
-        assert rows[flag_of(key)][1].startswith("[" + "|".join(choices) + "] "), key
-        for choice in choices:
+    for key in sorted(ENUM_KEYS):
+        allowed = choices(key)
+        assert rows[flag_of(key)][1].startswith("[" + "|".join(allowed) + "] "), key
+        for choice in allowed:
             cfg = Config(init_from="runs/x")
             set_key(cfg, key, choice, from_string=True)
             validate(cfg)
-        with pytest.raises(ValueError, match=re.escape(f"{key}='nope': expected one of {choices}")):
+        with pytest.raises(ValueError, match=re.escape(f"{key}='nope': expected one of {allowed}")):
             set_key(Config(), key, "nope", from_string=True)
         cfg = Config()
         section, _, name = key.rpartition(".")
         setattr(getattr(cfg, section) if section else cfg, name, "nope")  # built in code, not parsed
-        with pytest.raises(ValueError, match=re.escape(f"{key}='nope': expected one of {choices}")):
+        with pytest.raises(ValueError, match=re.escape(f"{key}='nope': expected one of {allowed}")):
             validate(cfg)
 
 

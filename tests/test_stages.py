@@ -18,7 +18,7 @@ import torch
 import train
 from model.gpt import GPT
 from model.losses import token_logps
-from training import checkpoint, config, stages
+from training import checkpoint, stages
 from training.loop import step_seed
 from training.stages.base import Stage
 
@@ -104,11 +104,8 @@ class ToyRLStage(Stage):
 
 @pytest.fixture
 def toy_stage(monkeypatch):
-    """Register the stage: one entry in the stage table (plus the config's list of names it accepts)."""
+    """Register the stage: one entry in the stage table, nothing else (the config reads its names and defaults)."""
     monkeypatch.setitem(stages.STAGES, "toyrl", ToyRLStage)
-    monkeypatch.setattr(config, "STAGES", (*config.STAGES, "toyrl"))
-    monkeypatch.setitem(config.CHOICES, "stage", (*config.CHOICES["stage"], "toyrl"))
-    monkeypatch.setitem(config.STAGE_DEFAULTS, "toyrl", {})
     monkeypatch.setattr(ToyRLStage, "instances", [])
 
 

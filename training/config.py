@@ -28,7 +28,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STAGES = ("pretrain", "sft", "dpo")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -168,7 +167,8 @@ class DPOSection:
 class Config:
     """the stage, the run folder and where the run starts"""
 
-    stage: str = option("pretrain", "sft and dpo fine-tune the run given with --init-from", STAGES)
+    # choices: the stage table (training/stages/__init__.py:STAGES), read through choices("stage")
+    stage: str = option("pretrain", "sft and dpo fine-tune the run given with --init-from")
     out: str = option("runs/default", "run folder")
     init_from: str = option("", "run folder to start from (weights, model config, tokenizer); fresh optimizer")
     resume: bool = option(False, "continue from the newest complete checkpoint in `out` (highest step)")
@@ -181,24 +181,6 @@ class Config:
     dist: DistSection = field(default_factory=DistSection)
     dpo: DPOSection = field(default_factory=DPOSection)
 
-
-# Stage defaults: applied before the TOML file and the command line, so anything can still be overridden.
-STAGE_DEFAULTS: dict[str, dict] = {
-    # The CPU speedrun (the default `python train.py`): chosen by validation bits per byte at a fixed wall-clock
-    # budget on 2 CPU cores; the measurements are in the README.
-    "pretrain": {"train.time_budget_min": 10.0, "train.optimizer": "muon", "train.batch_size": 8,
-                 "train.muon_lr": 0.01, "train.lr": 3e-3},
-    # SFT of the tiny preset on the built-in tasks (measured, greedy exact match on 100 held-out prompts, ~2 min
-    # on 2 cores): lr 1e-3 x 300 steps 0.10; 2e-3 x 300 0.18; 3e-3 x 300 0.10; 2e-3 x 600 0.41.
-    "sft": {"data.source": "synthetic", "train.lr": 2e-3, "train.max_steps": 600, "train.warmup_steps": 20,
-            "train.batch_size": 32, "train.weight_decay": 0.0, "eval.interval": 200, "eval.max_tokens": 0,
-            "ckpt.interval": 600},
-    # DPO lr: 2e-4 reached the same held-out reward accuracy (0.71) but halved greedy exact match on the tiny
-    # preset's built-in tasks (chosen log-probs fell with the rejected ones); 1e-4 keeps most of it. Measured.
-    "dpo": {"data.source": "synthetic", "train.lr": 1e-4, "train.max_steps": 150, "train.warmup_steps": 10,
-            "train.batch_size": 16, "train.weight_decay": 0.0, "train.schedule": "cosine", "model.dropout": 0.0,
-            "eval.interval": 50, "eval.max_tokens": 0, "ckpt.interval": 150},
-}
 
 def _sections(cfg: Config) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
@@ -228,9 +210,28 @@ CHOICES: dict[str, tuple] = {key: f.metadata["choices"] for key, (_, f) in _opti
                              if f.metadata.get("choices")}
 
 
+def stage_table() -> dict:
+    """The stages by name: training/stages/__init__.py:STAGES, the one list of stages, each class holding its own
+    defaults. Imported when first asked for, since the stage modules import this module."""
+    from training.stages import STAGES
+
+    return STAGES
+
+
+def stage_defaults(stage: str) -> dict:
+    """A stage's defaults (`Stage.defaults`), applied before the TOML file and the flags."""
+    return stage_table()[stage].defaults
+
+
+def choices(key: str) -> tuple:
+    """The values `key` accepts; empty when any value of its type is fine."""
+    return tuple(stage_table()) if key == "stage" else CHOICES.get(key, ())
+
+
 def _check_choice(key: str, value) -> None:
-    if key in CHOICES and value is not None and value not in CHOICES[key]:
-        raise ValueError(f"{key}={value!r}: expected one of {CHOICES[key]}")
+    allowed = choices(key)
+    if allowed and value is not None and value not in allowed:
+        raise ValueError(f"{key}={value!r}: expected one of {allowed}")
 
 
 def _suggest(key: str, valid) -> str:
@@ -369,13 +370,11 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
-    from training.stages import STAGES as STAGE_MODULES  # here: the stage modules import this module
-
-    if STAGE_MODULES[cfg.stage].fine_tunes and not cfg.init_from and not cfg.resume:
+    if stage_table()[cfg.stage].fine_tunes and not cfg.init_from and not cfg.resume:
         raise ValueError(f"--stage {cfg.stage} fine-tunes a checkpoint: give --init-from RUN_DIR")
 
 
-USAGE = """usage: train.py [--config FILE.toml] [--stage pretrain|sft|dpo] [--data SOURCE] [--out RUN_DIR]
+USAGE = """usage: train.py [--config FILE.toml] [--stage NAME] [--data SOURCE] [--out RUN_DIR]
                 [--init-from RUN_DIR] [--resume] [--section.key=value ...] [--help]
        torchrun --nproc_per_node=N train.py [same options]"""
 
@@ -404,8 +403,8 @@ def _help_row(cfg: Config, key: str, f: dataclasses.Field) -> tuple[str, str]:
     """(--flag=value, description) of one key; the choices, in brackets, lead the description."""
     flag = f"--{key.replace('_', '-')}" if "." not in key else f"--{key}"
     assert "." in key or flag in ALIASES or flag == "--resume", flag  # top-level keys are shown by their short flag
-    choices = f.metadata["choices"]
-    description = (f"[{'|'.join(choices)}] " if choices else "") + f.metadata["help"]
+    allowed = choices(key)
+    description = (f"[{'|'.join(allowed)}] " if allowed else "") + f.metadata["help"]
     if flag == "--resume":  # a bare flag, no value
         return flag, description
     return f"{flag}={_shown_value(cfg, key)}", description
@@ -473,10 +472,9 @@ def _read_argv(argv: list[str]) -> _CommandLine:
 
 
 def _stage_config(stage: str) -> Config:
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    _check_choice("stage", stage)
     cfg = Config()
-    for key, value in STAGE_DEFAULTS[stage].items():
+    for key, value in stage_defaults(stage).items():
         set_key(cfg, key, value)
     return cfg
 

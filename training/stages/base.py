@@ -63,6 +63,8 @@ class Stage:
     synthetic_records = "sft"  # which records `--data synthetic` gives evaluate.py for this stage: sft | dpo
     chat = True  # samples answer a prompt as a chat turn
     console_metrics: tuple[str, ...] = ()  # metric sums printed on the console line (all are logged)
+    # config keys this stage sets before the TOML file and the flags (anything can still be overridden)
+    defaults: dict[str, object] = {}
 
     def __init__(self, cfg: Config, tok: Tokenizer, gcfg, info: DistInfo) -> None:
         self.cfg, self.tok, self.info, self.device = cfg, tok, info, info.device

@@ -111,6 +111,11 @@ class DPOStage(Stage):
     eval_kinds = ("preference", "chat")
     synthetic_records = "dpo"
     console_metrics = ("rewards/accuracies", "rewards/margins")
+    # DPO lr: 2e-4 reached the same held-out reward accuracy (0.71) but halved greedy exact match on the tiny
+    # preset's built-in tasks (chosen log-probs fell with the rejected ones); 1e-4 keeps most of it. Measured.
+    defaults = {"data.source": "synthetic", "train.lr": 1e-4, "train.max_steps": 150, "train.warmup_steps": 10,
+                "train.batch_size": 16, "train.weight_decay": 0.0, "train.schedule": "cosine", "model.dropout": 0.0,
+                "eval.interval": 50, "eval.max_tokens": 0, "ckpt.interval": 150}
 
     def __init__(self, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo) -> None:
         super().__init__(cfg, tok, gcfg, info)

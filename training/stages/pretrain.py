@@ -42,6 +42,10 @@ class PretrainStage(Stage):
     fine_tunes = False
     eval_kinds = ("text",)
     chat = False
+    # The CPU speedrun (the default `python train.py`): chosen by validation bits per byte at a fixed wall-clock
+    # budget on 2 CPU cores; the measurements are in the README.
+    defaults = {"train.time_budget_min": 10.0, "train.optimizer": "muon", "train.batch_size": 8,
+                "train.muon_lr": 0.01, "train.lr": 3e-3}
 
     def __init__(self, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo) -> None:
         super().__init__(cfg, tok, gcfg, info)

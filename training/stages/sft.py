@@ -23,6 +23,11 @@ class SFTStage(Stage):
     """Supervised fine-tuning on conversations: cross-entropy on the assistant's tokens only."""
 
     accuracy_examples = 100  # validation prompts answered greedily for the accuracy figure
+    # SFT of the tiny preset on the built-in tasks (measured, greedy exact match on 100 held-out prompts, ~2 min
+    # on 2 cores): lr 1e-3 x 300 steps 0.10; 2e-3 x 300 0.18; 3e-3 x 300 0.10; 2e-3 x 600 0.41.
+    defaults = {"data.source": "synthetic", "train.lr": 2e-3, "train.max_steps": 600, "train.warmup_steps": 20,
+                "train.batch_size": 32, "train.weight_decay": 0.0, "eval.interval": 200, "eval.max_tokens": 0,
+                "ckpt.interval": 600}
 
     def __init__(self, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo) -> None:
         super().__init__(cfg, tok, gcfg, info)
