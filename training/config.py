@@ -1,6 +1,7 @@
 """Configuration: typed dataclasses, a TOML file, command-line overrides, validation.
 
-Resolution order: dataclass defaults -> the stage's defaults (sft and dpo fine-tune with other settings) ->
+Resolution order: dataclass defaults -> the stage's defaults (`defaults` of its class in training/stages/, the
+stage names are that table's) ->
 `--config FILE.toml` -> `--section.key=value` flags. An unknown key or a value of the wrong type is an error that
 names the key and suggests the closest valid one. The resolved config is saved with every checkpoint.
 
