@@ -275,7 +275,7 @@ def pref_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     else:  # no reference: log-probs of the model alone (a zero reference leaves the policy's log-probs as they are)
         print0("preference: no reference model (the run has no --init-from; give --reference RUN_DIR): only the "
                "reference-free log-prob comparison is measured")
-        zeros = {"validation": torch.zeros(n, 2)}
+        zeros = {"val": torch.zeros(n, 2)}
         objective = DPO(d.beta, d.loss_type, d.label_smoothing, ref_cache=zeros)
         f = preference_figures(run.model, objective, bar, run.autocast)
     figures.update({"logp_accuracy": f["logps/accuracies"], "logp_margin": f["logps/chosen"] - f["logps/rejected"],

@@ -421,7 +421,7 @@ def test_dpo_ref_cache_equals_live_reference(tmp_path, tiny_run):
     assert cache["key"]["precision"] == "fp32"
     reference, tok, _ = load_run(tiny_run)
     probe = DPO(0.1, "sigmoid", 0.0, reference=reference.eval())
-    for split, n in (("train", 400), ("validation", 24)):
+    for split, n in (("train", 400), ("val", 24)):
         pairs, _ = load_preferences("synthetic", split, tok, BLOCK, seed=SEED, n_synthetic=n)
         assert cache[split].shape == (len(pairs), 2)
         batcher = PreferenceBatcher(pairs, 50, shuffle=False)
@@ -525,13 +525,13 @@ def test_dpo_ref_cache_that_cannot_be_read_is_recomputed(tmp_path, tiny_run, cap
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", recording_write)
     ran = tmp_path / "code-ran"
     valid = tmp_path / "valid.pt"
-    torch.save({"key": {}, "train": torch.zeros(8, 2), "validation": torch.zeros(1, 2)}, valid)
+    torch.save({"key": {}, "train": torch.zeros(8, 2), "val": torch.zeros(1, 2)}, valid)
     contents = {"truncated": valid.read_bytes()[:200], "runs-code": None}
     for name, data in contents.items():
         out = tmp_path / name
         out.mkdir()
         if data is None:
-            torch.save({"key": RunsCode(ran), "train": torch.zeros(8, 2), "validation": torch.zeros(1, 2)},
+            torch.save({"key": RunsCode(ran), "train": torch.zeros(8, 2), "val": torch.zeros(1, 2)},
                        out / "ref_logps.pt")
         else:
             (out / "ref_logps.pt").write_bytes(data)

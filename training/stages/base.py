@@ -11,7 +11,10 @@ A stage is one module in training/stages/ holding one Stage subclass, and one li
                                                  reuses generated batches keeps them and their use count here)
     per step, after torch is seeded for the step:
       batches = stage.train_batches(policy, n)   the step's n micro-batches, given the policy (a stage may generate
-                                                 them with it here: no gradients, plain module or FSDP's)
+                                                 them with it here: no gradients, plain module or FSDP's; under
+                                                 FSDP every forward is a collective, so every rank must run the
+                                                 same number of them: GPT.generate stops early once all its rows
+                                                 hit a stop token, so generate a fixed length there)
       stage.objective.count(batch) -> Tensor     normalisation units of a batch, known once the batch exists; the
                                                  loop sums them over micro-batches and ranks and divides once
       stage.objective(model, batch)              -> (loss sum, {metric name: sum}) under autocast, with gradients
@@ -126,7 +129,7 @@ def chat_eval_items(cfg: Config, kind: str, limit: int, tok: Tokenizer, block_si
     returned) and whose rendered prompt leaves room to generate (fewer than block_size tokens; generate() would keep
     only the last block_size // 2 tokens of a longer one) are used: a prompt dropped for length must not come back,
     truncated, among the scored and sampled prompts."""
-    records, label = load_records(cfg.data.source, "validation", kind, cfg.train.seed, cfg.data.synthetic_val)
+    records, label = load_records(cfg.data.source, "val", kind, cfg.train.seed, cfg.data.synthetic_val)
     kept_records = set(kept)
     items, n_too_long = [], 0
     for i, rec in records:

@@ -86,7 +86,7 @@ class DPO:
 
 
 @torch.no_grad()
-def preference_figures(model, objective, batches: list[dict], autocast, split: str = "validation") -> dict:
+def preference_figures(model, objective, batches: list[dict], autocast, split: str = "val") -> dict:
     """DPO loss and TRL's reward metrics averaged over pairs; `logps/accuracies` is the reference-free share of
     pairs where the policy alone gives the chosen answer the higher log-probability."""
     was_training = model.training
@@ -122,7 +122,7 @@ class DPOStage(Stage):
         T = gcfg.block_size
         train, st = load_preferences(cfg.data.source, "train", tok, T, seed=cfg.train.seed,
                                      n_synthetic=cfg.data.synthetic_train)
-        val, sv = load_preferences(cfg.data.source, "validation", tok, T, seed=cfg.train.seed,
+        val, sv = load_preferences(cfg.data.source, "val", tok, T, seed=cfg.train.seed,
                                    n_synthetic=cfg.data.synthetic_val)
         for s in (st, sv):
             print0(f"data: {s['source']}: {s['n_examples']} pairs ({s['n_dropped']} dropped by truncation to {T})")
@@ -186,7 +186,7 @@ class DPOStage(Stage):
             print0(f"dpo: cached reference log-probs of {len(self.train_examples)} + {len(self.val_examples)} pairs "
                    f"in {path}")
         self.objective = DPO(d.beta, d.loss_type, d.label_smoothing,
-                             ref_cache={"train": cache["train"], "validation": cache["validation"]})
+                             ref_cache={"train": cache["train"], "val": cache["val"]})
         return self.objective
 
     def _ref_cache_key(self, reference, precision: str) -> dict:
@@ -211,7 +211,7 @@ class DPOStage(Stage):
             print0(f"dpo: {path} is not a readable reference cache ({type(e).__name__}: {str(e)[:200]}); "
                    "recomputing it")
             return None
-        sizes = {"train": len(self.train_examples), "validation": len(self.val_examples)}
+        sizes = {"train": len(self.train_examples), "val": len(self.val_examples)}
         if not (isinstance(cache, dict) and all(isinstance(cache.get(s), torch.Tensor) and
                                                 tuple(cache[s].shape) == (n, 2) for s, n in sizes.items())):
             print0(f"dpo: {path} does not hold [chosen, rejected] log-probs of {sizes} pairs; recomputing it")
@@ -227,7 +227,7 @@ class DPOStage(Stage):
         d = self.cfg.dpo
         probe = DPO(d.beta, d.loss_type, d.label_smoothing, reference=reference)
         cache = {"key": key}
-        for split, examples in (("train", self.train_examples), ("validation", self.val_examples)):
+        for split, examples in (("train", self.train_examples), ("val", self.val_examples)):
             rows = torch.zeros(len(examples), 2)
             for batch in self._all_batches(examples, 1, 0):
                 with autocast:
@@ -238,7 +238,7 @@ class DPOStage(Stage):
 
     def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
         batches = self._all_batches(self.val_examples, info.world_size, info.rank)
-        figures = preference_figures(model, self.objective, batches, autocast, split="validation")
+        figures = preference_figures(model, self.objective, batches, autocast, split="val")
         figures["accuracy"] = chat_accuracy(model, self.tok, self.eval_items, autocast, self.device)
         return figures
 

@@ -35,7 +35,7 @@ class SFTStage(Stage):
         T = gcfg.block_size
         n_train, n_val = cfg.data.synthetic_train, cfg.data.synthetic_val
         train, st = load_sft(cfg.data.source, "train", tok, T, seed=cfg.train.seed, n_synthetic=n_train)
-        val, sv = load_sft(cfg.data.source, "validation", tok, T, seed=cfg.train.seed, n_synthetic=n_val)
+        val, sv = load_sft(cfg.data.source, "val", tok, T, seed=cfg.train.seed, n_synthetic=n_val)
         for s in (st, sv):
             print0(f"data: {s['source']}: {s['n_examples']} examples ({s['n_dropped']} dropped: no supervised token "
                    f"left after truncation to {T}), {s['n_supervised']:,} supervised tokens")
