@@ -280,8 +280,9 @@ def test_step_flops_by_hand():
     assert step_flops(model, sft) == 2 * 4 * 8160 + 3 * 6 * 8544 == 219072
     # a DPO pair batch of width 5, chosen and rejected: 20 tokens x (7392 + 960), plus the reference's 2464 + 320
     dpo = [{"chosen_input_ids": ids(2, 5), "rejected_input_ids": ids(2, 5), "chosen_labels": ids(2, 5)}]
-    assert step_flops(model, dpo) == 20 * 8352 == 167040
-    assert step_flops(model, dpo, reference_forward=True) == 20 * (8352 + 2784) == 222720
+    pair = ("chosen_input_ids", "rejected_input_ids")
+    assert step_flops(model, dpo, input_keys=pair) == 20 * 8352 == 167040
+    assert step_flops(model, dpo, reference_forward=True, input_keys=pair) == 20 * (8352 + 2784) == 222720
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

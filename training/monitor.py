@@ -74,18 +74,16 @@ class Monitor:
         self.jsonl.close()
 
 
-# The model inputs of every stage's batches, each (B, T): input_ids (pre-training, SFT), [chosen; rejected] (DPO).
-MODEL_INPUTS = ("input_ids", "chosen_input_ids", "rejected_input_ids")
-
-
-def step_flops(model, batches: list[dict], reference_forward: bool = False) -> int:
+def step_flops(model, batches: list[dict], reference_forward: bool = False,
+               input_keys: tuple[str, ...] = ("input_ids",)) -> int:
     """Model FLOPs of one step's micro-batches on this rank, in train/mfu's convention (model/gpt.py: 6N + 12 L d T
     per token, full attention, the PaLM / nanoGPT one): each model input (B, T) at its own padded length T, which
     is block_size in pre-training and the batch's longest example in SFT and DPO. A live DPO reference adds its
-    forward pass over the same inputs (2N + 4 L d T per token)."""
+    forward pass over the same inputs (2N + 4 L d T per token). input_keys: the batch's model inputs, each (B, T)
+    (the stage says which: DPO's are chosen and rejected)."""
     total = 0
     for batch in batches:
-        for key in MODEL_INPUTS:
+        for key in input_keys:
             if key in batch:
                 B, T = batch[key].shape
                 per_token = model.flops_per_token(T)

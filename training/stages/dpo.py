@@ -147,7 +147,8 @@ class DPOStage(Stage):
 
     def step_flops(self, model: GPT, batches: list[dict]) -> int:
         """The policy's forward and backward; a live reference adds its forward (a cached one costs nothing)."""
-        return step_flops(model, batches, reference_forward=not self.cfg.dpo.ref_cache)
+        return step_flops(model, batches, reference_forward=not self.cfg.dpo.ref_cache,
+                          input_keys=("chosen_input_ids", "rejected_input_ids"))
 
     def batch_tokens(self, batch: dict) -> int:
         return batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel()
