@@ -488,6 +488,8 @@ def test_resume_refuses_shape_and_setting_changes(tmp_path, corpus_dir):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown option --train.lrr .*did you mean 'train.lr'"):
         parse_args(["--train.lrr=3"])
+    with pytest.raises(ValueError, match=r"eval.interval=-5 must be >= 0 \(0 = off\)"):
+        parse_args(["--eval.interval=-5"])
     with pytest.raises(ValueError, match=r"--train.max_steps='ten': expected int"):
         parse_args(["--train.max_steps=ten"])
     with pytest.raises(ValueError, match=r"train.precision='fp8': expected one of"):

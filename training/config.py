@@ -361,6 +361,10 @@ def validate(cfg: Config) -> None:
                        ("log.interval", cfg.log.interval), ("ckpt.keep", cfg.ckpt.keep)):
         if value < 1:
             raise ValueError(f"{key}={value} must be at least 1")
+    for key in ("eval.interval", "eval.sample_interval", "log.health_interval", "log.hist_interval"):
+        section, _, name = key.partition(".")
+        if getattr(getattr(cfg, section), name) < 0:  # every N steps, 0 = off: a negative N means nothing
+            raise ValueError(f"{key}={getattr(getattr(cfg, section), name)} must be >= 0 (0 = off)")
     if t.max_steps < 1 and t.time_budget_min <= 0:
         raise ValueError(f"train.max_steps={t.max_steps} must be at least 1 (or set train.time_budget_min)")
     if t.lr <= 0:

@@ -244,16 +244,16 @@ class StepResult:
     stop_requested: bool  # a stop signal reached some rank
 
 
-def health_due(cfg: Config, step: int) -> bool:
-    return cfg.log.health_interval > 0 and (step + 1) % cfg.log.health_interval == 0
+def every(interval: int, step: int) -> bool:
+    """Whether an every-`interval`-steps action (0 = never) is due at 1-based step `step`."""
+    return interval > 0 and step % interval == 0
 
 
 def train_step(run: Run, state: RunState, batches: list[dict], count: torch.Tensor) -> StepResult:
     """Gradients of every micro-batch, clipping, the update (skipped under fp16 on overflow), its bookkeeping."""
     cfg, info, step = run.cfg, run.info, state.step
     params = run.params
-    hist = cfg.log.hist_interval > 0 and (step + 1) % cfg.log.hist_interval == 0
-    health = health_due(cfg, step)
+    hist, health = every(cfg.log.hist_interval, step + 1), every(cfg.log.health_interval, step + 1)
     hooks = activation_hooks(run.raw, run.monitor, step + 1) if hist and info.is_main else []
     loss_sum, metric_sums = accumulate_gradients(run.model, run.stage.objective, batches, count, info.world_size,
                                                  run.autocast, run.scaler, cfg.dist.strategy)
@@ -419,15 +419,15 @@ def train(run: Run, state: RunState) -> dict:
         if budget is not None:
             now = time.perf_counter()
             state.max_steps = budget.after_step(state.step, state.sched_step, state.max_steps, now, state.elapsed(now))
-        if cfg.log.hist_interval > 0 and state.step % cfg.log.hist_interval == 0:
+        if every(cfg.log.hist_interval, state.step):
             log_histograms(run, state.step)
         if state.step % cfg.log.interval == 0 or state.sched_step == state.max_steps:
             log_step(run, state, result, t.lr * factor, count.item(), throughput, start_step)
         done = state.max_steps is not None and state.sched_step >= state.max_steps
-        if cfg.eval.interval and state.step % cfg.eval.interval == 0 and not done:
+        if every(cfg.eval.interval, state.step) and not done:
             val = validate(run, state, budget)
             throughput.reset()
-        if cfg.eval.sample_interval and state.step % cfg.eval.sample_interval == 0 and not done:
+        if every(cfg.eval.sample_interval, state.step) and not done:
             sample(run, state)
             throughput.reset()
         if result.stop_requested:
