@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from data.chat import IGNORE_INDEX, render, render_prompt, to_example
-from data.sft import ExampleStream, as_messages, check_rank, load_records, present_fields
+from data.sft import ExampleStream, as_messages, check_rank, load_records, present_fields, record_to_messages
 from data.sources import normalize_split
 from data.tokenizer import PAD_ID
 
@@ -67,6 +67,20 @@ def record_to_pair(record: dict, where: str) -> tuple[list[dict], list[dict], li
         as_messages(record["chosen"], "assistant", where, "chosen"),
         as_messages(record["rejected"], "assistant", where, "rejected"),
     )
+
+
+def prompt_and_reference(record: dict, where: str) -> tuple[list[dict], str]:
+    """A chat or preference record's prompt messages and reference answer: the last assistant turn (of the chosen
+    side, for a pair), with everything before it as the prompt. ValueError naming ``where`` if there is none."""
+    if record.get("chosen") is not None:
+        prompt, chosen, _ = record_to_pair(record, where)
+        messages = prompt + chosen
+    else:
+        messages = record_to_messages(record, where)
+    last = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+    if not last:
+        raise ValueError(f"{where}: no assistant turn to use as the reference answer")
+    return messages[: last[-1]], messages[last[-1]]["content"]
 
 
 def load_preferences(source: str | os.PathLike, split: str, tok: Any, block_size: int, seed: int = 0,

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from data import shards
 from data.chat import render_prompt
-from data.preference import PreferenceBatcher, load_preferences, record_to_pair
-from data.sft import load_records, record_to_messages
+from data.preference import PreferenceBatcher, load_preferences, prompt_and_reference
+from data.sft import load_records
 from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
 from training import distributed
@@ -177,20 +177,12 @@ def chat_items(source: str, args, run: LoadedRun) -> tuple[list[tuple[list[dict]
     records, label = _records(source, kind, args, run)
     items, too_long = [], 0
     for i, rec in records:
-        where = f"record {i} of {label}"
-        if rec.get("chosen") is not None:
-            prompt, chosen, _ = record_to_pair(rec, where)
-            messages = prompt + chosen
-        else:
-            messages = record_to_messages(rec, where)
-        last = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
-        if not last:
-            raise ValueError(f"{where}: no assistant turn to use as the reference answer")
-        prompt_ids = render_prompt(messages[: last[-1]], run.tok)  # validates roles and contents, clear error
+        prompt, reference = prompt_and_reference(rec, f"record {i} of {label}")
+        prompt_ids = render_prompt(prompt, run.tok)  # validates roles and contents, clear error
         if len(prompt_ids) >= run.gcfg.block_size:  # no room to reply: generate() would cut the prompt
             too_long += 1
             continue
-        items.append((messages[: last[-1]], messages[last[-1]]["content"], str(rec.get("task") or "")))
+        items.append((prompt, reference, str(rec.get("task") or "")))
     if too_long:
         print(f"chat: {too_long} of {len(records)} prompts not scored: {run.gcfg.block_size} tokens or longer "
               "(the trainer's validation leaves them out too)", file=sys.stderr)

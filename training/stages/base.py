@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from data import chat
-from data.preference import record_to_pair
-from data.sft import load_records, record_to_messages
+from data.preference import prompt_and_reference
+from data.sft import load_records
 from data.tokenizer import END_ID, Tokenizer
 from model.gpt import GPT
 from training.config import Config
@@ -137,17 +137,11 @@ def chat_eval_items(cfg: Config, kind: str, limit: int, tok: Tokenizer, block_si
             break
         if i not in kept_records:
             continue
-        where = f"record {i} of {label}"
-        if kind == "sft":
-            messages = record_to_messages(rec, where)
-        else:
-            prompt, chosen, _ = record_to_pair(rec, where)
-            messages = prompt + chosen
-        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-        if len(chat.render_prompt(messages[:last], tok)) >= block_size:
+        prompt, reference = prompt_and_reference(rec, f"record {i} of {label}")
+        if len(chat.render_prompt(prompt, tok)) >= block_size:
             n_too_long += 1
             continue
-        items.append((messages[:last], messages[last]["content"]))
+        items.append((prompt, reference))
     if not items:
         raise ValueError(f"no validation prompt of {label} fits in block_size={block_size} tokens with room to "
                          "generate a reply; accuracy and samples need at least one")
