@@ -20,6 +20,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from model.gpt import ARCHS, PRESETS, GPTConfig
 from model.losses import DPO_LOSS_TYPES
@@ -443,7 +444,7 @@ class _CommandLine:
 
 
 def _read_argv(argv: list[str]) -> _CommandLine:
-    line = _CommandLine()
+    line, keys = _CommandLine(), all_keys()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -469,9 +470,8 @@ def _read_argv(argv: list[str]) -> _CommandLine:
             line.overrides.append((ALIASES[name], value))
         else:
             key = name[2:]
-            valid = set(all_keys()) | {a[2:] for a in ALIASES}
-            if key not in all_keys():
-                raise ValueError(f"unknown option --{key}{_suggest(key, valid)}")
+            if key not in keys:
+                raise ValueError(f"unknown option --{key}{_suggest(key, set(keys) | {a[2:] for a in ALIASES})}")
             line.overrides.append((key, value))
     return line
 
@@ -499,12 +499,12 @@ def parse_args(argv: list[str]) -> Config:
     saved = os.path.join(str(out), "config.toml")
     if resume and os.path.exists(saved):
         # A resumed run starts from its own resolved config; the file and flags given now are changes to it.
-        cfg = from_dict(tomllib.loads(open(saved).read()))
+        cfg = from_dict(tomllib.loads(Path(saved).read_text()))
         cfg.train.stop_after_steps = 0  # an early stop applies to the run that asked for it, not to its resumption
     else:
         cfg = _stage_config(given.get("stage", file_values.get("stage", "pretrain")))
+    keys = all_keys()
     for key, value in file_values.items():
-        keys = all_keys()
         if key not in keys:
             raise ValueError(f"config file {config_file}: unknown key {key!r}{_suggest(key, keys)}")
         set_key(cfg, key, value)
