@@ -96,6 +96,11 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
     if src.kind == "stdlib":
         raise ValueError(f"data source {src.text!r} is the built-in text corpus for pre-training, not "
                          f"{kind.upper()} records; give 'synthetic', a file or folder of records, or a Hub dataset")
+    if src.kind == "folder" and (src.path / "manifest.json").is_file():
+        raise ValueError(f"data source {src.text!r} is a prepared pre-training corpus (token shards and a "
+                         f"manifest.json, made by scripts/prepare_data.py), not {kind.upper()} records: --stage "
+                         f"{kind} reads {'chat records (messages, or prompt + completion)' if kind == 'sft' else 'preference pairs (prompt, chosen, rejected)'}"
+                         " from a JSONL/JSON/Parquet/CSV file or folder, a Hub dataset or 'synthetic'")
     splits = _read_record_splits(src, cache_dir)
     return _records_of_split(splits, split, src)
 

@@ -61,11 +61,14 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+
+from data.encode import doc_hash
 
 STDLIB = "stdlib"
 SYNTHETIC = "synthetic"
@@ -271,6 +274,9 @@ def parse_source(text: str | os.PathLike) -> Source:
 def _text_source(spec: str) -> Source:
     """``spec`` parsed, refusing ``synthetic`` (records, not text)."""
     src = parse_source(spec)
+    if src.kind == "folder" and (src.path / "manifest.json").is_file():
+        raise ValueError(f"data source {spec!r} is a prepared folder of token shards, not text to prepare; give it "
+                         "to train.py / evaluate.py as --data DIR as it is")
     if src.kind == SYNTHETIC:
         raise ValueError(f"data source {spec!r} is the built-in SFT/DPO data (records), not text for pre-training; "
                          "give stdlib, a text file or folder, or a Hub dataset")
@@ -422,118 +428,194 @@ def find_bad_json(files: list[Path]) -> str | None:
     return None
 
 
-def _select_text(ds: datasets.Dataset, text_column: str, where: str) -> datasets.Dataset:
-    """Keep only ``text_column`` (renamed ``text``), dropping null and empty texts."""
-    if text_column not in ds.column_names:
-        raise ValueError(f"column {text_column!r} not found in {where}; available columns: {ds.column_names}")
-    feature = ds.features[text_column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise ValueError(f"column {text_column!r} in {where} holds {feature}, not text")
-    ds = ds.select_columns([text_column])
-    if text_column != "text":
-        ds = ds.rename_column(text_column, "text")
-    return ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True, batch_size=10_000)
+# --- reading: one streaming reader for every source -------------------------------------------------------------
 
 
-def _doc_hashes(ds: datasets.Dataset) -> np.ndarray:
-    """uint64 hash of each document's text, in dataset order."""
-    out = np.empty(len(ds), dtype=np.uint64)
-    i = 0
-    for batch in ds.iter(batch_size=10_000):
-        for text in batch["text"]:
-            out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-            i += 1
-    return out
+def val_threshold(val_fraction: float) -> int:
+    """A document of a source without its own validation split is held out when ``doc_hash(text) < threshold``."""
+    return int(val_fraction * 2**64)
 
 
-def split_by_hash(ds: datasets.Dataset, split: str, val_fraction: float = VAL_FRACTION) -> datasets.Dataset:
-    """The ``split`` part of ``ds``: validation = the ``max(1, round(val_fraction * n))`` documents of smallest hash.
+@dataclass(frozen=True)
+class ReadPass:
+    """One stream of documents read in order during preparation (``read_passes``).
 
-    A lone document is cut instead: its text after the last line break before the final ``val_fraction`` is the
-    validation document.
+    ``split`` is the split every document of the stream belongs to, or None when each document's split is decided
+    by its hash (a source without its own validation split: one pass yields both). ``cut`` marks the lone-document
+    case: the stream is one text file, of which this pass yields the ``train`` head or the ``val`` tail.
     """
-    split = normalize_split(split)
-    if len(ds) == 1:
-        text = ds[0]["text"]
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
-        cut = cut + 1 if cut > 0 else max(1, int(len(text) * (1 - val_fraction)))
-        part = text[:cut] if split == "train" else text[cut:]
-        return datasets.Dataset.from_dict({"text": [part] if part else []})
-    n_val = min(len(ds) - 1, max(1, round(val_fraction * len(ds))))
-    # Ties (duplicate documents) break by position, so the choice is total and deterministic.
-    order = np.lexsort((np.arange(len(ds)), _doc_hashes(ds)))
-    val = np.sort(order[:n_val])
-    keep = val if split == "val" else np.setdiff1d(np.arange(len(ds)), val)
-    return ds.select(keep)
+
+    label: str  # for messages and progress, e.g. "train split of hub dataset NAME"
+    split: str | None
+    files: tuple[str, ...] = ()  # local files (or stdlib files) read, in order
+    builder: str | None = None  # `datasets` packaged builder of the local files
+    hub: str | None = None  # hub: the dataset name (or a local dataset folder) given to load_dataset
+    config: str | None = None
+    hub_split: str | None = None  # hub: the dataset's own split name
+    text_column: str = "text"
+    cut: str | None = None
+    val_fraction: float = VAL_FRACTION  # the cut's held-out share
+    size_bytes: int | None = None  # bytes on disk, when known (progress and ETA)
 
 
-def _load_files(files: list[Path], text_column: str, cache_dir: str | None, fmt: str | None = None) -> datasets.Dataset:
-    fmt = fmt or LOCAL_FORMATS[files[0].suffix.lower()]
-    if all(p.stat().st_size == 0 for p in files):
-        raise ValueError(f"empty data source: {', '.join(map(str, files[:5]))}{' ...' if len(files) > 5 else ''}")
-    if fmt in _TEXT_FORMATS:
-        for p in files:
-            check_utf8(p)
-    kwargs = {"sample_by": "document"} if fmt == "text" else {}
-    try:
-        ds = datasets.load_dataset(
-            fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
-        )
-    except Exception as e:  # malformed JSON/CSV surface as assorted `datasets`/pyarrow errors
-        bad_line = find_bad_json(files) if fmt == "json" else None  # name the file and line when we can
-        more = " ..." if len(files) > 1 else ""
-        raise ValueError(bad_line or f"cannot read {fmt} data from {files[0]}{more}: {e}") from e
-    where = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
-    return _select_text(ds, text_column, where)
+def read_passes(spec: str, text_column: str = "text", splits: tuple[str, ...] = SPLITS,
+                cache_dir: str | None = None, val_fraction: float = VAL_FRACTION) -> list[ReadPass]:
+    """The streams that together hold ``splits`` of ``spec``, in the order preparation reads them.
 
-
-def _load_hub(src: Source, split: str, text_column: str, val_fraction: float, cache_dir: str | None):
-    target = src.hub_id
-    try:
-        dd = datasets.load_dataset(src.name, src.config, cache_dir=cache_dir)
-    except Exception as e:
-        raise FileNotFoundError(
-            f"data source {target!r} is not a local file or folder, and loading it as a Hugging Face Hub dataset "
-            f"failed: {e}"
-        ) from e
-    if "train" not in dd:
-        raise ValueError(f"Hub dataset {target!r} has no 'train' split; it has {list(dd)}")
-    val_name = next((s for s in dataset_split_names("val") if s in dd), None)
-    if split == "train" or val_name is not None:
-        ds = _select_text(dd["train" if split == "train" else val_name], text_column, f"Hub dataset {target!r}")
-        return split_by_hash(ds, split, val_fraction) if val_name is None else ds
-    return split_by_hash(_select_text(dd["train"], text_column, f"Hub dataset {target!r}"), split, val_fraction)
-
-
-def load_source(
-    spec: str,
-    split: str,
-    text_column: str = "text",
-    val_fraction: float = VAL_FRACTION,
-    cache_dir: str | None = None,
-) -> datasets.Dataset:
-    """Documents of one split of a source, as a Dataset with a single ``text`` column (see the module docstring).
-
-    ``cache_dir`` is the ``datasets`` cache (default: the Hugging Face cache). Raises FileNotFoundError for a
-    missing path, ValueError for an empty source or split, a missing column, or text that is not UTF-8.
+    A source with its own validation split gives one pass per split; one without gives a single pass whose
+    documents are split by hash (both splits come from it, whichever ``splits`` asks for). Raises
+    FileNotFoundError for a missing path, ValueError for a Hub dataset without a ``train`` split or an unknown
+    configuration (naming the valid ones).
     """
-    split = normalize_split(split)
+    splits = tuple(normalize_split(s) for s in splits)
     src = _text_source(spec)
+    if src.kind == "stdlib":
+        return [_file_pass(f"{s} split of stdlib", s, stdlib_files(s), "text", "text") for s in splits]
     if src.kind == "hub":
-        ds = _load_hub(src, split, text_column, val_fraction, cache_dir)
-    elif src.kind == "stdlib":
-        ds = _load_files(stdlib_files(split), "text", cache_dir, fmt="text")
+        return _hub_passes(src, splits, text_column, cache_dir)
+    files = local_files(src.path)
+    named = _named_split_files(src.path, files)
+    if named is not None:
+        return [_file_pass(f"{s} split of {spec}", s, named[s], None, text_column) for s in splits]
+    if len(files) == 1 and LOCAL_FORMATS[files[0].suffix.lower()] == "text":  # one document: cut, not hashed
+        return [ReadPass(f"{s} part of {spec}", s, (str(files[0]),), "text", text_column=text_column, cut=s,
+                         val_fraction=val_fraction, size_bytes=files[0].stat().st_size) for s in splits]
+    return [_file_pass(str(spec), None, files, None, text_column)]
+
+
+def _file_pass(label: str, split: str | None, files: list[Path], builder: str | None, text_column: str) -> ReadPass:
+    builder = builder or LOCAL_FORMATS[files[0].suffix.lower()]
+    size = sum(p.stat().st_size for p in files)
+    if size == 0:
+        raise ValueError(f"empty data source: {', '.join(map(str, files[:5]))}{' ...' if len(files) > 5 else ''}")
+    return ReadPass(label, split, tuple(map(str, files)), builder, text_column=text_column, size_bytes=size)
+
+
+def _hub_passes(src: Source, splits: tuple[str, ...], text_column: str, cache_dir: str | None) -> list[ReadPass]:
+    try:  # streaming: nothing is downloaded here but the list of files
+        names = list(datasets.load_dataset(src.name, src.config, streaming=True, cache_dir=cache_dir))
+    except Exception as e:
+        if isinstance(e, ValueError) and "BuilderConfig" in str(e):  # e.g. "BuilderConfig 'x' not found. Available: [...]"
+            raise ValueError(f"data source {src.text!r}: {e}") from None
+        raise FileNotFoundError(f"data source {src.text!r} is not a local file or folder, and opening it as a Hugging "
+                                f"Face Hub dataset failed: {e}") from e
+    if "train" not in names:
+        raise ValueError(f"Hub dataset {src.hub_id!r} has no 'train' split; it has {names}")
+    val_name = next((s for s in dataset_split_names("val") if s in names), None)
+    label = src.label
+    if val_name is None:
+        return [ReadPass(label, None, hub=src.name, config=src.config, hub_split="train", text_column=text_column)]
+    return [ReadPass(f"{s} split of {label}", s, hub=src.name, config=src.config,
+                     hub_split="train" if s == "train" else val_name, text_column=text_column) for s in splits]
+
+
+def _open_stream(rp: ReadPass, cache_dir: str | None) -> datasets.IterableDataset:
+    if rp.hub is not None:
+        return datasets.load_dataset(rp.hub, rp.config, split=rp.hub_split, streaming=True, cache_dir=cache_dir)
+    return datasets.load_dataset(rp.builder, data_files=list(rp.files), split="train", streaming=True,
+                                 cache_dir=cache_dir)
+
+
+def iter_texts(rp: ReadPass, batch_docs: int = 1024, skip: int = 0,
+               cache_dir: str | None = None) -> Iterator[list[str | None]]:
+    """The texts of one pass in stream order, in lists of up to ``batch_docs``, after its first ``skip`` rows.
+
+    Rows are yielded as read, empty and null texts included (the caller drops them), so a row count is a stream
+    position that ``skip`` can return to. Raises ValueError naming the file (and the byte offset, or the line) of
+    text that is not UTF-8 or JSON that is not one object per line, or naming the column when it is missing or
+    does not hold text.
+    """
+    if rp.cut is not None:
+        if skip == 0:
+            yield [_cut_document(Path(rp.files[0]), rp.cut, rp.val_fraction)]
+        return
+    if rp.builder == "text":
+        yield from _iter_text_files(rp, batch_docs, skip)
+        return
+    ds = _open_stream(rp, cache_dir)
+    if skip:
+        ds = ds.skip(skip)
+    rows = iter(ds.iter(batch_size=batch_docs))
+    while True:
+        try:
+            batch = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _read_error(rp, e) from e
+        yield _text_of(batch, rp)
+
+
+def _iter_text_files(rp: ReadPass, batch_docs: int, skip: int) -> Iterator[list[str]]:
+    """.txt files, one document each, read as `datasets`' text builder reads them with sample_by="document" (text
+    mode: universal newlines), without its per-file cost (a second for a thousand small files)."""
+    for start in range(skip, len(rp.files), batch_docs):
+        batch = []
+        for path in rp.files[start : start + batch_docs]:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    batch.append(f.read())
+            except UnicodeDecodeError:
+                check_utf8(path)  # raises, naming the file and the byte offset
+                raise
+        yield batch
+
+
+def _text_of(batch: dict, rp: ReadPass) -> list[str | None]:
+    if rp.text_column not in batch:
+        raise ValueError(f"column {rp.text_column!r} not found in {rp.label}; available columns: {sorted(batch)}")
+    texts = batch[rp.text_column]
+    bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"column {rp.text_column!r} in {rp.label} holds {_json_kind(bad)}, not text")
+    return texts
+
+
+def _read_error(rp: ReadPass, e: Exception) -> ValueError:
+    """The error of a failed read, naming the file (and byte offset or line) where the local files allow."""
+    problem = None
+    if rp.files and rp.builder in _TEXT_FORMATS:
+        for p in rp.files:
+            check_utf8(p)  # raises, naming the file and the byte offset, on the first bad byte
+        problem = find_bad_json([Path(f) for f in rp.files]) if rp.builder == "json" else None
+    where = rp.files[0] + (" ..." if len(rp.files) > 1 else "") if rp.files else rp.label
+    return ValueError(problem or f"cannot read {rp.builder or 'Hub'} data from {where}: {e}")
+
+
+def _cut_document(path: Path, part: str, val_fraction: float) -> str:
+    """A lone document's ``train`` head or ``val`` tail: cut at the last line break before its final val_fraction."""
+    check_utf8(path)
+    text = path.read_text(encoding="utf-8")
+    if not text:
+        raise ValueError(f"empty data source: {path} holds no non-empty text")
+    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
+    cut = cut + 1 if cut > 0 else max(1, int(len(text) * (1 - val_fraction)))
+    return text[:cut] if part == "train" else text[cut:]
+
+
+def tokenizer_texts(spec: str, text_column: str, max_bytes: int, val_fraction: float = VAL_FRACTION,
+                    cache_dir: str | None = None) -> list[str]:
+    """The documents a tokenizer for ``spec`` trains on: whole documents, up to ``max_bytes`` of UTF-8 text.
+
+    ``stdlib``: the training files in the order of a permutation seeded with 0 (the rule of the published runs, so
+    their tokenizer does not change). Every other source: the first documents of its training stream (held-out
+    documents skipped by their hash), so a stream is read only as far as the budget.
+    """
+    texts, used = [], 0
+    if _text_source(spec).kind == "stdlib":
+        docs = [t for batch in iter_texts(read_passes(spec, splits=("train",))[0], cache_dir=cache_dir)
+                for t in batch if t]
+        stream = (docs[i] for i in np.random.default_rng(0).permutation(len(docs)))
     else:
-        root = src.path
-        files = local_files(root)
-        named = _named_split_files(root, files)
-        if named is not None:
-            ds = _load_files(named[split], text_column, cache_dir)
-        else:
-            ds = _load_files(files, text_column, cache_dir)
-            if len(ds) == 0:
-                raise ValueError(f"empty data source: {spec} holds no non-empty text")
-            ds = split_by_hash(ds, split, val_fraction)
-    if len(ds) == 0:
-        raise ValueError(f"empty data source: the {split} split of {spec} holds no non-empty text")
-    return ds
+        threshold = val_threshold(val_fraction)
+        rp = read_passes(spec, text_column, ("train",), cache_dir, val_fraction)[0]
+        stream = (t for batch in iter_texts(rp, cache_dir=cache_dir) for t in batch
+                  if t and (rp.split == "train" or doc_hash(t) >= threshold))
+    for text in stream:
+        texts.append(text)
+        used += len(text.encode("utf-8"))
+        if used >= max_bytes:
+            break
+    if not texts:
+        raise ValueError(f"empty data source: the train split of {spec} holds no non-empty text")
+    return texts

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from data import shards
 from data.chat import render_prompt
 from data.preference import PreferenceBatcher, load_preferences, prompt_and_reference
+from data.prepare import prepare, read_manifest
 from data.sft import load_records
 from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
@@ -57,7 +58,7 @@ from training.load import PRECISIONS, LoadedRun, load_run
 from training.monitor import Monitor, print0
 from training.stages import STAGES
 from training.stages.dpo import DPO, preference_figures
-from training.tokenizer_cache import cache_root
+from training.tokenizer_cache import cache_root, hf_cache_dir
 
 KINDS = ("text", "chat", "preference")
 SPLITS = {**{split: (split,) for split in SOURCE_SPLITS}, "all": SOURCE_SPLITS}  # --split -> data splits
@@ -67,8 +68,8 @@ SPLITS = {**{split: (split,) for split in SOURCE_SPLITS}, "all": SOURCE_SPLITS} 
 def peek_fields(source: str) -> set[str] | None:
     """Field names of a local tabular source's records (None for plain text); read from the first file only."""
     src = parse_source(source)  # FileNotFoundError for a missing path
-    if not src.is_local:
-        return None  # stdlib, hub names: the loaders give the precise error
+    if not src.is_local or shards.is_prepared_dir(src.path):
+        return None  # stdlib, hub names: the loaders give the precise error; a prepared folder is text
     files = local_files(src.path)
     if files[0].suffix.lower() not in RECORD_FORMATS:
         return None
@@ -128,25 +129,50 @@ def plan(args, run: LoadedRun) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- measurements
+def text_data(run: LoadedRun, source: str, splits: tuple[str, ...], args, info) -> shards.PreparedData:
+    """The prepared data to score: a prepared folder (--data DIR) as it is; the run's own preparation from the cache
+    when the source is the run's and it is there; else the splits asked for, prepared into the cache with
+    --max-tokens as the cap of the first of them while reading (a Hub stream is read only that far)."""
+    cfg, d = run.cfg, run.cfg.data
+    if shards.is_prepared_dir(source):
+        data = shards.open_prepared(source)
+    else:
+        common = dict(source=source, tokenizer=run.tok, workers=d.num_proc, overwrite=True, verbose=info.is_main,
+                      hf_cache_dir=hf_cache_dir(cfg), block_size=run.gcfg.block_size)
+        own = source == d.source and set(splits) <= set(SOURCE_SPLITS)
+        settings = dict(text_column=d.text_column, val_fraction=d.val_fraction, max_tokens=d.max_tokens,
+                        max_docs=d.max_docs, chunk_tokens=d.chunk_tokens)
+        out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
+        if not (own and _complete(out)):
+            settings = dict(splits=splits, text_column=args.text_column, val_fraction=d.val_fraction,
+                            max_tokens=args.max_tokens, chunk_tokens=d.chunk_tokens)
+            out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
+        prepare(out_dir=out, **common, **settings)
+        data = shards.open_prepared(out)
+    data.check_tokenizer(run.tok, f"the run {run.ckpt['path']}")
+    return data
+
+
+def _complete(out: Path) -> bool:
+    manifest = read_manifest(out)
+    return manifest is not None and bool(manifest.get("complete"))
+
+
 def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     """Loss, perplexity, bits per byte over the source's blocks (the trainer's validation, without a token cap)."""
-    cfg, T = run.cfg, run.gcfg.block_size
-    shard_dir = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok)
-    paths, n_batches = [], 0
+    T = run.gcfg.block_size
+    data = text_data(run, source, SPLITS[args.split], args, info)
+    parts, n_batches = [], 0
     for split in SPLITS[args.split]:
-        shards.prepare(source, run.tok, shard_dir, split, args.text_column, block_size=T, verbose=info.is_main,
-                       num_proc=cfg.data.num_proc or None)
-        path = shards.shard_paths(shard_dir, split)[0]
-        n = (shards.read_manifest(path)["tokens"] - 1) // T
-        n = min(n, max(1, args.max_tokens // T)) if args.max_tokens else n
-        mine = len(range(info.rank, n, info.world_size))
-        paths.append(path)
+        chunks = data.chunks(split)
+        mine = len(range(info.rank, shards.count_eval_blocks(chunks, T, args.max_tokens or None), info.world_size))
+        parts.append(chunks)
         n_batches += -(-mine // args.batch_size)
     budget = args.max_tokens or None
 
     def batches():
-        for path in paths:
-            yield from shards.eval_batches(path, args.batch_size, T, max_tokens=budget, rank=info.rank,
+        for chunks in parts:
+            yield from shards.eval_batches(chunks, args.batch_size, T, max_tokens=budget, rank=info.rank,
                                            world_size=info.world_size, device=run.device)
 
     byte_lengths = torch.as_tensor(run.tok.token_byte_lengths(), device=run.device).long()

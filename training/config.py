@@ -71,8 +71,12 @@ class DataSection:
     text_column: str = option("text", "column holding the text in tabular sources")
     tokenizer: str = option("", "an existing tokenizer.json to use instead of training one")
     cache_dir: str = option("", "cache of tokenizers and token shards ('' = $GPTRAIN_CACHE or ~/.cache/gptrain)")
-    num_proc: int = option(0, "processes for tokenization (0 = all cores)")
-    tokenizer_max_mb: float = option(8.0, "at most this many MB of training text train the tokenizer")
+    num_proc: int = option(0, "worker processes that tokenize and write the shards (0 = all cores)")
+    tokenizer_max_mb: float = option(8.0, "the tokenizer trains on the first this many MB of the training stream")
+    max_tokens: int = option(0, "stop reading once the training split holds this many tokens (0 = no cap)")
+    max_docs: int = option(0, "stop reading once the training split holds this many documents (0 = no cap)")
+    val_fraction: float = option(0.01, "held-out share of documents (by hash) for a source without a validation split")
+    chunk_tokens: int = option(2**27, "tokens per shard file (the last one of a split is shorter)")
     synthetic_train: int = option(4000, "examples in the built-in synthetic fine-tuning task (train split)")
     synthetic_val: int = option(200, "examples in the built-in synthetic fine-tuning task (validation split)")
     pack: bool = option(False, "sft: pack several examples per row (block-diagonal attention, restarted positions)")
@@ -366,6 +370,16 @@ def validate(cfg: Config) -> None:
         section, _, name = key.partition(".")
         if getattr(getattr(cfg, section), name) < 0:  # every N steps, 0 = off: a negative N means nothing
             raise ValueError(f"{key}={getattr(getattr(cfg, section), name)} must be >= 0 (0 = off)")
+    d = cfg.data
+    for key in ("max_tokens", "max_docs", "num_proc"):
+        if getattr(d, key) < 0:
+            raise ValueError(f"data.{key}={getattr(d, key)} must be >= 0 (0 = no cap / all cores)")
+    if d.tokenizer_max_mb <= 0:
+        raise ValueError(f"data.tokenizer_max_mb={d.tokenizer_max_mb} must be positive")
+    if not 0 < d.val_fraction < 1:
+        raise ValueError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if d.chunk_tokens < 1024:
+        raise ValueError(f"data.chunk_tokens={d.chunk_tokens} must be at least 1024")
     if t.max_steps < 1 and t.time_budget_min <= 0:
         raise ValueError(f"train.max_steps={t.max_steps} must be at least 1 (or set train.time_budget_min)")
     if t.lr <= 0:

@@ -42,6 +42,11 @@ class DistInfo:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     backend: str = ""
+    local_world_size: int = 1  # processes on this machine
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +63,14 @@ def pick_device(requested: str) -> torch.device:
             raise ValueError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def launch_info() -> DistInfo:
+    """The torchrun layout (rank, world size, processes per machine) from the environment, with no process group
+    and no device: what code that runs before init() may know."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def init(dcfg: DistSection, device_request: str = "auto") -> DistInfo:
@@ -79,7 +92,8 @@ def init(dcfg: DistSection, device_request: str = "auto") -> DistInfo:
             timeout=datetime.timedelta(minutes=dcfg.timeout_min),
             device_id=device if device.type == "cuda" else None,
         )
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def elastic_restarts() -> int:
@@ -103,6 +117,20 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def check_same_everywhere(values: dict[str, str]) -> None:
+    """Every rank gathers every other rank's values (hashes of the data and tokenizer it trains on) and stops on a
+    difference, naming both values: every rank fails, not only the one that differs."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    for name in values:
+        for rank, theirs in enumerate(gathered):
+            if theirs.get(name) != gathered[0].get(name):
+                raise ValueError(f"ranks disagree on the {name}: rank 0 has {gathered[0].get(name)}, rank {rank} has "
+                                 f"{theirs.get(name)}; every node must use the same prepared data and tokenizer")
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,8 +1,11 @@
 """The one training loop, shared by every stage: set-up, the step, the loop.
 
-    run(cfg)            processes up -> setup() -> train() -> processes down
-    setup(cfg, info)    run folder, tokenizer, the stage (training/stages/), model (fresh, --init-from or --resume),
-                        the stage's frozen models, precision, wrapping, compilation, optimizer, resumed state
+    run(cfg)            prepare_inputs() -> processes up -> setup() -> train() -> processes down
+    prepare_inputs(cfg) before any process group (no collective, so no timeout): run folder, starting checkpoints,
+                        tokenizer, the stage's data on disk (pre-training: token shards)
+    setup(cfg, info)    the stage (training/stages/), the ranks' agreement on data and tokenizer, model (fresh,
+                        --init-from or --resume), the stage's frozen models, precision, wrapping, compilation,
+                        optimizer, resumed state
     train_step(...)     one optimizer step: gradients of every micro-batch, clipping, the update
     train(run)          the loop: batches from the stage, lr, train_step, time budget, logging, validation, saves
 
@@ -136,20 +139,45 @@ def resume_state(run: Run, state: RunState, resumed: dict) -> None:
     print0(f"resumed from {resumed['path']} at step {state.step}")
 
 
-def setup(cfg: Config, info: DistInfo, stop: StopSignal) -> tuple[Run, RunState]:
-    """Everything the loop needs, in order: checks, data, model, frozen models, wrapping, optimizer, state."""
-    t, device = cfg.train, info.device
+@dataclass
+class Inputs:
+    """What prepare_inputs() reads and makes before the process group starts."""
+
+    resumed: dict | None  # the checkpoint a --resume continues
+    start: dict | None  # the checkpoint --init-from starts from
+    tok: object
+    gcfg: GPTConfig
+
+
+def prepare_inputs(cfg: Config) -> Inputs:
+    """Checks, starting checkpoints, tokenizer and the stage's data, before any process group exists: preparing
+    data can take longer than a collective's timeout (dist.timeout_min), and nothing here is a collective. The
+    processes of one machine serialise on file locks (the first trains the tokenizer and prepares, the others
+    reuse); under a multi-node torchrun the stage accepts only prepared data (scripts/prepare_data.py)."""
+    launch = distributed.launch_info()
     check_run_dir(cfg)
+    resumed, start = starting_points(cfg, launch)
+    stage_cls = STAGES[cfg.stage]
+    ckpt = resumed or start
+    tok = resolve_tokenizer(cfg, ckpt, may_train=stage_cls.trains_tokenizer, verbose=launch.is_main)
+    gcfg = model_config(cfg, (ckpt or {}).get("model_config"), tok.vocab_size)
+    if gcfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={gcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    stage_cls.prepare(cfg, tok, gcfg, launch)
+    return Inputs(resumed, start, tok, gcfg)
+
+
+def setup(cfg: Config, info: DistInfo, stop: StopSignal, inputs: Inputs) -> tuple[Run, RunState]:
+    """Everything the loop needs, in order: data, agreement across ranks, model, frozen models, wrapping,
+    optimizer, state."""
+    t, device = cfg.train, info.device
     distributed.barrier()  # every rank has looked at the run folder before rank 0 writes to it
     precision = resolve_precision(t.precision, device)
     check_settings(cfg, info, precision)
-    resumed, start = starting_points(cfg, info)
+    resumed, start, tok, gcfg = inputs.resumed, inputs.start, inputs.tok, inputs.gcfg
     stage_cls = STAGES[cfg.stage]
-    tok = resolve_tokenizer(cfg, resumed or start, may_train=stage_cls.trains_tokenizer)
-    gcfg = model_config(cfg, (resumed or start or {}).get("model_config"), tok.vocab_size)
-    if gcfg.vocab_size < tok.vocab_size:
-        raise ValueError(f"model.vocab_size={gcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     stage = stage_cls(cfg, tok, gcfg, info)
+    distributed.check_same_everywhere({"tokenizer": tok.hash, **stage.identity()})
     print0(f"gptrain | stage {cfg.stage} | out {cfg.out} | device {device} | precision {precision}")
     print0(to_toml(cfg))
     raw = build_policy(cfg, gcfg, device, resumed, start)
@@ -445,10 +473,11 @@ def train(run: Run, state: RunState) -> dict:
 
 def run(cfg: Config) -> dict:
     """Train according to cfg; returns a summary (final validation figures, steps, run folder)."""
+    inputs = prepare_inputs(cfg)
     info = distributed.init(cfg.dist, cfg.train.device)
     stop = StopSignal()
     try:
-        return train(*setup(cfg, info, stop))
+        return train(*setup(cfg, info, stop, inputs))
     finally:
         stop.restore()
         distributed.teardown()

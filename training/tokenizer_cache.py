@@ -1,4 +1,5 @@
-"""The run's tokenizer: from a checkpoint, a given file, or trained on the source once and cached on disk."""
+"""The run's tokenizer: from a checkpoint, a given file, a prepared data folder, or trained on the source once and
+cached on disk."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from data.sources import describe_source, load_source
+from data.shards import is_prepared_dir, open_prepared
+from data.sources import STDLIB, describe_source, tokenizer_texts
 from data.tokenizer import Tokenizer, train_tokenizer
 from model.gpt import PRESETS
 from training.config import Config
@@ -21,10 +23,11 @@ def cache_root(cfg: Config) -> Path:
     return Path(root).expanduser()
 
 
-def resolve_tokenizer(cfg: Config, ckpt: dict | None, may_train: bool) -> Tokenizer:
-    """The run's tokenizer: the checkpoint's (resume / --init-from), a given tokenizer.json, or one trained on the
-    training split of the source and cached (trained once even when several processes start together).
-    Only a stage that may train one (`may_train`: pre-training) does; the others take it from the run they start from."""
+def resolve_tokenizer(cfg: Config, ckpt: dict | None, may_train: bool, verbose: bool = True) -> Tokenizer:
+    """The run's tokenizer: the checkpoint's (resume / --init-from), a given tokenizer.json, a prepared data folder's,
+    or one trained on the training stream of the source and cached (trained once even when several processes start
+    together). Only a stage that may train one (`may_train`: pre-training) does; the others take it from the run
+    they start from. Whether a prepared folder's ids belong to the tokenizer chosen here is checked by the stage."""
     if ckpt is not None:
         import tokenizers
 
@@ -33,29 +36,40 @@ def resolve_tokenizer(cfg: Config, ckpt: dict | None, may_train: bool) -> Tokeni
         return Tokenizer.load(cfg.data.tokenizer)
     if not may_train:
         raise ValueError(f"--stage {cfg.stage} needs --init-from (the tokenizer comes from the starting run)")
+    if is_prepared_dir(cfg.data.source):
+        return open_prepared(cfg.data.source).tokenizer()
+    return train_or_reuse_tokenizer(cfg, verbose)
+
+
+def train_or_reuse_tokenizer(cfg: Config, verbose: bool = True) -> Tokenizer:
+    """A BPE tokenizer of the configured vocabulary trained on the first data.tokenizer_max_mb of the source's
+    training stream (``data.sources.tokenizer_texts``: stdlib keeps its seeded sample), cached by source and
+    settings under the gptrain cache."""
+    say = print0 if verbose else (lambda *a, **k: None)
     vocab = cfg.model.vocab_size or PRESETS[cfg.model.preset]["vocab_size"]
     src = describe_source(cfg.data.source, "train")  # FileNotFoundError for a missing path, nothing written
-    key = hashlib.sha256(f"{src.fingerprint}|{cfg.data.text_column}|{vocab}|{cfg.data.tokenizer_max_mb}|v1"
+    # v1: a seeded sample of the whole source (still stdlib's rule); v2: the first MB of the training stream
+    rule = "v1" if cfg.data.source == STDLIB else f"v2|{cfg.data.val_fraction}"
+    key = hashlib.sha256(f"{src.fingerprint}|{cfg.data.text_column}|{vocab}|{cfg.data.tokenizer_max_mb}|{rule}"
                          .encode()).hexdigest()[:16]
     path = cache_root(cfg) / "tokenizers" / f"{vocab}-{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.exists():
-            print0(f"tokenizer: reusing {path}")
+            say(f"tokenizer: reusing {path}")
             return Tokenizer.load(path)
         t0 = time.perf_counter()
-        ds = load_source(cfg.data.source, "train", cfg.data.text_column)
-        # A deterministic sample of whole documents, up to tokenizer_max_mb of text.
-        budget = int(cfg.data.tokenizer_max_mb * 1e6)
-        order = ds.shuffle(seed=0)
-        texts, used = [], 0
-        for text in order["text"]:
-            texts.append(text)
-            used += len(text.encode("utf-8"))
-            if used >= budget:
-                break
+        texts = tokenizer_texts(cfg.data.source, cfg.data.text_column, int(cfg.data.tokenizer_max_mb * 1e6),
+                                cfg.data.val_fraction, cache_dir=hf_cache_dir(cfg))
         tok = train_tokenizer(texts, vocab_size=vocab)
         tok.save(path)
-        print0(f"tokenizer: trained byte-level BPE, vocab {tok.vocab_size}, on {used / 1e6:.1f} MB in "
-               f"{time.perf_counter() - t0:.1f}s -> {path}")
+        used = sum(len(t.encode("utf-8")) for t in texts)
+        say(f"tokenizer: trained byte-level BPE, vocab {tok.vocab_size}, on {used / 1e6:.1f} MB in "
+            f"{time.perf_counter() - t0:.1f}s -> {path}")
         return tok
+
+
+def hf_cache_dir(cfg: Config) -> str:
+    """Where `datasets` keeps what streaming needs (Hub file lists, its module cache): under the gptrain cache, so
+    data.cache_dir / $GPTRAIN_CACHE moves everything. Streaming writes no Arrow copy of the data."""
+    return str(cache_root(cfg) / "datasets")

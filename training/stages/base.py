@@ -3,10 +3,14 @@
 A stage is one module in training/stages/ holding one Stage subclass, and one line in STAGES
 (training/stages/__init__.py). The loop calls, in this order:
 
+    Stage.prepare(cfg, tok, gcfg, launch)        before any process group exists (no collective, no timeout): data
+                                                 the stage reads from disk made ready (pre-training: token shards;
+                                                 the processes of one machine serialise on a file lock)
     stage = Stage(cfg, tok, gcfg, info)          data built from the config (parsing lives in data/)
     stage.setup_frozen(policy, env)              once, before the policy is wrapped: the frozen models the stage
                                                  holds beside the policy (DPO: the reference; RL: a reference, a
                                                  reward model), wrapped with env.wrap onto the policy's numeric path
+    stage.identity() -> {name: hash}             what every rank must agree on (checked across ranks before training)
     stage.load_state_dict(d) / state_dict()      the loader state a checkpoint holds for exact resume (a stage that
                                                  reuses generated batches keeps them and their use count here)
     per step, after torch is seeded for the step:
@@ -74,6 +78,15 @@ class Stage:
         self.tokens_per_micro_batch = 0
         self.objective = None
         self.train = None
+
+    @classmethod
+    def prepare(cls, cfg: Config, tok: Tokenizer, gcfg, launch: DistInfo) -> None:
+        """Make the stage's data ready on disk before the process group starts; nothing by default (records are
+        read in __init__). `launch` is the torchrun layout read from the environment."""
+
+    def identity(self) -> dict[str, str]:
+        """Hashes of what this rank trains on, which every rank must share; the tokenizer's is checked by the loop."""
+        return {}
 
     def setup_frozen(self, policy: GPT, env: StageEnv) -> None:
         """Build the frozen models this stage holds beside the policy; none by default."""
