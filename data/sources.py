@@ -6,7 +6,8 @@ SFT/DPO records in ``data.sft.load_records``, ``scripts/evaluate.py``). In order
 * ``stdlib`` -- the built-in text corpus (pre-training only);
 * ``synthetic`` -- the built-in verifiable SFT/DPO tasks of ``data.synthetic`` (fine-tuning and evaluation only).
   These two names always mean the built-ins; write ``./stdlib`` for a local folder of that name;
-* ``hf:NAME`` or ``hf:NAME:CONFIG`` (also ``hub:``) -- a Hugging Face Hub dataset;
+* ``hf:NAME`` or ``hf:NAME:CONFIG`` (also ``hub:``) -- a Hugging Face Hub dataset; ``hf:FOLDER[:CONFIG]`` -- a
+  dataset repository on disk (e.g. a downloaded snapshot with its README), read by `datasets` as the Hub one is;
 * an existing path -- a local file or folder;
 * anything else that can be a Hub id (``OWNER/NAME`` or ``NAME``, optionally ``:CONFIG``) -- a Hub dataset; what
   cannot (a known file extension, a start of ``.``, ``/`` or ``~``, more than one slash) is a missing path.
@@ -244,6 +245,17 @@ def _hub_source(text: str, target: str) -> Source:
     return Source(text, "hub", name=name, config=config or None)
 
 
+def _local_dataset_repo(text: str, target: str) -> Source | None:
+    """``hf:FOLDER[:CONFIG]`` for an existing folder: a dataset repository on disk (a Hub dataset downloaded with
+    its README, whose YAML may declare configurations), read by `datasets` exactly as the Hub one would be."""
+    path, colon, config = target.rpartition(":") if not Path(target).expanduser().is_dir() else (target, "", "")
+    if not path or not Path(path).expanduser().is_dir():
+        return None
+    if colon and not _HUB_CONFIG.match(config):
+        raise ValueError(f"data source {text!r}: {config!r} is not a configuration name")
+    return Source(text, "hub", path=Path(path).expanduser(), name=str(Path(path).expanduser()), config=config or None)
+
+
 def parse_source(text: str | os.PathLike) -> Source:
     """Parse a data source string (the grammar is in the module docstring).
 
@@ -259,7 +271,7 @@ def parse_source(text: str | os.PathLike) -> Source:
         return Source(text, text)
     for prefix in ("hf:", "hub:"):
         if text.startswith(prefix):
-            return _hub_source(text, text[len(prefix):])
+            return _local_dataset_repo(text, text[len(prefix):]) or _hub_source(text, text[len(prefix):])
     path = Path(text).expanduser()
     if path.exists():
         return Source(text, "file" if path.is_file() else "folder", path=path)
@@ -343,6 +355,10 @@ def describe_source(spec: str, split: str) -> SourceInfo:
         named = _named_split_files(root, files)
         if named is not None:
             files = named[split]
+    elif src.path is not None:  # hf:FOLDER -- a dataset repository on disk: its files identify it
+        root, files = src.path, sorted(p for p in src.path.rglob("*") if p.is_file() and ".git" not in p.parts)
+        stats = [f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files]
+        return SourceInfo(spec, "hub", split, (), _fingerprint(["hub", src.hub_id, *stats]), None, str(root))
     else:  # the fingerprint of NAME[:CONFIG] as before, so prepared shards stay valid
         return SourceInfo(spec, "hub", split, (), _fingerprint(["hub", src.hub_id]), None)
     kind = "local" if src.is_local else src.kind  # as recorded in shard manifests and fingerprints
