@@ -5,7 +5,9 @@ observation hooks. Not part of the trainer; the hooks only watch.
     python tests/dist_worker.py ARGS...                      # a single process
 
 Each ARGS is a train.py command line, optionally led by `--env NAME=VALUE` items set for that run only (e.g. the
-trainer's own fault-injection hook GPTRAIN_FAULT). The runs share the processes (and so the start-up cost) and one
+trainer's own fault-injection hook GPTRAIN_FAULT) and by `--expect-error` (the run must fail with a user error on
+every rank; the next run then starts). `{rank}` in an argument becomes the process's rank: a path per rank stands for
+a machine with its own disk. The runs share the processes (and so the start-up cost) and one
 process group: the trainer's teardown is held back until the last run, because destroying a gloo group and creating
 another in the same processes can hang. Each run ends with `rank R: finished NAME in S s`, or with
 `rank R: error: ... (NAME, S s)` and the worker's exit with status 1, like train.py.
@@ -177,11 +179,15 @@ def _run_all(runs: list[list[str]], rank: str, train_main) -> int:
     if float(os.environ.get("DIST_TEST_HANG_S", 0)) > 0:
         faulthandler.dump_traceback_later(float(os.environ["DIST_TEST_HANG_S"]), exit=True)
     for args in runs:
-        env = {}
-        while args and args[0] == "--env":
+        env, expect_error = {}, False
+        while args and args[0] in ("--env", "--expect-error"):
+            if args[0] == "--expect-error":
+                expect_error, args = True, args[1:]
+                continue
             key, _, value = args[1].partition("=")
             env[key] = value
             args = args[2:]
+        args = [a.replace("{rank}", rank) for a in args]
         name, t0 = run_name(args), time.perf_counter()
         os.environ.update(env)
         try:
@@ -189,11 +195,15 @@ def _run_all(runs: list[list[str]], rank: str, train_main) -> int:
                 train_main(args)
         except (ValueError, FileNotFoundError, loop.TrainingError) as e:
             report(rank, name, f"rank {rank}: error: {e} ({name}, {time.perf_counter() - t0:.1f} s)")
+            if expect_error:
+                continue
             return 1
         finally:
             for key in env:
                 del os.environ[key]
         report(rank, name, f"rank {rank}: finished {name} in {time.perf_counter() - t0:.1f} s")
+        if expect_error:
+            return 1  # it should have failed
     return 0
 
 

@@ -24,7 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.prepare import prepare
 from data.sft import ExampleStream
+from data.shards import open_prepared
+from data.tokenizer import Tokenizer
 from model.gpt import GPT, GPTConfig
 from model.losses import token_ce_sum
 from tests import dist_worker
@@ -131,6 +134,12 @@ def dist(tmp_path_factory, corpus_dir):
             return main1([*data, "--out", str(runs / name), *args])
 
     single("ref", *BASE, "--train.batch_size=8")
+    # Two machines whose prepared copies of the data differ (one was prepared with a document cap): each rank gets
+    # its own folder, as from its own disk; both must stop, naming both hashes.
+    tok = Tokenizer.load(runs / "ref" / "tokenizer.json")
+    for rank, max_docs in ((0, 0), (1, 15)):
+        prepare(str(corpus_dir), tok, root / f"prep{rank}", max_docs=max_docs, workers=1, verbose=False)
+    hashes = [open_prepared(root / f"prep{rank}").hash for rank in (0, 1)]
     single("r12", *BASE, "--train.batch_size=8", "--train.stop_after_steps=5")  # resumed by 2 processes below
     sft_data = ["--init-from", str(runs / "ref"), "--data", str(uneven_sft_data(root / "sft-uneven"))]
     single("sft_uneven_ref", *sft_data, *SFT_UNEVEN, "--train.batch_size=4")
@@ -170,6 +179,9 @@ def dist(tmp_path_factory, corpus_dir):
         # gets 100 ms slower from step 32 (the trainer's fault hook)
         ["--env", "GPTRAIN_FAULT=slow@32", *data, "--out", str(runs / "budget"), *BASE, "--train.batch_size=4",
          "--train.time_budget_min=0.1"],
+        # every rank gathers every rank's data and tokenizer hashes: a mismatch stops both (then the next run)
+        ["--expect-error", "--data", str(root / "prep{rank}"), "--out", str(runs / "mismatch"), *BASE,
+         "--train.batch_size=4"],
         # last (it fails): a NaN loss on rank 1 only at step 3, after the checkpoint of step 2
         ["--env", "GPTRAIN_FAULT=nan_loss@3:1", *data, "--out", str(runs / "nan"), *BASE, "--train.batch_size=4",
          "--ckpt.interval=2"],
@@ -185,6 +197,7 @@ def dist(tmp_path_factory, corpus_dir):
     log = (root / "launch.log").read_text()
     assert "rank 0: finished budget" in log and "rank 1: finished budget" in log, log[-6000:]
     return {"runs": runs, "dump": dump, "cache": cache, "log": log, "rc": proc.returncode, "seconds": seconds,
+            "prepared_hashes": hashes,
             "ref": train_losses(runs / "ref"), "ref_grads": torch.load(dump / "ref.grads.rank0.pt")}
 
 
@@ -354,15 +367,26 @@ def test_sft_and_dpo_under_torchrun(dist):
 
 
 def test_data_is_prepared_once_from_an_empty_cache(dist):
-    """Both ranks started on an empty cache: one tokenizer and one shard folder, no stray temporary files."""
+    """Both ranks started on an empty cache: one tokenizer and one prepared folder, no stray temporary files."""
     cache = dist["cache"]
     assert [p.suffix for p in (cache / "tokenizers").iterdir() if not p.name.endswith(".lock")] == [".json"]
     (shard_dir,) = (cache / "shards").iterdir()
     assert sorted(p.name for p in shard_dir.iterdir() if not p.name.startswith(".")) == \
-        ["train.bin", "train.json", "val.bin", "val.json"]
-    assert not list(shard_dir.glob(".*.tmp"))
-    manifests = [json.loads((shard_dir / f"{split}.json").read_text()) for split in ("train", "val")]
-    assert all(m["tokenizer_hash"] == manifests[0]["tokenizer_hash"] for m in manifests)
+        ["manifest.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"]
+    assert not list(shard_dir.glob(".*.partial")) and not list(shard_dir.glob(".*.tmp"))
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["key"]["tokenizer_hash"] == Tokenizer.load(
+        shard_dir / "tokenizer.json").hash
+
+
+def test_ranks_with_different_prepared_data_both_stop_naming_both_hashes(dist):
+    h0, h1 = dist["prepared_hashes"]
+    assert h0 != h1
+    for rank in (0, 1):
+        line = (dist["dump"] / f"mismatch.status.rank{rank}").read_text().strip()
+        assert line.startswith(f"rank {rank}: error: ranks disagree on the prepared data"), line
+        assert h0 in line and h1 in line, line
+    assert not (dist["runs"] / "mismatch" / "checkpoints").exists()
 
 
 def test_fsdp_refuses_fp16(tmp_path, corpus_dir):
