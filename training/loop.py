@@ -155,9 +155,10 @@ def prepare_inputs(cfg: Config) -> Inputs:
     processes of one machine serialise on file locks (the first trains the tokenizer and prepares, the others
     reuse); under a multi-node torchrun the stage accepts only prepared data (scripts/prepare_data.py)."""
     launch = distributed.launch_info()
+    stage_cls = STAGES[cfg.stage]
+    stage_cls.check_launch(cfg, launch)
     check_run_dir(cfg)
     resumed, start = starting_points(cfg, launch)
-    stage_cls = STAGES[cfg.stage]
     ckpt = resumed or start
     tok = resolve_tokenizer(cfg, ckpt, may_train=stage_cls.trains_tokenizer, verbose=launch.is_main)
     gcfg = model_config(cfg, (ckpt or {}).get("model_config"), tok.vocab_size)

@@ -3,6 +3,8 @@
 A stage is one module in training/stages/ holding one Stage subclass, and one line in STAGES
 (training/stages/__init__.py). The loop calls, in this order:
 
+    Stage.check_launch(cfg, launch)              first: refuse a launch the stage cannot serve (pre-training under a
+                                                 multi-node torchrun: a source that is not prepared)
     Stage.prepare(cfg, tok, gcfg, launch)        before any process group exists (no collective, no timeout): data
                                                  the stage reads from disk made ready (pre-training: token shards;
                                                  the processes of one machine serialise on a file lock)
@@ -78,6 +80,10 @@ class Stage:
         self.tokens_per_micro_batch = 0
         self.objective = None
         self.train = None
+
+    @classmethod
+    def check_launch(cls, cfg: Config, launch: DistInfo) -> None:
+        """Refuse a launch this stage cannot serve (before anything is read or written); any by default."""
 
     @classmethod
     def prepare(cls, cfg: Config, tok: Tokenizer, gcfg, launch: DistInfo) -> None:

@@ -72,15 +72,19 @@ class PretrainStage(Stage):
                 "train.muon_lr": 0.01, "train.lr": 3e-3}
 
     @classmethod
+    def check_launch(cls, cfg: Config, launch: DistInfo) -> None:
+        source = cfg.data.source
+        if launch.nodes > 1 and not is_prepared_dir(source):
+            raise ValueError(f"--data {source}: under a torchrun of {launch.nodes} nodes every node must train on "
+                             "the same prepared data; prepare it once with  python scripts/prepare_data.py "
+                             f"{source} --out DIR  (on a shared disk, or copied to each node) and give --data DIR")
+
+    @classmethod
     def prepare(cls, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, launch: DistInfo) -> None:
         source = cfg.data.source
         if is_prepared_dir(source):
             open_prepared(source).check_tokenizer(tok, _whose_tokenizer(cfg))
             return
-        if launch.nodes > 1:
-            raise ValueError(f"--data {source}: under a torchrun of {launch.nodes} nodes every node must train on "
-                             "the same prepared data; prepare it once with  python scripts/prepare_data.py "
-                             f"{source} --out DIR  (on a shared disk, or copied to each node) and give --data DIR")
         d = cfg.data
         prepare(source, tok, shard_dir(cfg, tok), text_column=d.text_column, val_fraction=d.val_fraction,
                 max_tokens=d.max_tokens, max_docs=d.max_docs, chunk_tokens=d.chunk_tokens, workers=d.num_proc,
