@@ -190,7 +190,7 @@ def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[i
     out, labels = [], []
     for split in SPLITS[args.split]:
         n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
-        recs, label = load_records(source, split, kind, run.cfg.train.seed, n)
+        recs, label = load_records(source, split, kind, run.cfg.train.seed, n, hf_cache_dir(run.cfg))
         out += recs[: args.max_examples or None]
         labels.append(label)
     return out, " + ".join(labels)
@@ -246,7 +246,7 @@ def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[di
     for split in SPLITS[args.split]:
         ex, stats = load_preferences(source, split, run.tok, run.gcfg.block_size, seed=run.cfg.train.seed,
                                      n_synthetic=run.cfg.data.synthetic_val if split == "val"
-                                     else run.cfg.data.synthetic_train)
+                                     else run.cfg.data.synthetic_train, cache_dir=hf_cache_dir(run.cfg))
         examples += ex[: args.max_examples or None]
         label.append(stats["source"])
         n_dropped += stats["n_dropped"]

@@ -49,6 +49,7 @@ from model.gpt import GPT
 from training.config import Config
 from training.distributed import DistInfo
 from training.monitor import print0, step_flops
+from training.tokenizer_cache import hf_cache_dir
 
 
 @dataclass
@@ -148,7 +149,8 @@ def chat_eval_items(cfg: Config, kind: str, limit: int, tok: Tokenizer, block_si
     returned) and whose rendered prompt leaves room to generate (fewer than block_size tokens; generate() would keep
     only the last block_size // 2 tokens of a longer one) are used: a prompt dropped for length must not come back,
     truncated, among the scored and sampled prompts."""
-    records, label = load_records(cfg.data.source, "val", kind, cfg.train.seed, cfg.data.synthetic_val)
+    records, label = load_records(cfg.data.source, "val", kind, cfg.train.seed, cfg.data.synthetic_val,
+                                  hf_cache_dir(cfg))
     kept_records = set(kept)
     items, n_too_long = [], 0
     for i, rec in records:

@@ -27,6 +27,7 @@ from training.evaluation import chat_accuracy
 from training.monitor import print0, step_flops
 from training.stages.base import Stage, StageEnv, chat_eval_items, chat_sample, eval_shares, to_device
 from training.stages.sft import SFTStage
+from training.tokenizer_cache import hf_cache_dir
 from training.weights import load_weights
 
 
@@ -120,10 +121,11 @@ class DPOStage(Stage):
     def __init__(self, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo) -> None:
         super().__init__(cfg, tok, gcfg, info)
         T = gcfg.block_size
+        cache = hf_cache_dir(cfg)
         train, st = load_preferences(cfg.data.source, "train", tok, T, seed=cfg.train.seed,
-                                     n_synthetic=cfg.data.synthetic_train)
+                                     n_synthetic=cfg.data.synthetic_train, cache_dir=cache)
         val, sv = load_preferences(cfg.data.source, "val", tok, T, seed=cfg.train.seed,
-                                   n_synthetic=cfg.data.synthetic_val)
+                                   n_synthetic=cfg.data.synthetic_val, cache_dir=cache)
         for s in (st, sv):
             print0(f"data: {s['source']}: {s['n_examples']} pairs ({s['n_dropped']} dropped by truncation to {T})")
         self.train_examples, self.val_examples = train, val

@@ -17,6 +17,7 @@ from training.evaluation import chat_accuracy, lm_figures
 from training.monitor import print0
 from training.stages.base import Stage, chat_eval_items, chat_sample, eval_shares, to_device
 from training.stages.pretrain import LanguageModeling
+from training.tokenizer_cache import hf_cache_dir
 
 
 class SFTStage(Stage):
@@ -34,8 +35,10 @@ class SFTStage(Stage):
         self.objective = LanguageModeling()
         T = gcfg.block_size
         n_train, n_val = cfg.data.synthetic_train, cfg.data.synthetic_val
-        train, st = load_sft(cfg.data.source, "train", tok, T, seed=cfg.train.seed, n_synthetic=n_train)
-        val, sv = load_sft(cfg.data.source, "val", tok, T, seed=cfg.train.seed, n_synthetic=n_val)
+        cache = hf_cache_dir(cfg)
+        train, st = load_sft(cfg.data.source, "train", tok, T, seed=cfg.train.seed, n_synthetic=n_train,
+                             cache_dir=cache)
+        val, sv = load_sft(cfg.data.source, "val", tok, T, seed=cfg.train.seed, n_synthetic=n_val, cache_dir=cache)
         for s in (st, sv):
             print0(f"data: {s['source']}: {s['n_examples']} examples ({s['n_dropped']} dropped: no supervised token "
                    f"left after truncation to {T}), {s['n_supervised']:,} supervised tokens")
