@@ -64,6 +64,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def chunk_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
 
@@ -252,7 +257,7 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
             return manifest
         resume = _resumable(out_dir, manifest, key, overwrite, say)
         tokenizer.save(out_dir / TOKENIZER)
-        job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or os.cpu_count() or 1, in_process,
+        job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
                    hf_cache_dir, verbose)
         manifest = job.run()
         _check_splits(manifest, source, block_size)
