@@ -243,7 +243,7 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
     from filelock import FileLock
 
     splits = tuple(normalize_split(s) for s in splits)
-    passes = read_passes(source, text_column, splits, hf_cache_dir, val_fraction)  # a missing path fails here
+    # A missing path fails here, before anything is written; a Hub source is not contacted when the cache has it.
     key = preparation_key(source, tokenizer, splits, text_column, val_fraction, max_tokens, max_docs, chunk_tokens)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +255,7 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
             _check_splits(manifest, source, block_size)
             say(f"data: reusing {out_dir} ({_summary(manifest)})")
             return manifest
+        passes = read_passes(source, text_column, splits, hf_cache_dir, val_fraction)
         resume = _resumable(out_dir, manifest, key, overwrite, say)
         tokenizer.save(out_dir / TOKENIZER)
         job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,

@@ -511,7 +511,9 @@ def _hub_passes(src: Source, splits: tuple[str, ...], text_column: str, cache_di
     try:  # streaming: nothing is downloaded here but the list of files
         names = list(datasets.load_dataset(src.name, src.config, streaming=True, cache_dir=cache_dir))
     except Exception as e:
-        if isinstance(e, ValueError) and "BuilderConfig" in str(e):  # e.g. "BuilderConfig 'x' not found. Available: [...]"
+        # "BuilderConfig 'x' not found. Available: [...]", "Config name is missing. Please pick one among ...": the
+        # dataset was found, the configuration is the problem (the message lists the valid ones)
+        if isinstance(e, ValueError) and "config" in str(e).lower():
             raise ValueError(f"data source {src.text!r}: {e}") from None
         raise FileNotFoundError(f"data source {src.text!r} is not a local file or folder, and opening it as a Hugging "
                                 f"Face Hub dataset failed: {e}") from e
