@@ -236,9 +236,11 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
 
     ``workers``: tokenizing processes (0 = every core; 1 tokenizes in this process unless ``in_process=False``).
     A complete preparation of the same key is reused and an interrupted one resumed. A folder holding another
-    preparation is refused unless ``overwrite`` (the trainer's cache). ``block_size``: every split must hold one
-    block (``block_size + 1`` tokens). Several processes may call this at once: they serialise on a file lock.
-    Raises ValueError for an empty split, naming it (nothing is marked complete then).
+    preparation, or a complete one with a missing or truncated chunk, is refused unless ``overwrite`` (the trainer's
+    cache), which prepares it again. ``block_size``: every split must hold one block (``block_size + 1`` tokens).
+    Several processes may call this at once: they serialise on a file lock. Raises ValueError for an empty split,
+    naming it, and for bad input; the files written are removed then, unless an interrupted preparation recorded
+    in the manifest can resume from them.
     """
     from filelock import FileLock
 
@@ -251,17 +253,27 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
     with FileLock(str(out_dir / ".prepare.lock")):
         manifest = read_manifest(out_dir)
         if manifest is not None and manifest.get("key") == key and manifest.get("complete"):
-            check_chunks(out_dir, manifest)
-            _check_splits(manifest, source, block_size)
-            say(f"data: reusing {out_dir} ({_summary(manifest)})")
-            return manifest
+            if _chunks_intact(out_dir, manifest, overwrite, say):
+                _check_splits(manifest, source, block_size)
+                say(f"data: reusing {out_dir} ({_summary(manifest)})")
+                return manifest
+            manifest = None
         passes = read_passes(source, text_column, splits, hf_cache_dir, val_fraction)
         resume = _resumable(out_dir, manifest, key, overwrite, say)
         tokenizer.save(out_dir / TOKENIZER)
-        job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
-                   hf_cache_dir, verbose)
-        manifest = job.run()
-        _check_splits(manifest, source, block_size)
+        try:
+            job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
+                       hf_cache_dir, verbose)
+            manifest = job.run()
+        except ValueError:  # bad input: with nothing recorded to resume from, leave nothing half-written
+            if read_manifest(out_dir) is None:
+                _remove_preparation(out_dir)
+            raise
+        try:
+            _check_splits(manifest, source, block_size)
+        except ValueError:  # the whole source was read: a retry would fail the same way
+            _remove_preparation(out_dir)
+            raise
         manifest["complete"] = True
         _atomic_write_json(out_dir / MANIFEST, manifest)
         say(f"data: prepared {out_dir} ({_summary(manifest)}) in {manifest['seconds']:.1f}s")
@@ -288,10 +300,28 @@ def _resumable(out_dir: Path, manifest: dict | None, key: dict, overwrite: bool,
         raise ValueError(f"{out_dir} already holds prepared data that differs ({differs}); give another --out or "
                          "delete the folder")
     say(f"data: {out_dir} holds another preparation ({differs}); preparing again")
-    for p in [*out_dir.glob("*.bin"), *out_dir.glob(".*.partial"), *(out_dir / q for q in old_format)]:
-        p.unlink(missing_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    _remove_preparation(out_dir, [out_dir / q for q in old_format])
     return None
+
+
+def _chunks_intact(out_dir: Path, manifest: dict, overwrite: bool, say) -> bool:
+    """Whether a complete preparation's chunks are all there; a damaged one is refused, or cleared if ``overwrite``
+    (the trainer's cache prepares it again)."""
+    try:
+        check_chunks(out_dir, manifest)
+    except ValueError as e:
+        if not overwrite:
+            raise
+        say(f"data: {e}")
+        _remove_preparation(out_dir)
+        return False
+    return True
+
+
+def _remove_preparation(out_dir: Path, extra: list[Path] = ()) -> None:
+    """Delete a preparation's files: chunks, open chunks, manifest and tokenizer (the folder and its lock stay)."""
+    for p in [*out_dir.glob("*.bin"), *out_dir.glob(".*.partial"), out_dir / MANIFEST, out_dir / TOKENIZER, *extra]:
+        p.unlink(missing_ok=True)
 
 
 def _check_splits(manifest: dict, source: str, block_size: int | None) -> None:

@@ -349,7 +349,7 @@ def test_default_corpus_run_lowers_validation_loss(tmp_path):
                     "--train.warmup_steps=10", "--eval.interval=30", "--eval.max_tokens=8192",
                     "--eval.sample_tokens=8"])
     assert summary["val"]["loss"] < summary["first_val"]["loss"] - 1.0
-    manifest = json.loads(next((Path(os.environ["GPTRAIN_CACHE"]) / "shards").glob("stdlib-*/val.json")).read_text())
+    manifest = json.loads(next((Path(os.environ["GPTRAIN_CACHE"]) / "shards").glob("stdlib-*/manifest.json")).read_text())
     assert manifest["python_version"] == sys.version.split()[0]
     run_files = {p.name for p in out.iterdir()}
     assert {"config.toml", "tokenizer.json", "env.json", "metrics.jsonl", "checkpoints"} <= run_files
