@@ -610,6 +610,22 @@ def test_single_file_format_says_to_prepare_again(tmp_path, tok, hf_cache):
     assert not (old / "train.bin").exists() and open_prepared(old).splits == ("train", "val")
 
 
+def test_chunks_without_a_manifest_are_not_called_the_old_format(tmp_path, prepared, tok, hf_cache):
+    """A preparation killed after its first chunk was renamed into place but before the manifest was written."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    (out / "manifest.json").unlink()
+    src = read_manifest(prepared)["source"]
+    names = re.escape("chunk files (train-00000.bin, train-00001.bin, train-00002.bin ...) but no manifest.json")
+    with pytest.raises(ValueError, match=names) as e:
+        prepare(src, tok, out, val_fraction=0.05, chunk_tokens=1024, workers=1, verbose=False,
+                hf_cache_dir=hf_cache)
+    assert "older single-file format" not in str(e.value)
+    prepare(src, tok, out, val_fraction=0.05, chunk_tokens=1024, workers=1, overwrite=True, verbose=False,
+            hf_cache_dir=hf_cache)
+    same_files(out, prepared)
+
+
 # --- 9. an empty validation split ----------------------------------------------------------------------------------
 
 
