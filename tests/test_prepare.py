@@ -549,6 +549,19 @@ def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path, tok, hf_cache, fm
     assert not read_manifest(out) and not list(out.glob("*.bin"))  # nothing that looks prepared
 
 
+def test_invalid_utf8_in_a_dataset_repository_names_the_file_and_byte_offset(tmp_path, tok, hf_cache):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+                                    "    path: data/*.jsonl\n---\n", encoding="utf-8")
+    (root / "data" / "a.jsonl").write_bytes(b'{"text": "fine"}\n' * 50)
+    bad = b'{"text": "ok"}\n{"text": "caf\xe9 au lait"}\n'
+    (root / "data" / "b.jsonl").write_bytes(bad)
+    where = f"{root / 'data' / 'b.jsonl'}: not valid UTF-8 at byte offset {bad.index(0xE9)} "
+    with pytest.raises(ValueError, match=re.escape(where)):
+        prepare(f"hf:{root}:main", tok, tmp_path / "out", workers=1, verbose=False, hf_cache_dir=hf_cache)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tok, hf_cache) -> Path:
     src = write_folder(tmp_path_factory.mktemp("text"), "jsonl", {"a": make_docs(200, seed=9)})
