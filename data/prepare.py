@@ -294,8 +294,11 @@ def _resumable(out_dir: Path, manifest: dict | None, key: dict, overwrite: bool,
         return manifest
     if manifest is None and not old_format and not any(out_dir.glob("*.bin")):
         return None
+    chunks = sorted(p.name for p in out_dir.glob("*.bin"))
     differs = (sorted(k for k in key if manifest.get("key", {}).get(k) != key[k]) if manifest is not None
-               else "shards of the older single-file format (train.bin, val.bin)")
+               else "shards of the older single-file format (train.bin, val.bin)" if old_format
+               # a kill between the first chunk's rename and the first manifest: nothing recorded to resume from
+               else f"chunk files ({', '.join(chunks[:3])}{' ...' if len(chunks) > 3 else ''}) but no {MANIFEST}")
     if not overwrite:
         raise ValueError(f"{out_dir} already holds prepared data that differs ({differs}); give another --out or "
                          "delete the folder")

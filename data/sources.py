@@ -560,7 +560,7 @@ def iter_texts(rp: ReadPass, batch_docs: int = 1024, skip: int = 0,
         except StopIteration:
             return
         except Exception as e:
-            raise _read_error(rp, e) from e
+            raise _read_error(rp, e, cache_dir) from e
         yield _text_of(batch, rp)
 
 
@@ -589,13 +589,28 @@ def _text_of(batch: dict, rp: ReadPass) -> list[str | None]:
     return texts
 
 
-def _read_error(rp: ReadPass, e: Exception) -> ValueError:
+def _pass_files(rp: ReadPass, cache_dir: str | None) -> tuple[tuple[str, ...], str | None]:
+    """(local files, their builder) of a pass: its own, or for a dataset repository on disk (hf:FOLDER) the files
+    `datasets` resolves for its configuration and split; ((), None) for a Hub dataset."""
+    if rp.files or rp.hub is None or not Path(rp.hub).is_dir():
+        return rp.files, rp.builder
+    try:
+        resolved = datasets.load_dataset_builder(rp.hub, rp.config, cache_dir=cache_dir).config.data_files
+        files = tuple(str(f) for f in resolved[rp.hub_split])
+    except Exception:  # the read error is reported all the same, only without the file
+        return (), None
+    builders = {LOCAL_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    return files, builders.pop() if len(builders) == 1 else None
+
+
+def _read_error(rp: ReadPass, e: Exception, cache_dir: str | None = None) -> ValueError:
     """The error of a failed read, naming the file (and byte offset or line) where the local files allow."""
     problem = None
-    if rp.files and rp.builder in _TEXT_FORMATS:
-        for p in rp.files:
+    files, builder = _pass_files(rp, cache_dir)
+    if files and builder in _TEXT_FORMATS:
+        for p in files:
             check_utf8(p)  # raises, naming the file and the byte offset, on the first bad byte
-        problem = find_bad_json([Path(f) for f in rp.files]) if rp.builder == "json" else None
+        problem = find_bad_json([Path(f) for f in files]) if builder == "json" else None
     where = rp.files[0] + (" ..." if len(rp.files) > 1 else "") if rp.files else rp.label
     return ValueError(problem or f"cannot read {rp.builder or 'Hub'} data from {where}: {e}")
 
