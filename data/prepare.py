@@ -245,9 +245,13 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
     from filelock import FileLock
 
     splits = tuple(normalize_split(s) for s in splits)
-    # A missing path fails here, before anything is written; a Hub source is not contacted when the cache has it.
     key = preparation_key(source, tokenizer, splits, text_column, val_fraction, max_tokens, max_docs, chunk_tokens)
     out_dir = Path(out_dir)
+    # The streams are opened before anything is written (a bad Hub configuration leaves no folder), but not when
+    # the folder already holds this preparation (a cached Hub preparation needs no network).
+    found = read_manifest(out_dir)
+    passes = None if found and found.get("key") == key and found.get("complete") else \
+        read_passes(source, text_column, splits, hf_cache_dir, val_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     with FileLock(str(out_dir / ".prepare.lock")):
@@ -258,7 +262,7 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
                 say(f"data: reusing {out_dir} ({_summary(manifest)})")
                 return manifest
             manifest = None
-        passes = read_passes(source, text_column, splits, hf_cache_dir, val_fraction)
+        passes = passes or read_passes(source, text_column, splits, hf_cache_dir, val_fraction)
         resume = _resumable(out_dir, manifest, key, overwrite, say)
         tokenizer.save(out_dir / TOKENIZER)
         try:

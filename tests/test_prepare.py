@@ -648,6 +648,8 @@ def test_hash_split_with_no_held_out_document_names_val_and_val_fraction(tmp_pat
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"the val split of .*no document's hash fell below val_fraction=0\.01"):
         prepare(str(src), tok, out, workers=1, verbose=False, hf_cache_dir=hf_cache)
-    with pytest.raises(ValueError, match=r"not completely prepared"):
+    # nothing half-written is left: no chunk, no manifest (the whole source was read; a retry fails the same way)
+    assert sorted(p.name for p in out.iterdir()) == [".prepare.lock"]
+    with pytest.raises(FileNotFoundError, match=r"not a prepared data folder"):
         open_prepared(out)
 
