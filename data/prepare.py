@@ -270,7 +270,7 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
                        hf_cache_dir, verbose)
             manifest = job.run()
         except ValueError:  # bad input: with nothing recorded to resume from, leave nothing half-written
-            if read_manifest(out_dir) is None:
+            if not _has_progress(read_manifest(out_dir)):
                 _remove_preparation(out_dir)
             raise
         try:
@@ -309,6 +309,11 @@ def _resumable(out_dir: Path, manifest: dict | None, key: dict, overwrite: bool,
     say(f"data: {out_dir} holds another preparation ({differs}); preparing again")
     _remove_preparation(out_dir, [out_dir / q for q in old_format])
     return None
+
+
+def _has_progress(manifest: dict | None) -> bool:
+    """Whether a manifest records work a resume would keep: a read position past the start."""
+    return manifest is not None and manifest.get("position", {}) != {"pass": 0, "rows": 0}
 
 
 def _chunks_intact(out_dir: Path, manifest: dict, overwrite: bool, say) -> bool:
@@ -389,6 +394,7 @@ class _Job:
 
     def run(self) -> dict:
         t0 = time.perf_counter() - self.seconds
+        self.checkpoint()  # a manifest before the first chunk: every chunk file on disk belongs to a recorded run
         try:
             for index in range(self.position["pass"], len(self.passes)):
                 self._read_pass(index)
