@@ -19,6 +19,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -220,6 +221,22 @@ def test_dataset_repository_config_reads_its_own_files_and_splits(tmp_path, tok,
     assert expected["val"]
     for split in ("train", "val"):
         np.testing.assert_array_equal(split_ids(web, split), hand_ids(tok, expected[split]))
+
+
+def test_a_prepared_dataset_repository_is_reused_without_opening_it(tmp_path, tok, hf_cache, dataset_repo,
+                                                                     monkeypatch):
+    """The second preparation of the same Hub-path source finds the folder complete and never opens the source
+    (for a real Hub dataset: no network), so a cached preparation also works offline."""
+    root, _ = dataset_repo
+    out = tmp_path / "out"
+    first = prepare(f"hf:{root}:small", tok, out, workers=1, verbose=False, hf_cache_dir=hf_cache)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the source was opened")
+
+    monkeypatch.setattr(data.prepare, "read_passes", no_reading)
+    monkeypatch.setattr(datasets, "load_dataset", no_reading)
+    assert prepare(f"hf:{root}:small", tok, out, workers=1, verbose=False, hf_cache_dir=hf_cache) == first
 
 
 def test_unknown_config_of_a_dataset_repository_lists_the_valid_ones(tmp_path, tok, hf_cache, dataset_repo):
