@@ -3,6 +3,7 @@
     python scripts/bench.py --json bench.json                        # tiny preset, CPU fp32 (eager + compiled)
     python scripts/bench.py --preset gpt2 --device cuda --precision bf16 fp16 --json bench_gpu.json
     python scripts/bench.py --preset tiny --no-compile --no-loop --json quick.json
+    python scripts/bench.py --prepare --no-eager --no-compile --no-loop --no-data --json prepare.json  # data at scale
 
 What it measures, on the device it is given:
   peak      dense matmul FLOP/s of the device for each precision (square matmuls in a timed loop), measured before
@@ -16,6 +17,16 @@ What it measures, on the device it is given:
   loop      the real train.py loop on the built-in corpus for a few steps (tokens/s from its metrics.jsonl), so
             any overhead of data loading, logging or syncs shows against the bare step
   data      tokenizer training time, tokenization MB/s of the built-in corpus, and the loader's batches/s
+  prepare   (--prepare) on a JSONL corpus of ~115 MB (the stdlib's training files 12 times, each copy's lines
+            rotated by another offset so documents differ; built once under --prepare-dir, as is its tokenizer:
+            vocab 2048, trained on the first 8 MB; neither is timed): encode_batch_fast MB/s of every document with
+            1 and 2 Rayon threads (a subprocess each, only the encode calls timed, batches of 1024 documents), and
+            data.prepare.prepare MB/s with a pool of 1 and of 2 worker processes (timed from the first encoded
+            batch's arrival to the return, over the bytes after that batch: start-up left out), each the fastest
+            of --prepare-repeats interleaved readings (the machine's load average is recorded), the ratios
+            prepare(2)/encode(2) (target >= 0.85) and speed-up(prepare)/speed-up(encode) (target >= 0.9), whether
+            the shards are byte-identical, and the loader's tracemalloc peak over one epoch of a 3- and a 30-chunk
+            corpus (2^22 tokens per chunk)
 It prints a table and writes JSON. No test asserts on these figures.
 """
 
@@ -26,6 +37,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -152,21 +165,16 @@ def bench_loop(preset: str, device: torch.device, batch_size: int, steps: int, o
 
 def bench_data(vocab_size: int, cache: str) -> dict:
     """Tokenizer training on the built-in corpus, tokenization MB/s, loader batches/s."""
-    from data import shards
-    from data.sources import load_source
+    from data.prepare import prepare
+    from data.shards import TokenLoader, open_prepared
+    from data.sources import iter_texts, read_passes, tokenizer_texts
     from data.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    ds = load_source("stdlib", "train")
-    texts = ds["text"]
+    texts = [t for batch in iter_texts(read_passes("stdlib", splits=("train",))[0]) for t in batch if t]
     load_s = time.perf_counter() - t0
     mb = sum(len(s.encode("utf-8")) for s in texts) / 1e6
-    sample, used = [], 0
-    for s in texts:  # the same 8 MB budget the trainer uses by default
-        sample.append(s)
-        used += len(s.encode("utf-8"))
-        if used >= 8e6:
-            break
+    sample = tokenizer_texts("stdlib", "text", 8_000_000)  # the trainer's default 8 MB budget and rule
     t0 = time.perf_counter()
     tok = train_tokenizer(sample, vocab_size)
     train_s = time.perf_counter() - t0
@@ -175,18 +183,232 @@ def bench_data(vocab_size: int, cache: str) -> dict:
     encode_s = time.perf_counter() - t0
     shard_dir = Path(cache) / "bench-shards"
     t0 = time.perf_counter()
-    shards.prepare("stdlib", tok, shard_dir, "train", verbose=False, force=True)
+    prepare("stdlib", tok, shard_dir, splits=("train",), verbose=False, overwrite=True)
     prepare_s = time.perf_counter() - t0
-    loader = shards.TokenLoader(shards.shard_paths(shard_dir, "train")[0], 32, 256, seed=0)
+    loader = TokenLoader(open_prepared(shard_dir).chunks("train"), 32, 256, seed=0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 1.0:
         loader.next_batch()
         n += 1
     return {
-        "corpus_mb": mb, "corpus_load_s": load_s, "tokenizer_train_mb": used / 1e6, "tokenizer_train_s": train_s,
-        "encode_mb_per_s": mb / encode_s, "prepare_mb_per_s": mb / prepare_s,
+        "corpus_mb": mb, "corpus_load_s": load_s, "tokenizer_train_mb": sum(len(s.encode()) for s in sample) / 1e6,
+        "tokenizer_train_s": train_s, "encode_mb_per_s": mb / encode_s, "prepare_mb_per_s": mb / prepare_s,
         "loader_batches_per_s_32x256": n / (time.perf_counter() - t0), "threads": torch.get_num_threads(),
     }
+
+
+# ---- preparation at scale (--prepare) ------------------------------------------------------------------------
+PREP_REPEATS = 12  # copies of the stdlib's training files (~9.6 MB on CPython 3.11): ~115 MB of JSONL
+PREP_FILES = 8  # JSONL files the copies are spread over
+PREP_VOCAB = 2048  # the tiny preset's vocabulary
+ENCODE_BATCH_DOCS = 1024  # documents per encode_batch_fast call of the baseline
+
+# Run in a fresh interpreter per thread count: RAYON_NUM_THREADS fixes the size of the tokenizer's thread pool when
+# the library first uses it. Prints {"seconds", "bytes", "tokens"} of the encode calls alone (reading the JSONL and
+# loading the tokenizer excluded).
+ENCODE_PROBE = """
+import json, sys, time
+from pathlib import Path
+import tokenizers
+folder, tokenizer_json, batch_docs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+texts = [json.loads(line)["text"] for f in sorted(folder.glob("*.jsonl")) for line in open(f, encoding="utf-8")]
+tok = tokenizers.Tokenizer.from_file(tokenizer_json)
+seconds = tokens = 0
+for i in range(0, len(texts), batch_docs):
+    t0 = time.perf_counter()
+    out = tok.encode_batch_fast(texts[i:i + batch_docs], add_special_tokens=False)
+    seconds += time.perf_counter() - t0
+    tokens += sum(len(e.ids) for e in out)
+print(json.dumps({"seconds": seconds, "bytes": sum(len(t.encode()) for t in texts), "tokens": tokens}))
+"""
+
+
+def rotated(text: str, copy: int, copies: int) -> str:
+    """``text`` with its lines rotated by copy/copies of their number (copy 0: the text itself)."""
+    lines = text.splitlines(keepends=True)
+    k = len(lines) * copy // copies
+    return "".join(lines[k:] + lines[:k])
+
+
+def bench_corpus(root: Path, copies: int = PREP_REPEATS) -> Path:
+    """A JSONL folder of ``copies`` copies of the stdlib's training files, each copy's lines rotated by another
+    offset, so that documents differ (and each falls on its own side of the validation hash). Built once under
+    ``root`` and reused (written to a temporary folder, renamed into place when complete)."""
+    from data.sources import stdlib_files
+
+    folder = root / f"stdlib-x{copies}-py{sys.version_info.major}.{sys.version_info.minor}"
+    if folder.is_dir():
+        return folder
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_files("train")]
+    tmp = Path(tempfile.mkdtemp(prefix=".corpus-", dir=root))
+    files = [open(tmp / f"part-{i:02d}.jsonl", "w", encoding="utf-8") for i in range(PREP_FILES)]
+    for copy in range(copies):
+        for i, text in enumerate(texts):
+            files[(copy * len(texts) + i) % PREP_FILES].write(json.dumps({"text": rotated(text, copy, copies)}) + "\n")
+    for f in files:
+        f.close()
+    tmp.rename(folder)
+    return folder
+
+
+def bench_tokenizer(corpus: Path) -> tuple[Path, float]:
+    """The tiny preset's tokenizer trained by the trainer's rule (the first 8 MB of the stream), cached beside the
+    corpus; and the seconds it took (0 when reused)."""
+    from data.sources import tokenizer_texts
+    from data.tokenizer import train_tokenizer
+
+    path = corpus.with_name(corpus.name + f"-tokenizer-{PREP_VOCAB}.json")
+    if path.exists():
+        return path, 0.0
+    t0 = time.perf_counter()
+    train_tokenizer(tokenizer_texts(str(corpus), "text", 8_000_000), PREP_VOCAB).save(path)
+    return path, time.perf_counter() - t0
+
+
+def encode_speed(corpus: Path, tokenizer: Path, threads: int) -> dict:
+    """encode_batch_fast alone on every document of the corpus, in a subprocess with ``threads`` Rayon threads."""
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true"}
+    out = subprocess.run([sys.executable, "-c", ENCODE_PROBE, str(corpus), str(tokenizer), str(ENCODE_BATCH_DOCS)],
+                         env=env, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    return {**r, "mb_per_s": r["bytes"] / 1e6 / r["seconds"]}
+
+
+def prepare_speed(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict:
+    """data.prepare.prepare with a pool of ``workers`` processes. Timed: from the moment the first encoded batch
+    reaches the writer to prepare's return (the rest of the reading, tokenizing, writing, the final renames and
+    manifest), over the bytes of every batch but the first: the pool's start, the opening of the stream and the
+    first batch's latency are left out. The whole call is reported too (``wall_s``)."""
+    import data.prepare as prep
+    from data.tokenizer import Tokenizer
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh preparation, never a reuse or a resume
+    tok = Tokenizer.load(tokenizer)
+    first: dict = {}
+    update = prep._Progress.update
+
+    def timed_update(self, enc):  # the first batch's arrival: the start of the timed part
+        if not first:
+            first.update(t=time.perf_counter(), bytes=int(enc.doc_bytes.sum()))
+        update(self, enc)
+
+    prep._Progress.update = timed_update
+    try:
+        t0 = time.perf_counter()
+        manifest = prep.prepare(str(corpus), tok, out, workers=workers, in_process=False, verbose=False,
+                                overwrite=True)
+        t1 = time.perf_counter()
+    finally:
+        prep._Progress.update = update
+    total = sum(v["bytes"] for v in manifest["splits"].values())
+    return {"workers": workers, "wall_s": t1 - t0, "timed_s": t1 - first["t"], "bytes": total,
+            "tokens": sum(v["tokens"] for v in manifest["splits"].values()),
+            "mb_per_s": (total - first["bytes"]) / 1e6 / (t1 - first["t"]), "files_sha256": shard_digest(out, manifest)}
+
+
+def shard_digest(out: Path, manifest: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in manifest["splits"].values():
+        for c in v["chunks"]:
+            h.update((out / c["file"]).read_bytes())
+    return h.hexdigest()
+
+
+def loader_memory(root: Path, n_chunks: int, chunk_tokens: int = 2**22, batch_size: int = 32,
+                  block_size: int = 256) -> dict:
+    """tracemalloc peak of building a TokenLoader over ``n_chunks`` chunks of ``chunk_tokens`` uint16 ids and
+    drawing one whole epoch of batches. The chunk files are sparse (zeros, no disk): what the loader allocates does
+    not depend on the ids, and memory-mapped pages are not Python allocations."""
+    import tracemalloc
+
+    from data.shards import Chunk, TokenLoader
+
+    root.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for i in range(n_chunks):
+        path = root / f"train-{i:05d}.bin"
+        with open(path, "wb") as f:
+            f.truncate(2 * chunk_tokens)
+        chunks.append(Chunk(path, chunk_tokens, "uint16"))
+    tracemalloc.start()
+    loader = TokenLoader(chunks, batch_size, block_size, seed=0)
+    for _ in range(loader.steps_per_epoch):
+        loader.next_batch()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"chunks": n_chunks, "chunk_tokens": chunk_tokens, "tokens": n_chunks * chunk_tokens,
+            "blocks": loader.n_blocks, "steps": loader.steps_per_epoch, "tracemalloc_peak_mb": peak / 2**20,
+            "one_permutation_over_all_blocks_mb": 8 * loader.n_blocks / 2**20}
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The fastest of repeated readings (on a shared machine the others lost time to other processes), with every
+    reading's MB/s kept beside it."""
+    return {**max(runs, key=lambda r: r["mb_per_s"]), "all_mb_per_s": [r["mb_per_s"] for r in runs]}
+
+
+def load_average() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return None
+
+
+def bench_prepare(root: Path, repeats: int) -> dict:
+    """Preparation MB/s beside encode_batch_fast MB/s on the same text and tokenizer, 1 and 2 workers/threads, each
+    the best of ``repeats`` interleaved readings; the loader's memory for a corpus of 3 chunks and one of 30."""
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    corpus = bench_corpus(root)
+    corpus_s = time.perf_counter() - t0
+    tokenizer, tokenizer_s = bench_tokenizer(corpus)
+    runs: dict = {("encode", n): [] for n in (1, 2)} | {("prepare", n): [] for n in (1, 2)}
+    loads = [load_average()]
+    for _ in range(repeats):
+        for n in (1, 2):
+            runs["encode", n].append(encode_speed(corpus, tokenizer, n))
+        for n in (1, 2):
+            runs["prepare", n].append(prepare_speed(corpus, tokenizer, root / f"prepared-{n}", n))
+            shutil.rmtree(root / f"prepared-{n}")
+        loads.append(load_average())
+    encode = {n: best_of(runs["encode", n]) for n in (1, 2)}
+    prep = {n: best_of(runs["prepare", n]) for n in (1, 2)}
+    digests = {r["files_sha256"] for n in (1, 2) for r in runs["prepare", n]}
+    memory = [loader_memory(root / f"loader-{n}", n) for n in (3, 30)]
+    for n in (3, 30):
+        shutil.rmtree(root / f"loader-{n}")
+    speedup_prepare = prep[2]["mb_per_s"] / prep[1]["mb_per_s"]
+    speedup_encode = encode[2]["mb_per_s"] / encode[1]["mb_per_s"]
+    return {
+        "corpus": str(corpus), "corpus_mb": encode[1]["bytes"] / 1e6, "corpus_build_s": corpus_s,
+        "tokenizer_train_s": tokenizer_s, "vocab_size": PREP_VOCAB, "repeats": repeats,
+        "load_average_1min": loads, "encode": {str(n): r for n, r in encode.items()},
+        "prepare": {str(n): r for n, r in prep.items()}, "identical_1_vs_2_workers": len(digests) == 1,
+        "prepare_vs_encode_2": prep[2]["mb_per_s"] / encode[2]["mb_per_s"],
+        "speedup_prepare_1_to_2": speedup_prepare, "speedup_encode_1_to_2": speedup_encode,
+        "speedup_ratio": speedup_prepare / speedup_encode, "loader_memory": memory,
+    }
+
+
+def print_prepare(r: dict) -> None:
+    loads = ", ".join(f"{x:.2f}" for x in r["load_average_1min"] if x is not None)
+    print(f"preparation: {r['corpus_mb']:.0f} MB of JSONL ({r['corpus']}), vocab {r['vocab_size']}, best of "
+          f"{r['repeats']} readings (1-minute load average before and after each round: {loads})")
+    print(f"{'':28s} {'1 worker/thread':>16s} {'2 workers/threads':>18s} {'speed-up':>9s}")
+    for name, rows in (("encode_batch_fast MB/s", r["encode"]), ("prepare MB/s (timed part)", r["prepare"])):
+        a, b = rows["1"]["mb_per_s"], rows["2"]["mb_per_s"]
+        print(f"{name:28s} {a:16.2f} {b:18.2f} {b / a:9.2f}")
+    walls = [r["prepare"][n]["wall_s"] for n in ("1", "2")]
+    print(f"{'prepare wall s (whole call)':28s} {walls[0]:16.1f} {walls[1]:18.1f}")
+    print(f"prepare(2) / encode(2) = {r['prepare_vs_encode_2']:.3f} (target >= 0.85); speed-up prepare / encode = "
+          f"{r['speedup_ratio']:.3f} (target >= 0.9); shards identical for 1 and 2 workers: "
+          f"{r['identical_1_vs_2_workers']}")
+    for m in r["loader_memory"]:
+        print(f"loader, {m['chunks']:3d} chunks x {m['chunk_tokens']:,} tokens ({m['blocks']:,} blocks, one epoch of "
+              f"{m['steps']:,} batches of 32x256): tracemalloc peak {m['tracemalloc_peak_mb']:.2f} MB (one int64 "
+              f"permutation over all blocks would be {m['one_permutation_over_all_blocks_mb']:.1f} MB)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -206,6 +428,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager measurement")
     ap.add_argument("--no-loop", action="store_true", help="skip the train.py loop measurement")
     ap.add_argument("--no-data", action="store_true", help="skip the data-side measurements")
+    ap.add_argument("--prepare", action="store_true",
+                    help="also measure preparation at scale (minutes; see `prepare` above)")
+    ap.add_argument("--prepare-dir", default=str(Path(tempfile.gettempdir()) / "gptrain-bench-prepare"),
+                    help="where --prepare builds (once) and keeps its corpus and tokenizer")
+    ap.add_argument("--prepare-repeats", type=int, default=3,
+                    help="--prepare: readings of each measurement, interleaved; the fastest is reported")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. n_layer=6")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -213,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32"])
+    if args.no_eager and args.no_compile:
+        precisions = []  # no step to measure: no peak to measure it against
     host_malloc_tuned = keep_freed_memory() if device.type == "cpu" else False  # as train.py does on CPU
     overrides = {}
     for kv in args.model:
@@ -227,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "gpu": env["gpu"], "torch": env["packages"]["torch"], "python": env["python"],
                            "git_revision": env["git_revision"], "host_malloc_tuned": host_malloc_tuned},
-               "peak": {}, "step": [], "loop": None, "data": None}
+               "peak": {}, "step": [], "loop": None, "data": None, "prepare": None}
 
     for prec in precisions:
         dtype = DTYPES[prec]
@@ -259,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_data:
         vocab = GPTConfig.from_preset(args.preset, **overrides).vocab_size
         results["data"] = bench_data(min(vocab, 65536), cache)
+    if args.prepare:
+        results["prepare"] = bench_prepare(Path(args.prepare_dir), args.prepare_repeats)
 
     # ---- table
     print(f"\nmachine: {results['machine']['processor'] or platform.machine()}, {os.cpu_count()} cores, "
@@ -284,6 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"data: tokenizer training {d['tokenizer_train_s']:.1f}s on {d['tokenizer_train_mb']:.1f} MB, "
               f"encode {d['encode_mb_per_s']:.1f} MB/s, shard preparation {d['prepare_mb_per_s']:.1f} MB/s, "
               f"loader {d['loader_batches_per_s_32x256']:,.0f} batches/s (32x256)")
+    if results["prepare"]:
+        print_prepare(results["prepare"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
