@@ -2,8 +2,8 @@
 
     python scripts/prepare_data.py SOURCE --out DIR [--config FILE] [--data.KEY=VALUE ...]
                                    [--model.preset=P] [--model.vocab_size=V]
-    python scripts/prepare_data.py hf:HuggingFaceFW/fineweb-edu:sample-10BT --out data/fineweb \\
-        --model.preset=gpt2 --data.max_tokens=1e10 --data.tokenizer_max_mb=200
+    python scripts/prepare_data.py hf:HuggingFaceFW/fineweb-edu:sample-100BT --out data/fineweb \\
+        --config configs/gpt2.toml       # the GPT-2 recipe's data: 1.01e10 training tokens, ~20 GB
     python train.py --data DIR ...    (or  torchrun --nproc_per_node=N train.py --data DIR ...)
 
 SOURCE and the --data.* options are train.py's (python train.py --help lists them): stdlib, a local file or folder

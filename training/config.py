@@ -67,7 +67,7 @@ class ModelSection:
 class DataSection:
     """the text (pretrain) or the records (sft, dpo), and the tokenizer"""
 
-    source: str = option("stdlib", "stdlib, synthetic, a file/folder (txt jsonl json parquet csv), hf:NAME[:CONFIG], or a prepared folder")
+    source: str = option("stdlib", "stdlib, synthetic, hf:NAME[:CONFIG], a file or folder (txt jsonl json parquet csv)")
     text_column: str = option("text", "column holding the text in tabular sources")
     tokenizer: str = option("", "an existing tokenizer.json to use instead of training one")
     cache_dir: str = option("", "cache of tokenizers and token shards ('' = $GPTRAIN_CACHE or ~/.cache/gptrain)")
