@@ -140,6 +140,8 @@ class ChunkWriter:
         self.tokens, self.bytes, self.documents = state["tokens"], state["bytes"], state["documents"]
         self.file = open(self.partial_path, "r+b" if self.open_tokens else "wb")
         self.file.truncate(self.open_tokens * self.dtype.itemsize)
+        # sha256 of the open chunk's bytes, kept as they are written (a resumed open chunk is read back once)
+        self.digest = hashlib.sha256(self.file.read() if self.open_tokens else b"")
         self.file.seek(0, os.SEEK_END)
 
     @property
@@ -155,6 +157,7 @@ class ChunkWriter:
             room = self.chunk_tokens - self.open_tokens
             part, tokens = tokens[:room], tokens[room:]
             part.tofile(self.file)
+            self.digest.update(np.ascontiguousarray(part))
             self.open_tokens += len(part)
             self.tokens += len(part)
             if self.open_tokens == self.chunk_tokens:
@@ -167,8 +170,9 @@ class ChunkWriter:
         self.file.close()
         name = chunk_name(self.split, len(self.chunks))
         os.replace(self.partial_path, self.out_dir / name)
-        self.chunks.append({"file": name, "tokens": self.open_tokens})
+        self.chunks.append({"file": name, "tokens": self.open_tokens, "sha256": self.digest.hexdigest()})
         self.open_tokens = 0
+        self.digest = hashlib.sha256()
         self.file = open(self.partial_path, "wb")
 
     def sync(self) -> None:
@@ -201,10 +205,12 @@ def _atomic_write_json(path: Path, value: dict) -> None:
 
 
 def data_hash(manifest: dict) -> str:
-    """What identifies prepared data: its preparation key and every chunk's name and length (sha256, hex)."""
-    content = {"key": manifest["key"], "splits": {s: {"chunks": v["chunks"], "tokens": v["tokens"],
-                                                      "bytes": v["bytes"], "documents": v["documents"]}
-                                                  for s, v in manifest["splits"].items()}}
+    """What identifies prepared data: the bytes a run reads -- every chunk's length and sha256, each split's text
+    bytes and documents -- and the tokenizer they belong to (sha256, hex). Not the settings or the source's file
+    dates: the same bytes prepared again (a corpus touched or copied, the cache rebuilt) are the same data."""
+    content = {"tokenizer_hash": manifest["key"]["tokenizer_hash"],
+               "splits": {s: {"chunks": [[c["tokens"], c["sha256"]] for c in v["chunks"]], "bytes": v["bytes"],
+                              "documents": v["documents"]} for s, v in manifest["splits"].items()}}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -20,13 +20,15 @@ Splits: ``train`` and ``val`` everywhere in the code (``SPLITS``; ``validation``
 names, ``data.synthetic``) are produced by ``dataset_split_names`` alone: ``validation`` (or ``valid``/``val``/
 ``dev``, else ``test``) for ``val``.
 
-Held-out rules (unchanged, so every published validation figure compares):
+Held-out rules:
 
-* text (pre-training, ``split_by_hash``): a source's own validation split when it has one (a Hub split, or files
-  or top-level subfolders named ``train*`` and ``val*``/``valid*``/``validation*``/``dev*``, else ``test*``);
-  otherwise ``val_fraction`` (1%) of the documents, at least one: those of smallest blake2b hash of their text,
-  ties by position -- deterministic and independent of file order. A single document is cut at the last line break
-  before its final ``val_fraction``. ``stdlib`` uses the fixed file list ``STDLIB_VAL_FILES``.
+* text (pre-training, ``read_passes``): a source's own validation split when it has one (a Hub split, or files
+  or top-level subfolders named ``train*`` and ``val*``/``valid*``/``validation*``/``dev*``, else ``test*``), read
+  whole; otherwise each document whose ``doc_hash`` (blake2b-64 of its UTF-8 bytes, little-endian) falls below
+  ``val_threshold(val_fraction)`` = ``val_fraction x 2^64`` (1%), decided document by document while streaming: no
+  extra pass, independent of file order and of caps (until 2026-12-01: the 1% of smallest hashes, which needed the
+  whole source). A single text file (one document) is cut at the last line break before its final
+  ``val_fraction``. ``stdlib`` uses the fixed file list ``STDLIB_VAL_FILES``.
 * records (SFT/DPO, ``data.sft.load_records``): a source's own validation split when it has one; otherwise a fixed
   5% of the records (at most 500) chosen by a permutation seeded with 1234 (never the run's seed), carved out of
   ``train`` (or of the only split there is). ``synthetic`` assigns each prompt to a split by a hash of its text.
@@ -283,12 +285,21 @@ def parse_source(text: str | os.PathLike) -> Source:
     return _hub_source(text, text)
 
 
+def is_old_shard_folder(path: Path) -> bool:
+    """A folder of the single-file shard format (before 2026-12-01): ``train.bin`` beside its ``train.json``."""
+    return (path / "train.bin").is_file() and (path / "train.json").is_file()
+
+
 def _text_source(spec: str) -> Source:
     """``spec`` parsed, refusing ``synthetic`` (records, not text)."""
     src = parse_source(spec)
     if src.kind == "folder" and (src.path / "manifest.json").is_file():
         raise ValueError(f"data source {spec!r} is a prepared folder of token shards, not text to prepare; give it "
                          "to train.py / evaluate.py as --data DIR as it is")
+    if src.kind == "folder" and is_old_shard_folder(src.path):
+        raise ValueError(f"data source {spec!r} holds token shards of the older single-file format (train.bin + "
+                         "train.json), not text; prepare the text source again: python scripts/prepare_data.py "
+                         "SOURCE --out DIR")
     if src.kind == SYNTHETIC:
         raise ValueError(f"data source {spec!r} is the built-in SFT/DPO data (records), not text for pre-training; "
                          "give stdlib, a text file or folder, or a Hub dataset")

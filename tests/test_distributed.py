@@ -140,6 +140,13 @@ def dist(tmp_path_factory, corpus_dir):
     for rank, max_docs in ((0, 0), (1, 15)):
         prepare(str(corpus_dir), tok, root / f"prep{rank}", max_docs=max_docs, workers=1, verbose=False)
     hashes = [open_prepared(root / f"prep{rank}").hash for rank in (0, 1)]
+    # ... and a machine whose copy is too small for one global batch: it fails alone, after the process group is up
+    tiny = root / "tiny-corpus"
+    for split in ("train", "val"):
+        (tiny / split).mkdir(parents=True)
+        (tiny / split / "a.txt").write_text("def f(x):\n    return x\n" * 8)
+    prepare(str(tiny), tok, root / "small1", workers=1, verbose=False)
+    (root / "small0").symlink_to(root / "prep0")
     single("r12", *BASE, "--train.batch_size=8", "--train.stop_after_steps=5")  # resumed by 2 processes below
     sft_data = ["--init-from", str(runs / "ref"), "--data", str(uneven_sft_data(root / "sft-uneven"))]
     single("sft_uneven_ref", *sft_data, *SFT_UNEVEN, "--train.batch_size=4")
@@ -181,6 +188,9 @@ def dist(tmp_path_factory, corpus_dir):
          "--train.time_budget_min=0.1"],
         # every rank gathers every rank's data and tokenizer hashes: a mismatch stops both (then the next run)
         ["--expect-error", "--data", str(root / "prep{rank}"), "--out", str(runs / "mismatch"), *BASE,
+         "--train.batch_size=4"],
+        # rank 1 cannot build its loader: both ranks stop at once (rank 0 names rank 1's reason), none waits
+        ["--expect-error", "--data", str(root / "small{rank}"), "--out", str(runs / "small"), *BASE,
          "--train.batch_size=4"],
         # last (it fails): a NaN loss on rank 1 only at step 3, after the checkpoint of step 2
         ["--env", "GPTRAIN_FAULT=nan_loss@3:1", *data, "--out", str(runs / "nan"), *BASE, "--train.batch_size=4",
@@ -377,6 +387,13 @@ def test_data_is_prepared_once_from_an_empty_cache(dist):
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     assert manifest["complete"] and manifest["key"]["tokenizer_hash"] == Tokenizer.load(
         shard_dir / "tokenizer.json").hash
+
+
+def test_a_set_up_failure_on_one_rank_stops_every_rank_at_once(dist):
+    lines = [(dist["dump"] / f"small.status.rank{rank}").read_text().strip() for rank in (0, 1)]
+    assert lines[1].startswith("rank 1: error:") and "too small" in lines[1], lines[1]
+    assert lines[0].startswith("rank 0: error: rank 1 could not set up:") and "too small" in lines[0], lines[0]
+    assert all(float(line.rsplit(", ", 1)[1].split()[0]) < 30 for line in lines), lines
 
 
 def test_ranks_with_different_prepared_data_both_stop_naming_both_hashes(dist):

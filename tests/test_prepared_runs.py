@@ -3,8 +3,10 @@ and tokenizer it started with, and the multi-node rule (only prepared data)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +112,23 @@ def test_multi_node_torchrun_refuses_a_source_that_is_not_prepared(corpus_dir, p
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "2 nodes" in proc.stderr and "prepare_data.py" in proc.stderr, proc.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_resume_after_the_corpus_is_touched_finds_the_same_data(corpus_dir, tmp_path, monkeypatch):
+    """The data hash is over the bytes read (each chunk's sha256), not the source's file dates: a corpus touched
+    (or copied) after the run started is prepared again into the cache, to the same bytes, and --resume goes on."""
+    corpus, out, cache = tmp_path / "corpus", tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(corpus_dir, corpus)
+    monkeypatch.setenv("GPTRAIN_CACHE", str(cache))
+    main(["--data", str(corpus), "--out", str(out), *TINY_ARGS, *STEPS, "--train.stop_after_steps=3"])
+    (shard_dir,) = (cache / "shards").iterdir()
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    for c in manifest["splits"]["train"]["chunks"]:
+        assert c["sha256"] == hashlib.sha256((shard_dir / c["file"]).read_bytes()).hexdigest()
+    first = open_prepared(shard_dir).hash
+    for p in (corpus / "train").iterdir():
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    main(["--out", str(out), "--resume"])
+    new = json.loads((shard_dir / "manifest.json").read_text())
+    assert new["key"]["source_fingerprint"] != manifest["key"]["source_fingerprint"]  # it was prepared again
+    assert open_prepared(shard_dir).hash == first

@@ -119,17 +119,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def check_same_everywhere(values: dict[str, str]) -> None:
-    """Every rank gathers every other rank's values (hashes of the data and tokenizer it trains on) and stops on a
-    difference, naming both values: every rank fails, not only the one that differs."""
+def check_same_everywhere(values: dict[str, str], failure: Exception | None = None) -> None:
+    """Every rank gathers every other rank's values (hashes of the data and tokenizer it trains on) and its set-up
+    failure, if any, and stops on a failure anywhere or a difference, naming both values: every rank fails, not only
+    the one that differs (which would leave the others waiting in their next collective until its timeout)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if failure is not None:
+            raise failure
         return
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, values)
+    dist.all_gather_object(gathered, {"values": values, "error": None if failure is None else str(failure)})
+    if failure is not None:
+        raise failure
+    failed = [(rank, g["error"]) for rank, g in enumerate(gathered) if g["error"] is not None]
+    if failed:
+        rank, error = failed[0]
+        raise ValueError(f"rank {rank} could not set up: {error}")
+    first = gathered[0]["values"]
     for name in values:
-        for rank, theirs in enumerate(gathered):
-            if theirs.get(name) != gathered[0].get(name):
-                raise ValueError(f"ranks disagree on the {name}: rank 0 has {gathered[0].get(name)}, rank {rank} has "
+        for rank, theirs in enumerate(g["values"] for g in gathered):
+            if theirs.get(name) != first.get(name):
+                raise ValueError(f"ranks disagree on the {name}: rank 0 has {first.get(name)}, rank {rank} has "
                                  f"{theirs.get(name)}; every node must use the same prepared data and tokenizer")
 
 

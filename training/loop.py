@@ -177,8 +177,12 @@ def setup(cfg: Config, info: DistInfo, stop: StopSignal, inputs: Inputs) -> tupl
     check_settings(cfg, info, precision)
     resumed, start, tok, gcfg = inputs.resumed, inputs.start, inputs.tok, inputs.gcfg
     stage_cls = STAGES[cfg.stage]
-    stage = stage_cls(cfg, tok, gcfg, info)
-    distributed.check_same_everywhere({"tokenizer": tok.hash, **stage.identity()})
+    try:  # a rank-local failure (its copy of the data incomplete, too small) must stop every rank, not hang them
+        stage = stage_cls(cfg, tok, gcfg, info)
+        identity, failure = {"tokenizer": tok.hash, **stage.identity()}, None
+    except (ValueError, FileNotFoundError) as e:
+        identity, failure = {}, e
+    distributed.check_same_everywhere(identity, failure)
     print0(f"gptrain | stage {cfg.stage} | out {cfg.out} | device {device} | precision {precision}")
     print0(to_toml(cfg))
     raw = build_policy(cfg, gcfg, device, resumed, start)
