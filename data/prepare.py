@@ -195,6 +195,10 @@ class ChunkWriter:
                 "documents": self.documents}
 
 
+class BrokenPreparation(ValueError):
+    """An interrupted preparation whose files do not match what its manifest recorded: it cannot be resumed."""
+
+
 def _atomic_write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -272,8 +276,16 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
         resume = _resumable(out_dir, manifest, key, overwrite, say)
         tokenizer.save(out_dir / TOKENIZER)
         try:
-            job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
-                       hf_cache_dir, verbose)
+            try:
+                job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
+                           hf_cache_dir, verbose)
+            except BrokenPreparation as e:  # its files do not match its manifest: the cache starts afresh
+                if not overwrite:
+                    raise
+                say(f"data: {e}; preparing again")
+                _remove_preparation(out_dir)
+                job = _Job(source, tokenizer, out_dir, passes, key, None, workers or available_cores(), in_process,
+                           hf_cache_dir, verbose)
             manifest = job.run()
         except ValueError:  # bad input: with nothing recorded to resume from, leave nothing half-written
             if not _has_progress(read_manifest(out_dir)):
@@ -338,7 +350,8 @@ def _chunks_intact(out_dir: Path, manifest: dict, overwrite: bool, say) -> bool:
 
 def _remove_preparation(out_dir: Path, extra: list[Path] = ()) -> None:
     """Delete a preparation's files: chunks, open chunks, manifest and tokenizer (the folder and its lock stay)."""
-    for p in [*out_dir.glob("*.bin"), *out_dir.glob(".*.partial"), out_dir / MANIFEST, out_dir / TOKENIZER, *extra]:
+    for p in [*out_dir.glob("*.bin"), *out_dir.glob(".*.partial"), out_dir / MANIFEST, out_dir / f".{MANIFEST}.tmp",
+              out_dir / TOKENIZER, *extra]:
         p.unlink(missing_ok=True)
 
 
@@ -483,14 +496,17 @@ def _recover(out_dir: Path, manifest: dict, dtype: np.dtype) -> dict:
             os.replace(final, partial)
         need = state["open_tokens"] * dtype.itemsize
         if need and (not partial.exists() or partial.stat().st_size < need):
-            raise ValueError(f"{partial}: the open chunk of the interrupted preparation is shorter than "
+            raise BrokenPreparation(f"{partial}: the open chunk of the interrupted preparation is shorter than "
                              f"{out_dir / MANIFEST} records; delete {out_dir} and prepare again")
         later = [p for p in out_dir.glob(f"{split}-*.bin") if int(p.stem.rpartition("-")[2]) > k]
         later += [p for p in out_dir.glob(f".{split}-*.bin.partial") if p != partial]
         for p in later:
             p.unlink()
         states[split] = state
-    check_chunks(out_dir, manifest)
+    try:
+        check_chunks(out_dir, manifest)
+    except ValueError as e:
+        raise BrokenPreparation(str(e)) from None
     return states
 
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from data import shards
 from data.chat import render_prompt
 from data.preference import PreferenceBatcher, load_preferences, prompt_and_reference
-from data.prepare import prepare, read_manifest
+from data.prepare import preparation_key, prepare, read_manifest
 from data.sft import load_records
 from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
@@ -138,13 +138,16 @@ def text_data(run: LoadedRun, source: str, splits: tuple[str, ...], args, info) 
     if shards.is_prepared_dir(source):
         data = shards.open_prepared(source)
     else:
+        if info.nodes > 1:  # each machine would prepare its own copy; the first done would wait in a collective
+            raise ValueError(f"--data {source}: under a torchrun of {info.nodes} nodes give a prepared folder "
+                             f"(python scripts/prepare_data.py {source} --out DIR, then --data DIR)")
         common = dict(source=source, tokenizer=run.tok, workers=d.num_proc, overwrite=True, verbose=info.is_main,
                       hf_cache_dir=hf_cache_dir(cfg), block_size=run.gcfg.block_size)
-        own = source == d.source and set(splits) <= set(SOURCE_SPLITS)
-        settings = dict(text_column=d.text_column, val_fraction=d.val_fraction, max_tokens=d.max_tokens,
+        settings = dict(text_column=args.text_column, val_fraction=d.val_fraction, max_tokens=d.max_tokens,
                         max_docs=d.max_docs, chunk_tokens=d.chunk_tokens)
         out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
-        if not (own and _complete(out)):
+        own_key = preparation_key(source, run.tok, SOURCE_SPLITS, **settings)
+        if not (source == d.source and _complete(out, own_key)):  # the run's own preparation, when it is there
             settings = dict(splits=splits, text_column=args.text_column, val_fraction=d.val_fraction,
                             max_tokens=args.max_tokens, chunk_tokens=d.chunk_tokens)
             out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
@@ -154,9 +157,9 @@ def text_data(run: LoadedRun, source: str, splits: tuple[str, ...], args, info) 
     return data
 
 
-def _complete(out: Path) -> bool:
+def _complete(out: Path, key: dict) -> bool:
     manifest = read_manifest(out)
-    return manifest is not None and bool(manifest.get("complete"))
+    return manifest is not None and bool(manifest.get("complete")) and manifest.get("key") == key
 
 
 def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:

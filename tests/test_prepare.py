@@ -498,6 +498,39 @@ def test_preparation_interrupted_in_process_resumes(tmp_path, tok, hf_cache, chu
     assert rows > 0 and rows_read["skips"] == [rows]  # went on from the recorded position
 
 
+def test_an_interrupted_preparation_with_a_damaged_open_chunk(tmp_path, tok, hf_cache, chunked_source, small_tasks,
+                                                                monkeypatch):
+    """An open chunk shorter than its manifest records cannot be resumed: refused naming it (a folder of your own),
+    prepared afresh to the right bytes with overwrite (the trainer's cache)."""
+    src, _ = chunked_source
+    reference = tmp_path / "reference"
+    prepare(str(src), tok, reference, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
+            hf_cache_dir=hf_cache)
+    out = tmp_path / "out"
+    real = data.prepare.iter_texts
+
+    def interrupted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            yield batch
+            m = read_manifest(out)
+            if m and len(m["splits"]["train"]["chunks"]) >= 2 and m["splits"]["train"]["open_tokens"] > 10:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.prepare, "iter_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
+                hf_cache_dir=hf_cache)
+    monkeypatch.setattr(data.prepare, "iter_texts", real)
+    (partial,) = out.glob(".train-*.bin.partial")
+    partial.write_bytes(partial.read_bytes()[:4])  # shorter than recorded
+    with pytest.raises(ValueError, match=re.escape(str(partial)) + ".*shorter than"):
+        prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
+                hf_cache_dir=hf_cache)
+    prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False, overwrite=True,
+            hf_cache_dir=hf_cache)
+    same_files(out, reference)
+
+
 # --- 6. workers ----------------------------------------------------------------------------------------------------
 
 

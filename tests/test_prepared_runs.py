@@ -83,7 +83,9 @@ def test_evaluate_scores_a_prepared_folder_as_the_trainer_does(prepared, tiny_ru
         cmd = [sys.executable, "scripts/evaluate.py", str(tiny_run), "--json", str(out)]
         subprocess.run(cmd + (["--data", data] if data else []), cwd=ROOT, check=True, capture_output=True,
                        timeout=120)
-        figures.append(json.loads(out.read_text())["bits_per_byte"])
+        result = json.loads(out.read_text())
+        assert result["data"]["text"].startswith(data or "stdlib") or data is None, result["data"]
+        figures.append(result["bits_per_byte"])
     assert figures[0] == figures[1]
 
 
@@ -132,3 +134,20 @@ def test_resume_after_the_corpus_is_touched_finds_the_same_data(corpus_dir, tmp_
     new = json.loads((shard_dir / "manifest.json").read_text())
     assert new["key"]["source_fingerprint"] != manifest["key"]["source_fingerprint"]  # it was prepared again
     assert open_prepared(shard_dir).hash == first
+
+
+def test_old_format_shards_and_stage_mismatches_are_refused_through_train_py(prepared, tiny_run, tmp_path):
+    """--data given a folder of the older single-file shard format, and --stage sft / dpo given a prepared
+    pre-training folder, stop with what was expected, before anything is written."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "train.bin").write_bytes(b"\0\0" * 100)
+    (old / "train.json").write_text('{"format": 1, "tokens": 100, "dtype": "uint16"}')
+    with pytest.raises(ValueError, match="older single-file format.*prepare_data.py"):
+        main(["--data", str(old), "--out", str(tmp_path / "a"), *TINY_ARGS, *STEPS])
+    for stage, expected in (("sft", "chat records"), ("dpo", "preference pairs")):
+        with pytest.raises(ValueError, match=f"prepared pre-training corpus.*{expected}"):
+            main(["--stage", stage, "--data", str(prepared), "--init-from", str(tiny_run),
+                  "--out", str(tmp_path / stage), "--train.max_steps=2"])
+        assert not (tmp_path / stage).exists()
+    assert not (tmp_path / "a").exists()

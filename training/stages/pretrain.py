@@ -86,6 +86,9 @@ class PretrainStage(Stage):
             open_prepared(source).check_tokenizer(tok, _whose_tokenizer(cfg))
             return
         d = cfg.data
+        if d.chunk_tokens <= gcfg.block_size:
+            raise ValueError(f"data.chunk_tokens={d.chunk_tokens} must exceed model.block_size={gcfg.block_size}: "
+                             "a block never straddles two chunks")
         prepare(source, tok, shard_dir(cfg, tok), text_column=d.text_column, val_fraction=d.val_fraction,
                 max_tokens=d.max_tokens, max_docs=d.max_docs, chunk_tokens=d.chunk_tokens, workers=d.num_proc,
                 block_size=gcfg.block_size, overwrite=True, verbose=launch.is_main, hf_cache_dir=hf_cache_dir(cfg))
