@@ -55,7 +55,7 @@ from data.sources import SPLITS as SOURCE_SPLITS
 from training import distributed
 from training.config import DistSection
 from training.evaluation import chat_accuracy, lm_figures
-from training.load import PRECISIONS, LoadedRun, load_run
+from training.load import PRECISIONS, LoadedRun, load_run, refuse_reward_model
 from training.monitor import Monitor, print0
 from training.stages import STAGES
 from training.stages.dpo import DPO, preference_figures
@@ -315,6 +315,7 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
     info = distributed.init(DistSection(), "cuda" if args.device.startswith("cuda") else args.device)
     device = args.device if args.device.startswith("cuda:") and not info.distributed else str(info.device)
     run = load_run(args.checkpoint, device, args.precision)
+    refuse_reward_model(run, "evaluate.py's figures")
     if args.text_column is None:
         args.text_column = run.cfg.data.text_column
     todo = plan(args, run)

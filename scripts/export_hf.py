@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from training.hf import check_exportable, require_transformers, to_hf_model, to_hf_tokenizer
-from training.load import check_new_folder, load_run, write_folder_atomically
+from training.load import check_new_folder, load_run, refuse_reward_model, write_folder_atomically
 
 VERIFY_ATOL = 1e-4  # fp32 logits of the reloaded model vs the native one
 
@@ -46,6 +46,7 @@ def export(run_path: str | Path, export_dir: str | Path, check: bool = True) -> 
     require_transformers()
     export_dir = check_new_folder(export_dir, "export folder")
     run = load_run(run_path, device="cpu", precision="fp32")
+    refuse_reward_model(run, "the causal-LM export")
     check_exportable(run.gcfg)  # before anything is written
     hf_model = to_hf_model(run.model)
     hf_tok = to_hf_tokenizer(run.tok, run.gcfg.block_size)

@@ -170,6 +170,15 @@ class DPOSection:
 
 
 @dataclass
+class RMSection:
+    """reward model (--stage rm)"""
+
+    data: str = option("pairs", "pairs: prompt + chosen + rejected (+ margin), Bradley-Terry loss; ratings: prompt + "
+                       "completion + score, squared error", ("pairs", "ratings"))
+    standardize: bool = option(False, "ratings: train on (score - mean) / std of the training split's scores")
+
+
+@dataclass
 class Config:
     """the stage, the run folder and where the run starts"""
 
@@ -186,6 +195,7 @@ class Config:
     ckpt: CkptSection = field(default_factory=CkptSection)
     dist: DistSection = field(default_factory=DistSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    rm: RMSection = field(default_factory=RMSection)
 
 
 def _sections(cfg: Config) -> dict[str, object]:
