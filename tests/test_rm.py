@@ -62,3 +62,101 @@ def test_reward_model_loads_a_gpt_state_and_keeps_its_logits():
     assert missing == ["score.weight"] and unexpected == []
     idx = torch.randint(0, 64, (2, 7))
     assert torch.equal(rm(idx), gpt(idx))
+
+
+# ----------------------------------------------------------------------------------------------- data
+from data.reward import RatedCompletion, RewardBatcher, RewardPair, load_reward_data  # noqa: E402
+from data.synthetic import make_ratings, partial_credit  # noqa: E402
+
+
+def test_partial_credit_by_hand():
+    assert partial_credit("sort", "7 7 19 42", "7 7 19 42") == 1.0
+    assert partial_credit("sort", "7 19 7 42", "7 7 19 42") == 0.5  # positions 0 and 3 right
+    assert partial_credit("reverse", "c b", "c b a") == pytest.approx(2 / 3)  # a missing element is a wrong position
+    assert partial_credit("reverse", "a b c", "c b a") == pytest.approx(1 / 3)
+    assert partial_credit("add", "433", "432") == 0.5
+    assert partial_credit("add", "422", "432") == pytest.approx(1 / 11)
+    assert partial_credit("count", " 3 ", "3") == 1.0
+    assert partial_credit("count", "three", "3") == 0.0
+
+
+def test_builtin_ratings_are_seeded_and_scored_by_partial_credit():
+    a, b = make_ratings(40, seed=3), make_ratings(40, seed=3)
+    assert a == b and a != make_ratings(40, seed=4)
+    scores = {r["score"] for r in a}
+    assert 1.0 in scores and len(scores) > 3  # right answers and a spread of partial credit
+    for r in a:  # the score is the credit of the given answer against the task's right one
+        prompt = r["prompt"][0]["content"]
+        if r["task"] == "sort":
+            ref = " ".join(map(str, sorted(int(x) for x in prompt.split()[1:])))
+            assert r["score"] == partial_credit("sort", r["completion"][0]["content"], ref)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from data.tokenizer import train_tokenizer
+
+    text = "What is the answer? yes no good bad apple rock Rate: " * 50
+    return train_tokenizer([text], vocab_size=300)
+
+
+def write_jsonl(path, records, val_records=None):
+    """A folder source `path` (named like a file, to read in messages) with train.jsonl and validation.jsonl."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    for split, recs in (("train", records), ("validation", val_records or records)):
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return path
+
+
+def test_pairs_with_margins_and_message_lists_end_at_the_closing_end(tmp_path, tok):
+    f = write_jsonl(tmp_path / "pairs", [
+        {"prompt": "What is the answer?", "chosen": "yes", "rejected": "no", "margin": 1.5},
+        {"prompt": [{"role": "user", "content": "good?"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad bad"}]},
+    ])
+    examples, stats = load_reward_data("pairs", f, "train", tok, 64)
+    assert stats["n_examples"] == 2 and [e.margin for e in examples] == [1.5, 0.0]
+    batch = RewardBatcher(examples, 2, shuffle=False).next_batch()
+    for side in ("chosen", "rejected"):
+        ids, end = batch[f"{side}_input_ids"], batch[f"{side}_end"]
+        assert (ids[torch.arange(2), end] == END_ID).all()
+        assert (ids[:, :][torch.arange(ids.shape[1])[None] > end[:, None]] == PAD_ID).all()
+    assert batch["margin"].tolist() == [1.5, 0.0]
+
+
+def test_a_pair_too_long_for_its_end_token_is_dropped_and_counted(tmp_path, tok):
+    f = write_jsonl(tmp_path / "pairs", [{"prompt": "yes " * 80, "chosen": "yes", "rejected": "no"},
+                                               {"prompt": "yes", "chosen": "yes", "rejected": "no"}])
+    examples, stats = load_reward_data("pairs", f, "train", tok, 16)
+    assert stats["n_dropped"] == 1 and stats["kept"] == [1] and isinstance(examples[0], RewardPair)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "a", "completion": "b"}, "needs a numeric 'score'; it is missing"),
+    ({"prompt": "a", "completion": "b", "score": "high"}, "'score' must be a finite number, got 'high'"),
+    ({"prompt": "a", "completion": "b", "score": True}, "'score' must be a finite number, got True"),
+])
+def test_a_bad_score_names_the_record_and_the_file(tmp_path, tok, record, message):
+    f = write_jsonl(tmp_path / "rated", [{"prompt": "a", "completion": "b", "score": 0.5}, record])
+    with pytest.raises(ValueError, match=r"record 1 of .*rated/train\.jsonl: ") as e:
+        load_reward_data("ratings", f, "train", tok, 64)
+    assert message in str(e.value)
+
+
+def test_a_bad_margin_is_refused(tmp_path, tok):
+    f = write_jsonl(tmp_path / "pairs", [{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}])
+    with pytest.raises(ValueError, match=r"record 0 of .*pairs/train\.jsonl: 'margin' must be a finite number"):
+        load_reward_data("pairs", f, "train", tok, 64)
+
+
+def test_ratings_load_and_batch(tmp_path, tok):
+    f = write_jsonl(tmp_path / "rated", [{"prompt": "a", "completion": "good", "score": 1},
+                                               {"prompt": "a", "completion": [{"role": "assistant", "content": "bad"}],
+                                                "score": -0.5}])
+    examples, _ = load_reward_data("ratings", f, "train", tok, 64)
+    assert isinstance(examples[0], RatedCompletion) and [e.score for e in examples] == [1.0, -0.5]
+    batch = RewardBatcher(examples, 2, shuffle=False).next_batch()
+    assert (batch["input_ids"][torch.arange(2), batch["end"]] == END_ID).all()
+    assert batch["score"].tolist() == [1.0, -0.5]
