@@ -160,3 +160,93 @@ def test_ratings_load_and_batch(tmp_path, tok):
     batch = RewardBatcher(examples, 2, shuffle=False).next_batch()
     assert (batch["input_ids"][torch.arange(2), batch["end"]] == END_ID).all()
     assert batch["score"].tolist() == [1.0, -0.5]
+
+
+# ----------------------------------------------------------------------------------------------- train.py --stage rm
+import json  # noqa: E402
+import random  # noqa: E402
+
+import train  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.load import load_run  # noqa: E402
+
+QUIET = ["--log.interval=1", "--log.health_interval=0", "--log.hist_interval=0", "--log.tensorboard=false",
+         "--train.peak_flops=1e11", "--eval.sample_interval=0"]
+GOOD, BAD = ["apple", "pear", "plum", "fig"], ["rock", "sand", "iron", "clay"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test of this module runs with one torch thread (tests/conftest.py says why)."""
+
+
+def rm_run(out, init, *args):
+    return train.main(["--stage", "rm", "--out", str(out), *(["--init-from", str(init)] if init else []), *QUIET,
+                       *args])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(out, key):
+    return {m["step"]: m[key] for m in metrics(out) if key in m}
+
+
+def toy(n, seed):
+    """Separable toy data: a prompt of two random words; a fruit is always the better answer than a mineral."""
+    rng = random.Random(seed)
+    words = GOOD + BAD
+    return [{"prompt": f"{rng.choice(words)} {rng.choice(words)}", "good": rng.choice(GOOD), "bad": rng.choice(BAD)}
+            for _ in range(n)]
+
+
+def test_rm_needs_init_from(tmp_path):
+    with pytest.raises(ValueError, match="--stage rm fine-tunes a checkpoint: give --init-from"):
+        train.main(["--stage", "rm", "--out", str(tmp_path / "rm")])
+    assert not (tmp_path / "rm").exists()
+
+
+def test_rm_on_builtin_pairs_logs_its_metrics_and_saves_a_reward_model(tmp_path, tiny_run):
+    out = tmp_path / "rm"
+    rm_run(out, tiny_run, "--train.max_steps=4", "--eval.interval=2", "--data.synthetic_train=64",
+           "--data.synthetic_val=16", "--train.batch_size=8")
+    for key in ("train/loss", "train/accuracy", "train/margin"):
+        assert sorted(series(out, key)) == [1, 2, 3, 4], key
+    for key in ("val/loss", "val/accuracy", "val/margin", "val/accuracy/add"):
+        assert sorted(series(out, key)) == [0, 2, 4], key
+    ck = checkpoint.load(out)
+    assert ck["stage"] == "rm" and ck["model"]["score.weight"].shape == (1, 64)
+    run = load_run(out)
+    assert isinstance(run.model, RewardModel)
+    assert torch.equal(run.model.score.weight, ck["model"]["score.weight"])
+    # the head started fresh, the transformer from the starting run
+    start = checkpoint.load(tiny_run)
+    assert "score.weight" not in start["model"]
+    # a policy stage refuses to start from it, before writing anything
+    with pytest.raises(ValueError, match="is a reward model .* --stage sft trains a policy"):
+        train.main(["--stage", "sft", "--init-from", str(out), "--out", str(tmp_path / "sft"), *QUIET])
+    assert not (tmp_path / "sft").exists()
+
+
+def test_rm_learns_a_separable_toy_from_pairs_and_from_ratings(tmp_path, tiny_run):
+    pairs = write_jsonl(tmp_path / "pairs", [{"prompt": r["prompt"], "chosen": r["good"], "rejected": r["bad"]}
+                                             for r in toy(256, 0)],
+                        [{"prompt": r["prompt"], "chosen": r["good"], "rejected": r["bad"]} for r in toy(32, 1)])
+    out = tmp_path / "rm-pairs"
+    rm_run(out, tiny_run, "--data", str(pairs), "--train.max_steps=30", "--eval.interval=30",
+           "--train.batch_size=16", "--train.lr=1e-3")
+    acc, loss = series(out, "val/accuracy"), series(out, "val/loss")
+    assert acc[30] == 1.0 and loss[30] < 0.5 * loss[0], (acc, loss)
+
+    def rated(rows):
+        return [x for r in rows for x in ({"prompt": r["prompt"], "completion": r["good"], "score": 1.0},
+                                          {"prompt": r["prompt"], "completion": r["bad"], "score": 0.0})]
+
+    ratings = write_jsonl(tmp_path / "ratings", rated(toy(128, 2)), rated(toy(16, 3)))
+    out = tmp_path / "rm-ratings"
+    rm_run(out, tiny_run, "--data", str(ratings), "--rm.data=ratings", "--train.max_steps=60",
+           "--eval.interval=60", "--train.batch_size=16", "--train.lr=1e-3")
+    assert sorted(series(out, "train/mse")) == list(range(1, 61)) and "train/accuracy" not in metrics(out)[-1]
+    mse = series(out, "val/mse")
+    assert series(out, "val/loss") == mse and mse[60] < 0.05 < 0.2 < mse[0], mse  # 0.25: the scores' variance
