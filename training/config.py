@@ -173,8 +173,7 @@ class DPOSection:
 class RMSection:
     """reward model (--stage rm)"""
 
-    data: str = option("pairs", "pairs: prompt + chosen + rejected (+ margin), Bradley-Terry loss; ratings: prompt + "
-                       "completion + score, squared error", ("pairs", "ratings"))
+    data: str = option("pairs", "preference pairs (Bradley-Terry loss) or rated completions (MSE)", ("pairs", "ratings"))
     standardize: bool = option(False, "ratings: train on (score - mean) / std of the training split's scores")
 
 
