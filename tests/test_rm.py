@@ -3,13 +3,22 @@ composition, its data (pairs with margins, rated completions, the built-in parti
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
+import train
+from data.reward import RatedCompletion, RewardBatcher, RewardPair, load_reward_data
+from data.synthetic import make_ratings, partial_credit
 from data.tokenizer import END_ID, PAD_ID
 from model import GPT, GPTConfig, RewardModel, bradley_terry_loss, score_mse
+from training import checkpoint
+from training.load import load_run
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -65,8 +74,6 @@ def test_reward_model_loads_a_gpt_state_and_keeps_its_logits():
 
 
 # ----------------------------------------------------------------------------------------------- data
-from data.reward import RatedCompletion, RewardBatcher, RewardPair, load_reward_data  # noqa: E402
-from data.synthetic import make_ratings, partial_credit  # noqa: E402
 
 
 def test_partial_credit_by_hand():
@@ -163,13 +170,17 @@ def test_ratings_load_and_batch(tmp_path, tok):
 
 
 # ----------------------------------------------------------------------------------------------- train.py --stage rm
-import json  # noqa: E402
-import random  # noqa: E402
 
-import train  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.load import load_run  # noqa: E402
 
+def load_script(name):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"gptrain_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = load_script("evaluate")
 QUIET = ["--log.interval=1", "--log.health_interval=0", "--log.hist_interval=0", "--log.tensorboard=false",
          "--train.peak_flops=1e11", "--eval.sample_interval=0"]
 GOOD, BAD = ["apple", "pear", "plum", "fig"], ["rock", "sand", "iron", "clay"]
@@ -223,6 +234,12 @@ def test_rm_on_builtin_pairs_logs_its_metrics_and_saves_a_reward_model(tmp_path,
     # the head started fresh, the transformer from the starting run
     start = checkpoint.load(tiny_run)
     assert "score.weight" not in start["model"]
+    # evaluate.py scores the same held-out pairs as the final validation
+    result = evaluate.main([str(out), "--device", "cpu", "--json", str(tmp_path / "eval.json")])
+    assert result["pairs"] == 16 and json.loads((tmp_path / "eval.json").read_text())["pairs"] == 16
+    assert result["preference_accuracy"] == pytest.approx(series(out, "val/accuracy")[4], abs=1e-6)
+    assert result["reward_margin"] == pytest.approx(series(out, "val/margin")[4], abs=1e-5)
+    assert result["preference_loss"] == pytest.approx(series(out, "val/loss")[4], abs=1e-5)
     # a policy stage refuses to start from it, before writing anything
     with pytest.raises(ValueError, match="is a reward model .* --stage sft trains a policy"):
         train.main(["--stage", "sft", "--init-from", str(out), "--out", str(tmp_path / "sft"), *QUIET])
@@ -250,3 +267,4 @@ def test_rm_learns_a_separable_toy_from_pairs_and_from_ratings(tmp_path, tiny_ru
     assert sorted(series(out, "train/mse")) == list(range(1, 61)) and "train/accuracy" not in metrics(out)[-1]
     mse = series(out, "val/mse")
     assert series(out, "val/loss") == mse and mse[60] < 0.05 < 0.2 < mse[0], mse  # 0.25: the scores' variance
+    assert evaluate.main([str(out), "--device", "cpu"])["reward_mse"] == pytest.approx(mse[60], abs=1e-6)
