@@ -268,3 +268,57 @@ def test_rm_learns_a_separable_toy_from_pairs_and_from_ratings(tmp_path, tiny_ru
     mse = series(out, "val/mse")
     assert series(out, "val/loss") == mse and mse[60] < 0.05 < 0.2 < mse[0], mse  # 0.25: the scores' variance
     assert evaluate.main([str(out), "--device", "cpu"])["reward_mse"] == pytest.approx(mse[60], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_export_as_sequence_classifier_scores_as_the_native_model(tmp_path, tiny_run, arch):
+    from tests.conftest import optional_import
+    from training.load import save_run
+
+    transformers = optional_import("transformers")
+    export_hf = load_script("export_hf")
+    tok = load_run(tiny_run).tok
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32, arch=arch,
+                    bias=arch == "gpt2")
+    rm = RewardModel(cfg).eval()
+    with torch.no_grad():
+        rm.score.weight.normal_(0.0, 1.0)  # scores well away from 0, so a wrong read position shows
+    run_dir = save_run(tmp_path / "rm", rm.state_dict(), cfg, tok, stage="rm")
+    folder = export_hf.export(run_dir, tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert type(hf).__name__ == {"modern": "LlamaForSequenceClassification",
+                                 "gpt2": "GPT2ForSequenceClassification"}[arch]
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == PAD_ID
+    # a batch of pairs as the RM stage pads them: right-padded with <|pad|>, each row ending at its <|end|>
+    examples, _ = load_reward_data("pairs", "synthetic", "val", tok, 32, n_synthetic=6)
+    batch = RewardBatcher(examples, 6, shuffle=False).next_batch()
+    ids, ends = batch["chosen_input_ids"], batch["chosen_end"]
+    assert (ids == PAD_ID).any()
+    with torch.no_grad():
+        ours, theirs = rm.scores(ids, ends), hf(ids).logits[:, 0]
+    assert ours.abs().min() > 1e-3 and torch.allclose(theirs, ours, atol=1e-5), (theirs, ours)
+
+
+def test_export_whose_scores_differ_writes_nothing(tmp_path, tiny_run, monkeypatch):
+    from tests.conftest import optional_import
+    from training.load import save_run
+
+    optional_import("transformers")
+    export_hf = load_script("export_hf")
+    tok = load_run(tiny_run).tok
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    run_dir = save_run(tmp_path / "rm", RewardModel(cfg).state_dict(), cfg, tok, stage="rm")
+    to_hf = export_hf.to_hf_model
+
+    def wrong_head(model):  # the classifier's head off by a little: the parity check must catch it
+        hf = to_hf(model)
+        with torch.no_grad():
+            hf.score.weight.add_(0.1)
+        return hf
+
+    monkeypatch.setattr(export_hf, "to_hf_model", wrong_head)
+    with pytest.raises(RuntimeError, match="scores differ"):
+        export_hf.export(run_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))

@@ -149,7 +149,7 @@ def save_run(run_dir: str | os.PathLike, model_state: dict, gcfg: GPTConfig, tok
 
     The checkpoint has the keys `train.py --init-from` reads (model, model_config, tokenizer, config) and the
     trainer's metadata keys; there is no optimizer or loader state, so the run can be fine-tuned, not resumed."""
-    load_weights(GPT(gcfg), model_state)  # names and shapes checked before anything is written
+    load_weights((RewardModel if is_reward_state(model_state) else GPT)(gcfg), model_state)  # checked before writing
     if cfg is None:
         cfg = Config()
         for k, v in gcfg.to_dict().items():  # the shape as explicit model.* keys (norm_eps lives in model_config)
