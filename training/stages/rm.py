@@ -82,8 +82,12 @@ class RMStage(Stage):
     synthetic_records = "dpo"
     chat = False
     console_metrics = ("accuracy", "margin", "mse")
-    defaults = {"data.source": "synthetic", "train.lr": 3e-4, "train.max_steps": 600, "train.warmup_steps": 20,
-                "train.batch_size": 32, "train.weight_decay": 0.0, "train.schedule": "cosine", "model.dropout": 0.0,
+    # From the default SFT run on 2 CPU cores, held-out pairwise accuracy on the 200 built-in validation pairs
+    # (measured): lr 3e-4 x 600 steps on 4000 pairs 0.685 (train accuracy ~0.85: over-fitted after 5 epochs);
+    # on 20000 pairs lr 3e-4 0.735, 1e-3 0.755, 2e-3 0.71 (600 steps, ~70 s); 40000 pairs x 1200 steps, lr 3e-4
+    # 0.735. The add pairs (off by one or ten) stay near chance, sort reaches 0.98.
+    defaults = {"data.source": "synthetic", "data.synthetic_train": 20000, "train.lr": 1e-3, "train.max_steps": 600,
+                "train.warmup_steps": 20, "train.batch_size": 32, "train.weight_decay": 0.0, "train.schedule": "cosine", "model.dropout": 0.0,
                 "eval.interval": 200, "eval.max_tokens": 0, "eval.sample_interval": 0, "ckpt.interval": 600}
 
     def __init__(self, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo) -> None:
