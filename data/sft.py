@@ -86,7 +86,7 @@ def load_records(source: str | os.PathLike, split: str, kind: str = "sft", seed:
 
     ``source`` is parsed by ``data.sources.parse_source``; ``split`` is "train" or "val" (alias "validation").
     ``record_index`` is the record's row in its file (or split), so error messages point at the right line.
-    ``kind`` ("sft" or "dpo") only selects which built-in dataset ``"synthetic"`` means. The held-out rule is in
+    ``kind`` ("sft", "dpo" or "ratings") only selects which built-in dataset ``"synthetic"`` means. The held-out rule is in
     the ``data.sources`` module docstring.
     """
     split = normalize_split(split)
@@ -110,7 +110,7 @@ def _synthetic_records(split: str, kind: str, seed: int, n: int | None) -> tuple
 
     name = dataset_split_names(split)[0]  # data.synthetic's own split names: "train", "validation"
     n = synthetic.DEFAULT_SIZES[name] if n is None else n
-    make = {"sft": synthetic.make_sft, "dpo": synthetic.make_preferences}[kind]
+    make = {"sft": synthetic.make_sft, "dpo": synthetic.make_preferences, "ratings": synthetic.make_ratings}[kind]
     return list(enumerate(make(n, seed, name))), f"built-in synthetic {kind} data ({name}, seed {seed})"
 
 

@@ -10,7 +10,9 @@ in a few hundred SFT steps::
 
 ``make_sft`` gives conversations (``{"messages": [user, assistant], "task": ...}``, the TRL "messages" format);
 ``make_preferences`` gives pairs (``{"prompt": [user], "chosen": [assistant], "rejected": [assistant], "task": ...}``)
-whose rejected answer is a plausible mistake (off by one or ten, two elements swapped, the list left unsorted...).
+whose rejected answer is a plausible mistake (off by one or ten, two elements swapped, the list left unsorted...);
+``make_ratings`` gives rated completions (``{"prompt", "completion", "score", "task"}``, the score the answer's
+``partial_credit``) for reward models.
 ``answer_matches`` is the exact-match check used for accuracy. ``write_builtin`` writes both as .jsonl files that
 load through ``datasets`` like any user data.
 
@@ -151,6 +153,56 @@ def make_preferences(n: int, seed: int = 0, split: str = "train") -> list[dict]:
             }
         )
     random.Random(f"gptrain-synthetic/dpo-order/{split}/{seed}").shuffle(records)
+    return records
+
+
+def partial_credit(task: str, pred: str, ref: str) -> float:
+    """The built-in rating of an answer, in [0, 1]; 1 exactly when it matches (``answer_matches``).
+
+    sort, reverse: the share of list positions right, over the longer of the two lists (an element missing or extra
+        counts as a wrong position): ``7 19 7 42`` for ``7 7 19 42`` scores 2/4.
+    add, count: ``1 / (1 + |pred - ref|)`` for an integer answer (off by one 0.5, off by ten 1/11), 0 for a
+        non-integer one.
+    """
+    if answer_matches(pred, ref):
+        return 1.0
+    if task in ("add", "count"):
+        try:
+            return 1.0 / (1.0 + abs(int(pred.strip()) - int(ref)))
+        except ValueError:
+            return 0.0
+    if task not in ("sort", "reverse"):
+        raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
+    got, want = pred.split(), ref.split()
+    return sum(a == b for a, b in zip(got, want, strict=False)) / max(len(got), len(want), 1)
+
+
+def _rated_answer(task: str, answer: str, data, rng: random.Random) -> str:
+    """An answer to rate: right (1 in 3), a plausible slip (``_wrong_answer``, 1 in 3) or a cruder mistake (a value
+    up to 20 away, a shuffled list; 1 in 3), so the ratings spread over [0, 1]."""
+    how = rng.choice(("right", "slip", "crude"))
+    if how == "right":
+        return answer
+    if how == "slip":
+        return _wrong_answer(task, answer, data, rng)
+    if task in ("add", "count"):
+        return str(max(0, data + rng.randint(-20, 20)))
+    items = answer.split(" ")
+    rng.shuffle(items)
+    return " ".join(items)
+
+
+def make_ratings(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """``n`` rated completions ``{"prompt": [user], "completion": [assistant], "score": float, "task": name}``:
+    an answer (``_rated_answer``) and its ``partial_credit``."""
+    _check(n, split)
+    records = []
+    for task, prompt, answer, data, rng in _draw(n, seed, split, "ratings"):
+        given = _rated_answer(task, answer, data, rng)
+        records.append({"prompt": [{"role": "user", "content": prompt}],
+                        "completion": [{"role": "assistant", "content": given}],
+                        "score": partial_credit(task, given, answer), "task": task})
+    random.Random(f"gptrain-synthetic/ratings-order/{split}/{seed}").shuffle(records)
     return records
 
 

@@ -285,6 +285,17 @@ class GPT(nn.Module):
             after the cache. doc_ids (B, T): packed rows; a token attends only to earlier tokens of its own doc id.
         kv_cache: incremental decoding; the new tokens attend to every cached token and causally among themselves.
         """
+        return self.lm_head(self.hidden_states(idx, positions, doc_ids, kv_cache))  # (B, T, V)
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (B, T, C), after the final norm: what the output head (and a reward model's score
+        head, model/reward.py) reads. Arguments as forward's."""
         b, t = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if positions is None and past + t > self.cfg.block_size:
@@ -322,7 +333,7 @@ class GPT(nn.Module):
             x = block(x, rope, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.pos += t
-        return self.lm_head(self.norm_f(x))  # (B, T, V)
+        return self.norm_f(x)  # (B, T, C)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

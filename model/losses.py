@@ -86,3 +86,16 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                       margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Reward-model loss per pair (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - margin), fp32 (B,).
+
+    margin (B,) or a number: how much higher the chosen score must be (0 = plain Bradley-Terry); callers sum."""
+    return -F.logsigmoid(chosen_scores.float() - rejected_scores.float() - margin)
+
+
+def score_mse(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error of predicted scores against rated scores, per completion, fp32 (B,); callers sum."""
+    return (scores.float() - targets.float()) ** 2

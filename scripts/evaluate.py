@@ -25,6 +25,9 @@ Sources: --data SOURCE is sorted by its fields (`text`-like -> text, chat record
 `synthetic` is the built-in chat task, or its preference pairs for a DPO run); --chat-data / --preference-data name the
 kind explicitly (`--preference-data synthetic` for the built-in pairs). Without any of them the run's own
 validation data is measured: text for a pre-training run, chat for SFT, preference and chat (chosen answers) for DPO.
+A reward model (--stage rm) is measured on pairs or rated completions instead: preference_accuracy (share of pairs
+it scores chosen > rejected), reward_margin (mean score difference) and preference_loss (Bradley-Terry), or
+reward_mse (against the ratings, standardised as in training when the run was), on --data / --preference-data or the run's own data.
 
 Output: a table on the console, --json FILE with every figure and what it was measured on (checkpoint, step, data =
 {kind: source and split}, tokens, bytes, examples, pairs, reference), --tensorboard adds the figures to the run's TensorBoard and
@@ -49,9 +52,11 @@ from data import shards
 from data.chat import render_prompt
 from data.preference import PreferenceBatcher, load_preferences, prompt_and_reference
 from data.prepare import preparation_key, prepare, read_manifest
+from data.reward import RewardBatcher, load_reward_data, score_stats, standardize_scores
 from data.sft import load_records
 from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
+from model.reward import RewardModel
 from training import distributed
 from training.config import DistSection
 from training.evaluation import chat_accuracy, lm_figures
@@ -59,6 +64,7 @@ from training.load import PRECISIONS, LoadedRun, load_run
 from training.monitor import Monitor, print0
 from training.stages import STAGES
 from training.stages.dpo import DPO, preference_figures
+from training.stages.rm import PairwiseReward, RatingRegression
 from training.tokenizer_cache import cache_root, hf_cache_dir
 
 KINDS = ("text", "chat", "preference")
@@ -312,12 +318,64 @@ def samples(run: LoadedRun, prompts: list[str], args) -> list[dict]:
                                                           None, chat_mode, g)} for p in prompts]
 
 
+def reward_model_result(run: LoadedRun, args, info) -> dict:
+    """A reward model (stage rm): its scores on pairs (preference_accuracy: share of pairs scored chosen > rejected,
+    reward_margin: mean r_chosen - r_rejected, preference_loss: Bradley-Terry with the records' margins) or on rated
+    completions (reward_mse; a run trained with rm.standardize against the ratings standardised by its own training
+    split's mean and std, the units it was trained in), on --data or --preference-data
+    (pairs) or the run's own data; the run's rm.data says which kind a source holds."""
+    if args.chat_data or args.prompt:
+        raise ValueError(f"{run.ckpt['path']} is a reward model: it scores pairs or rated completions; --chat-data "
+                         "and --prompt need a policy run")
+    if args.data and args.preference_data:
+        raise ValueError("give one of --data and --preference-data")
+    source = args.preference_data or args.data or run.cfg.data.source
+    kind = "pairs" if args.preference_data else run.cfg.rm.data
+    t0 = time.perf_counter()
+    examples, labels = [], []
+    for split in SPLITS[args.split]:
+        n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
+        ex, stats = load_reward_data(kind, source, split, run.tok, run.gcfg.block_size, run.cfg.train.seed, n,
+                                     hf_cache_dir(run.cfg))
+        examples += ex[: args.max_examples or None]
+        labels.append(stats["source"])
+    if kind == "ratings" and run.cfg.rm.standardize:  # in the units the model was trained in
+        train, _ = load_reward_data(kind, run.cfg.data.source, "train", run.tok, run.gcfg.block_size,
+                                    run.cfg.train.seed, run.cfg.data.synthetic_train, hf_cache_dir(run.cfg))
+        examples = standardize_scores(examples, *score_stats(train))
+    objective = PairwiseReward() if kind == "pairs" else RatingRegression()
+    names = ("loss",) + objective.metric_names
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=run.device)
+    mine = examples[info.rank :: info.world_size]  # a plain module on each rank: no collective per forward
+    for start in range(0, len(mine), args.batch_size):
+        batch = RewardBatcher(mine[start : start + args.batch_size], len(mine[start : start + args.batch_size]),
+                              shuffle=False).next_batch()
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with torch.no_grad(), run.autocast:
+            loss_sum, metrics = objective(run.model, batch)
+        row = [loss_sum, *(metrics[k] for k in objective.metric_names), objective.count(batch)]
+        sums += torch.stack([v.double() for v in row])
+    distributed.all_reduce(sums)
+    n = sums[-1].item()
+    f = {name: sums[i].item() / max(n, 1) for i, name in enumerate(names)}
+    if kind == "pairs":
+        figures = {"preference_accuracy": f["accuracy"], "reward_margin": f["margin"], "preference_loss": f["loss"],
+                   "pairs": int(n)}
+    else:
+        figures = {"reward_mse": f["mse"], "examples": int(n)}
+    return {"checkpoint": str(Path(run.ckpt["path"]).resolve()), "step": run.step, "stage": run.cfg.stage,
+            "data": {kind: " + ".join(labels)}, **figures, "device": str(run.device), "precision": run.precision,
+            "world_size": info.world_size, "seconds": round(time.perf_counter() - t0, 3)}
+
+
 # ----------------------------------------------------------------------------------------------- the program
 def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
     """Every figure asked for, as one dict (identical on every rank)."""
     info = distributed.init(DistSection(), "cuda" if args.device.startswith("cuda") else args.device)
     device = args.device if args.device.startswith("cuda:") and not info.distributed else str(info.device)
     run = load_run(args.checkpoint, device, args.precision)
+    if isinstance(run.model, RewardModel):
+        return reward_model_result(run, args, info), run, info
     if args.text_column is None:
         args.text_column = run.cfg.data.text_column
     todo = plan(args, run)

@@ -8,7 +8,9 @@
 RUN_DIR is a run folder (its newest checkpoint) or a checkpoint file. The folder gets config.json, model.safetensors
 (fp32), generation_config.json (stops at <|endoftext|> and <|end|>) and the tokenizer as transformers saves it, with
 the special tokens and data.chat's chat template. The modern architecture becomes LlamaForCausalLM and gpt2
-GPT2LMHeadModel (training/hf.py); a config with no exact equivalent is refused, naming the setting.
+GPT2LMHeadModel (training/hf.py); a config with no exact equivalent is refused, naming the setting. A reward model
+(--stage rm) becomes LlamaForSequenceClassification / GPT2ForSequenceClassification (num_labels=1, pad_token_id
+<|pad|>), which TRL and others load with AutoModelForSequenceClassification; its scores are what is verified.
 
 Before the folder appears, the saved model is loaded back with AutoModelForCausalLM and its logits compared with the
 native model's (fp32): EXPORT_DIR is written completely and verified, or not at all. An existing non-empty
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from data.tokenizer import END_ID, PAD_ID, SPECIAL_TOKENS
+from model.reward import RewardModel
 from training.hf import check_exportable, require_transformers, to_hf_model, to_hf_tokenizer
 from training.load import check_new_folder, load_run, write_folder_atomically
 
@@ -34,11 +38,25 @@ def verify(folder: Path, model, seed: int = 0) -> float:
     """Load `folder` through the Auto classes and return the largest logit difference to `model` on random ids."""
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
     transformers.AutoTokenizer.from_pretrained(folder)  # must load too
     g = torch.Generator().manual_seed(seed)
+    if isinstance(model, RewardModel):
+        return verify_scores(transformers.AutoModelForSequenceClassification.from_pretrained(folder), model, g)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
     ids = torch.randint(0, model.cfg.vocab_size, (2, min(model.cfg.block_size, 32)), generator=g)
     return (hf(ids).logits - model(ids)).abs().max().item()
+
+
+def verify_scores(hf, model, g: torch.Generator) -> float:
+    """The largest score difference on random rows ending in <|end|>, one of them right-padded with <|pad|>: the
+    classifier reads the last non-padding token, the native model the given end position."""
+    hf = hf.float().eval()
+    T = min(model.cfg.block_size, 32)
+    ids = torch.randint(len(SPECIAL_TOKENS), model.cfg.vocab_size, (2, T), generator=g)  # no pad inside a row
+    ends = torch.tensor([T - 1, T // 2])
+    ids[torch.arange(2), ends] = END_ID
+    ids[1, T // 2 + 1 :] = PAD_ID
+    return (hf(ids).logits[:, 0] - model.scores(ids, ends)).abs().max().item()
 
 
 def export(run_path: str | Path, export_dir: str | Path, check: bool = True) -> Path:
@@ -56,7 +74,7 @@ def export(run_path: str | Path, export_dir: str | Path, check: bool = True) -> 
         if check:
             diff = verify(tmp, run.model)
             if not diff <= VERIFY_ATOL:
-                raise RuntimeError(f"the exported model's logits differ from the checkpoint's by {diff:.3g} "
+                raise RuntimeError(f"the exported model's {'scores' if isinstance(run.model, RewardModel) else 'logits'} differ from the checkpoint's by {diff:.3g} "
                                    f"(tolerance {VERIFY_ATOL}); nothing was written")
 
     out = write_folder_atomically(export_dir, fill)

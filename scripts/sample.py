@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from training.load import PRECISIONS, load_run
+from training.load import PRECISIONS, load_run, refuse_reward_model
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
 
     run = load_run(args.run_dir, args.device, args.precision)
+    refuse_reward_model(run, "sampling text")
     g = torch.Generator(device=run.device).manual_seed(args.seed)
     texts = []
     for i in range(args.num_samples):

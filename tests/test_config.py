@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # "  --flag=value   description" or "  --flag   description" (a value may hold one space: 'def ')
 OPTION_LINE = re.compile(r"^  (--[\w.-]+)(?:=(.*?))?\s{2,}(\S.*)$")
 ENUM_KEYS = {"stage", "model.preset", "model.arch", "train.precision", "train.schedule", "train.optimizer",
-             "train.device", "dist.strategy", "dist.backend", "dpo.loss_type"}
+             "train.device", "dist.strategy", "dist.backend", "dpo.loss_type", "rm.data"}
 
 
 def flag_of(key: str) -> str:
@@ -106,7 +106,7 @@ def test_config_file_help_shows_the_files_values_and_the_flags(tmp_path, capsys)
 
 def test_choices_are_printed_and_are_the_ones_enforced(capsys):
     # every enum-like key has its choices in its field, but the stage's, which are the stage table's names
-    assert set(CHOICES) | {"stage"} == ENUM_KEYS and choices("stage") == tuple(STAGES) == ("pretrain", "sft", "dpo")
+    assert set(CHOICES) | {"stage"} == ENUM_KEYS and choices("stage") == tuple(STAGES) == ("pretrain", "sft", "dpo", "rm")
     rows = shown(help_text(["--help"], capsys))
     for key in sorted(ENUM_KEYS):
         allowed = choices(key)

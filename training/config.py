@@ -170,6 +170,14 @@ class DPOSection:
 
 
 @dataclass
+class RMSection:
+    """reward model (--stage rm)"""
+
+    data: str = option("pairs", "preference pairs (Bradley-Terry loss) or rated completions (MSE)", ("pairs", "ratings"))
+    standardize: bool = option(False, "ratings: train on (score - mean) / std of the training split's scores")
+
+
+@dataclass
 class Config:
     """the stage, the run folder and where the run starts"""
 
@@ -186,6 +194,7 @@ class Config:
     ckpt: CkptSection = field(default_factory=CkptSection)
     dist: DistSection = field(default_factory=DistSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    rm: RMSection = field(default_factory=RMSection)
 
 
 def _sections(cfg: Config) -> dict[str, object]:

@@ -5,6 +5,8 @@ Each gptrain architecture equals a standard one, so an export needs no custom co
   modern -> LlamaForCausalLM. Same layout, renamed: RMSNorm pre-norm, SwiGLU (gate/up/down), grouped-query attention,
             rotary embeddings in the half-split convention of transformers' `rotate_half` (pairs (i, i + D/2)), so
             the q/k projections are copied without permutation. `bias` sets both attention_bias and mlp_bias.
+  reward models (--stage rm) -> LlamaForSequenceClassification / GPT2ForSequenceClassification, num_labels=1,
+            pad_token_id <|pad|>: the score head `score` read at the last non-padding token.
   gpt2   -> GPT2LMHeadModel. Conv1D layers store weights as [in, out]: every projection is transposed; q, k, v are
             concatenated into c_attn; GELU's tanh approximation is `gelu_new`. GPT-2 always has biases: a model
             trained without them is exported with zero biases, an exact equivalent.
@@ -22,8 +24,12 @@ import torch
 from data.chat import CHAT_TEMPLATE
 from data.tokenizer import END_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 from model.gpt import GPTConfig
+from model.reward import RewardModel
 
 HF_ARCH = {"modern": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# A reward model (model/reward.py) is its architecture's sequence classifier with one label: the same transformer,
+# and a bias-free `score` layer read at the last non-padding token (with <|pad|> right padding: the closing <|end|>).
+HF_REWARD_ARCH = {"modern": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
 # GELU variants that are the tanh approximation (the same function as F.gelu(approximate="tanh")).
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -125,14 +131,23 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], gcfg: GPTConfig) -> dict[str, 
 
 
 def to_hf_model(model):
-    """A transformers model (fp32, eval mode) computing the same function as the gptrain `model`."""
+    """A transformers model (fp32, eval mode) computing the same function as the gptrain `model`: a causal LM, or
+    for a RewardModel the sequence classifier with num_labels=1 (its LM head is left out, its score head kept)."""
     transformers = require_transformers()
 
     gcfg = model.cfg
     config = hf_config(gcfg)
-    cls = getattr(transformers, HF_ARCH[gcfg.arch])
+    reward = isinstance(model, RewardModel)
+    if reward:
+        config.num_labels = 1
+        config.tie_word_embeddings = False  # no LM head to tie
+    cls = getattr(transformers, (HF_REWARD_ARCH if reward else HF_ARCH)[gcfg.arch])
     hf = cls(config)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), gcfg), strict=False)
+    sd = to_hf_state_dict(model.state_dict(), gcfg)
+    if reward:
+        sd.pop("lm_head.weight")
+        sd["score.weight"] = model.score.weight.detach().clone()  # (1, C), bias-free in both
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
     # A tied head is one tensor that transformers may list under either name.
     missing = [k for k in missing if not (gcfg.tie_embeddings and k == "lm_head.weight")]
     assert not missing and not unexpected, (missing, unexpected)

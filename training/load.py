@@ -25,6 +25,7 @@ import torch
 from data import chat
 from data.tokenizer import END_ID, EOT_ID, Tokenizer
 from model.gpt import GPT, GPTConfig
+from model.reward import RewardModel, is_reward_state
 from training import checkpoint
 from training.config import Config, from_dict, to_toml
 from training.distributed import pick_device
@@ -37,7 +38,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class LoadedRun:
-    model: GPT  # eval mode, requires_grad False, fp32 weights on `device`
+    model: GPT  # eval mode, requires_grad False, fp32 weights on `device`; a RewardModel for an RM run
     tok: Tokenizer
     gcfg: GPTConfig
     cfg: Config  # the training config saved with the checkpoint
@@ -75,6 +76,14 @@ class LoadedRun:
         return self.tok.decode(new[: new.index(EOT_ID)] if EOT_ID in new else new)
 
 
+def refuse_reward_model(run: LoadedRun, what: str) -> None:
+    """A script that needs a policy (text generation, language-model figures, a causal-LM export) refuses an RM run
+    clearly, instead of serving its untrained-for-text LM head."""
+    if isinstance(run.model, RewardModel):
+        raise ValueError(f"{run.ckpt['path']} is a reward model (stage {run.ckpt.get('stage')!r}, with a score head): "
+                         f"{what} needs a policy run (pre-training, SFT or DPO)")
+
+
 def run_dir_of(path: str | os.PathLike) -> Path | None:
     """The run folder of a run folder or of a checkpoint file inside `RUN/checkpoints/`."""
     p = Path(path)
@@ -101,8 +110,9 @@ def load_run(path: str | os.PathLike, device: str = "auto", precision: str = "au
     tok = Tokenizer(tokenizers.Tokenizer.from_str(ckpt["tokenizer"]), source=ckpt["path"])
     cfg = from_dict(ckpt["config"])
     dev = torch.device(device) if device.startswith("cuda:") else pick_device(device)
-    model = GPT(gcfg)
-    load_weights(model, ckpt.pop("model"))
+    msd = ckpt.pop("model")
+    model = (RewardModel if is_reward_state(msd) else GPT)(gcfg)  # a reward model (stage rm) has its score head
+    load_weights(model, msd)
     ckpt.pop("optimizer", None)  # can be twice the model's size; inference never needs it
     model.to(dev).eval().requires_grad_(False)
     return LoadedRun(model, tok, gcfg, cfg, ckpt, dev, resolve_precision(precision, dev), run_dir_of(path))
@@ -139,7 +149,7 @@ def save_run(run_dir: str | os.PathLike, model_state: dict, gcfg: GPTConfig, tok
 
     The checkpoint has the keys `train.py --init-from` reads (model, model_config, tokenizer, config) and the
     trainer's metadata keys; there is no optimizer or loader state, so the run can be fine-tuned, not resumed."""
-    load_weights(GPT(gcfg), model_state)  # names and shapes checked before anything is written
+    load_weights((RewardModel if is_reward_state(model_state) else GPT)(gcfg), model_state)  # checked before writing
     if cfg is None:
         cfg = Config()
         for k, v in gcfg.to_dict().items():  # the shape as explicit model.* keys (norm_eps lives in model_config)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from model.gpt import GPT, GPTConfig
+from model.reward import RewardModel, is_reward_state
 from training import checkpoint, distributed
 from training.budget import TimeBudget
 from training.config import Config, check_resume_compatible, from_dict, to_dict, to_toml
@@ -117,12 +118,21 @@ def starting_points(cfg: Config, info: DistInfo) -> tuple[dict | None, dict | No
 
 def build_policy(cfg: Config, gcfg: GPTConfig, device, resumed: dict | None, start: dict | None) -> GPT:
     torch.manual_seed(cfg.train.seed)
-    raw = GPT(gcfg).to(device)
+    stage_cls = STAGES[cfg.stage]
+    raw = stage_cls.model_class(gcfg).to(device)
     if resumed is not None:
         load_weights(raw, resumed["model"])
     elif start is not None:
-        load_weights(raw, start["model"])
+        load_weights(raw, start["model"], may_lack=stage_cls.new_weights)
     return raw
+
+
+def check_start_kind(cfg: Config, start: dict | None) -> None:
+    """A reward-model run (its weights hold a score head) cannot start a stage that trains a policy."""
+    if start is not None and is_reward_state(start["model"]) and STAGES[cfg.stage].model_class is not RewardModel:
+        raise ValueError(f"--init-from {cfg.init_from}: {start['path']} is a reward model (stage "
+                         f"{start.get('stage')!r}, with a score head); --stage {cfg.stage} trains a policy: start it "
+                         "from a pre-training, SFT or DPO run")
 
 
 def resume_state(run: Run, state: RunState, resumed: dict) -> None:
@@ -159,6 +169,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
     stage_cls.check_launch(cfg, launch)
     check_run_dir(cfg)
     resumed, start = starting_points(cfg, launch)
+    check_start_kind(cfg, start)
     ckpt = resumed or start
     tok = resolve_tokenizer(cfg, ckpt, may_train=stage_cls.trains_tokenizer, verbose=launch.is_main)
     gcfg = model_config(cfg, (ckpt or {}).get("model_config"), tok.vocab_size)

@@ -27,10 +27,11 @@ def load_full_state(model, optimizer, msd: dict, osd: dict | None) -> None:
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd or {}, options=opts)
 
 
-def load_weights(model: GPT, msd: dict) -> None:
-    """Load a checkpoint's weights into an unwrapped model; a tied head may be absent from the dict."""
+def load_weights(model: GPT, msd: dict, may_lack: tuple[str, ...] = ()) -> None:
+    """Load a checkpoint's weights into an unwrapped model; a tied head may be absent from the dict, and so may the
+    weights named in `may_lack` (a new head: they keep the model's initialisation)."""
     msd = checkpoint.clean_state_dict(msd)
     missing, unexpected = model.load_state_dict(msd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings) and k not in may_lack]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

@@ -6,12 +6,14 @@ The interface every stage offers the loop is documented in training/stages/base.
 from training.stages.base import Stage, StageEnv
 from training.stages.dpo import DPOStage
 from training.stages.pretrain import PretrainStage
+from training.stages.rm import RMStage
 from training.stages.sft import SFTStage
 
 STAGES: dict[str, type[Stage]] = {
     "pretrain": PretrainStage,
     "sft": SFTStage,
     "dpo": DPOStage,
+    "rm": RMStage,
 }
 
 __all__ = ["STAGES", "Stage", "StageEnv"]

@@ -30,7 +30,7 @@ A stage is one module in training/stages/ holding one Stage subclass, and one li
     stage.sample(model, autocast) -> str         a generated sample
 
 Class attributes answer questions asked without an instance (scripts/evaluate.py, the tokenizer, the console):
-trains_tokenizer, fine_tunes, eval_kinds, synthetic_records, chat, console_metrics, tokens_per_micro_batch (set in __init__).
+model_class, new_weights, trains_tokenizer, fine_tunes, eval_kinds, synthetic_records, chat, console_metrics, tokens_per_micro_batch (set in __init__).
 No registry and no deeper hierarchy: a new stage subclasses Stage and overrides what differs.
 """
 
@@ -67,6 +67,8 @@ class Stage:
     """The interface between the loop and a stage (module docstring); defaults for a stage with a plain batcher
     in `self.train` (next_batch, state_dict, load_state_dict)."""
 
+    model_class = GPT  # the network the stage trains (the reward model: model/reward.py:RewardModel)
+    new_weights: tuple[str, ...] = ()  # its weights a starting run may lack (they keep their fresh initialisation)
     trains_tokenizer = False  # may train a fresh tokenizer (else it comes from --init-from)
     fine_tunes = True  # starts from a checkpoint: --init-from is required (training/config.py:validate)
     eval_kinds: tuple[str, ...] = ("chat",)  # what scripts/evaluate.py measures on the run's own data
