@@ -10,9 +10,9 @@ Continue an interrupted run (same schedule, bitwise-identical losses on CPU in f
     python train.py --out runs/tiny --resume
 Large data: prepare it once (streamed, on every core, resumable), then train on the folder:
     python scripts/prepare_data.py hf:HuggingFaceFW/fineweb-edu:sample-100BT --config configs/gpt2.toml \
-        --out data/fineweb
+        --out prepared/fineweb
 Several processes or machines (DDP by default, FSDP2 with --dist.strategy=fsdp):
-    torchrun --nproc_per_node=8 train.py --model.preset=gpt2 --data data/fineweb --out runs/gpt2
+    torchrun --nproc_per_node=8 train.py --model.preset=gpt2 --data prepared/fineweb --out runs/gpt2
 Every option: python train.py --help   (settable as --section.key=value or in a TOML file given with --config)
 """
 

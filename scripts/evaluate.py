@@ -4,7 +4,7 @@
     python scripts/evaluate.py runs/tiny --data stdlib --max-tokens 100000  # any text source of the data pipeline
     python scripts/evaluate.py runs/sft --chat-data synthetic --prompt "What is 2+3?" --json eval.json
     python scripts/evaluate.py runs/dpo --preference-data prefs.jsonl --reference runs/sft --tensorboard
-    torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data data/fineweb       # a prepared folder (its val)
+    torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data prepared/fineweb       # a prepared folder (its val)
     python scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 1e7  # streamed, capped
 
 What is measured, on the validation split of each source (--split train|all for others):

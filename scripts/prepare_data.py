@@ -2,7 +2,7 @@
 
     python scripts/prepare_data.py SOURCE --out DIR [--config FILE] [--data.KEY=VALUE ...]
                                    [--model.preset=P] [--model.vocab_size=V]
-    python scripts/prepare_data.py hf:HuggingFaceFW/fineweb-edu:sample-100BT --out data/fineweb \\
+    python scripts/prepare_data.py hf:HuggingFaceFW/fineweb-edu:sample-100BT --out prepared/fineweb \\
         --config configs/gpt2.toml       # the GPT-2 recipe's data: 1.01e10 training tokens, ~20 GB
     python train.py --data DIR ...    (or  torchrun --nproc_per_node=N train.py --data DIR ...)
 
