@@ -466,6 +466,26 @@ def test_preparation_killed_mid_way_resumes_to_the_same_bytes(tmp_path, tok, hf_
     assert folder_files(crafted) == expected_files(crafted)
 
 
+def interrupt_after_two_chunks(src: Path, tok: Tokenizer, out: Path, hf_cache: str, monkeypatch,
+                               open_tokens: int) -> None:
+    """Prepare src into out (1024-token chunks) and Ctrl-C it (KeyboardInterrupt) once the manifest records two
+    complete train chunks and at least open_tokens ids in the open one; the source's reader is restored after."""
+    real = data.prepare.iter_texts
+
+    def interrupted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            yield batch
+            m = read_manifest(out)
+            if m and len(m["splits"]["train"]["chunks"]) >= 2 and m["splits"]["train"]["open_tokens"] >= open_tokens:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.prepare, "iter_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
+                hf_cache_dir=hf_cache)
+    monkeypatch.setattr(data.prepare, "iter_texts", real)
+
+
 def test_preparation_interrupted_in_process_resumes(tmp_path, tok, hf_cache, chunked_source, small_tasks,
                                                     rows_read, monkeypatch):
     """Ctrl-C (KeyboardInterrupt) after the second chunk; the folder is refused as incomplete, then resumed."""
@@ -474,22 +494,9 @@ def test_preparation_interrupted_in_process_resumes(tmp_path, tok, hf_cache, chu
     prepare(str(src), tok, reference, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
             hf_cache_dir=hf_cache)
     out = tmp_path / "out"
-    real = data.prepare.iter_texts
-
-    def interrupted(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            yield batch
-            m = read_manifest(out)
-            if m and len(m["splits"]["train"]["chunks"]) >= 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(data.prepare, "iter_texts", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
-                hf_cache_dir=hf_cache)
+    interrupt_after_two_chunks(src, tok, out, hf_cache, monkeypatch, open_tokens=0)
     with pytest.raises(ValueError, match=re.escape(f"{out} is not completely prepared") + r".*scripts/prepare_data\.py"):
         open_prepared(out)
-    monkeypatch.setattr(data.prepare, "iter_texts", real)
     rows = read_manifest(out)["position"]["rows"]
     rows_read.update(rows=0, skips=[])
     prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
@@ -507,20 +514,7 @@ def test_an_interrupted_preparation_with_a_damaged_open_chunk(tmp_path, tok, hf_
     prepare(str(src), tok, reference, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
             hf_cache_dir=hf_cache)
     out = tmp_path / "out"
-    real = data.prepare.iter_texts
-
-    def interrupted(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            yield batch
-            m = read_manifest(out)
-            if m and len(m["splits"]["train"]["chunks"]) >= 2 and m["splits"]["train"]["open_tokens"] > 10:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(data.prepare, "iter_texts", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(str(src), tok, out, chunk_tokens=1024, val_fraction=0.2, workers=1, verbose=False,
-                hf_cache_dir=hf_cache)
-    monkeypatch.setattr(data.prepare, "iter_texts", real)
+    interrupt_after_two_chunks(src, tok, out, hf_cache, monkeypatch, open_tokens=11)
     (partial,) = out.glob(".train-*.bin.partial")
     partial.write_bytes(partial.read_bytes()[:4])  # shorter than recorded
     with pytest.raises(ValueError, match=re.escape(str(partial)) + ".*shorter than"):
