@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.prepare import FORMAT, MANIFEST, TOKENIZER, check_chunks, data_hash, read_manifest
-from data.sources import VAL_FRACTION, normalize_split
+from data.prepare import DEFAULT_CHUNK_TOKENS, FORMAT, MANIFEST, TOKENIZER, check_chunks, data_hash, read_manifest
+from data.sources import SPLITS, VAL_FRACTION, normalize_split
 from data.tokenizer import Tokenizer
 
 # A chunk's block order is drawn from (seed, epoch, chunk); the order of the chunks from (seed, epoch, this).
@@ -38,8 +38,8 @@ def default_shard_dir(root: str | os.PathLike, source: str, tokenizer: Tokenizer
     re-prepare back and forth), and per non-default setting (caps, splits, ...), which add a short hash."""
     slug = re.sub(r"[^\w.-]+", "_", source).strip("_.")[-48:] or "source"
     name = f"{slug}-{tokenizer.hash[:12]}"
-    defaults = {"splits": ("train", "val"), "max_tokens": 0, "max_docs": 0, "val_fraction": VAL_FRACTION,
-                "chunk_tokens": 2**27, "text_column": "text"}
+    defaults = {"splits": SPLITS, "max_tokens": 0, "max_docs": 0, "val_fraction": VAL_FRACTION,
+                "chunk_tokens": DEFAULT_CHUNK_TOKENS, "text_column": "text"}
     changed = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(settings.items()) if defaults.get(k) != v}
     if changed:
         name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
