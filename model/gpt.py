@@ -129,6 +129,22 @@ class KVCache:
         return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
 
 
+def padded_causal_mask(pad_mask: torch.Tensor, past: int, t: int) -> torch.Tensor:
+    """The boolean attention mask (B, 1, T, S) of T queries after `past` cached keys (S = past + T): causal,
+    lower-right aligned (query i sits at column past + i), and only real keys (pad_mask (B, S), True = real token).
+
+    The diagonal stays allowed even where the query itself is padding: a padding query has no real key at or
+    before it in a left-padded row, and SDPA returns NaN for a row with every key masked; those NaNs would flow
+    through the next layer's matmuls into real tokens (NaN times a zero attention weight is still NaN). Attending
+    to itself keeps a padding token's values finite and no real token ever reads them."""
+    s = past + t
+    assert pad_mask.shape[1] == s, f"pad_mask covers {pad_mask.shape[1]} keys, the attention sees {s}"
+    query_col = past + torch.arange(t, device=pad_mask.device)[:, None]  # (T, 1) each query's own column
+    key_col = torch.arange(s, device=pad_mask.device)[None, :]  # (1, S)
+    mask = (key_col <= query_col) & pad_mask[:, None, :]  # (B, T, S)
+    return (mask | (key_col == query_col)).unsqueeze(1)  # (B, 1, T, S)
+
+
 def rope_tables(cfg: GPTConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (length, D/2), fp32. Half-split convention (as Llama in transformers)."""
     d = cfg.head_dim
@@ -278,14 +294,17 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V).
 
         positions (B, T): position of each token (restarting per packed document); default 0..T-1, or continuing
             after the cache. doc_ids (B, T): packed rows; a token attends only to earlier tokens of its own doc id.
         kv_cache: incremental decoding; the new tokens attend to every cached token and causally among themselves.
+        pad_mask (B, S) bool, S = cached + T: True on real tokens; no query attends to a padding key (left-padded
+            batched generation, model/generation.py; give the per-row positions with it).
         """
-        return self.lm_head(self.hidden_states(idx, positions, doc_ids, kv_cache))  # (B, T, V)
+        return self.lm_head(self.hidden_states(idx, positions, doc_ids, kv_cache, pad_mask))  # (B, T, V)
 
     def hidden_states(
         self,
@@ -293,6 +312,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states (B, T, C), after the final norm: what the output head (and a reward model's score
         head, model/reward.py) reads. Arguments as forward's."""
@@ -316,7 +336,10 @@ class GPT(nn.Module):
 
         # Attention mask. SDPA's is_causal aligns the triangle to the top-left, right only when queries and keys
         # start at the same position; with a cache the T queries come after `past` keys (lower-right alignment).
-        if doc_ids is not None:
+        if pad_mask is not None:
+            assert doc_ids is None, "pad_mask and doc_ids together: a padded row is not packed"
+            mask = padded_causal_mask(pad_mask, past, t)  # (B, 1, T, S)
+        elif doc_ids is not None:
             assert kv_cache is None, "packed rows are a training-time input"
             causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
