@@ -1,0 +1,169 @@
+"""Batched sampling for online RL: many prompts of different lengths decoded together with one KV cache.
+
+The prompts are left-padded to a common length P, so every row's last prompt token sits in column P - 1 and the
+new tokens of all rows go into the same column at each step. The padding is kept out of the attention by a
+key-padding mask (GPT.forward's pad_mask) and each row counts its positions from its first real token, so a row
+computes what it would compute alone, unpadded (up to float rounding).
+
+Sampling uses the Gumbel-max trick with noise that is a pure function of (row key, decode step, token id): a row's
+completion depends on its prompt and its key only, not on its neighbours in the batch, the batch size or the number
+of ranks, and no torch random state is read or changed. The caller derives the row keys from (seed, step, global
+prompt index, completion index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.gpt import KVCache
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: an odd constant that spreads consecutive counters apart
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (N, P + M) left-padded prompts then the generated tokens (pad_id after the stop)
+    pad_mask: torch.Tensor  # (N, P + M) bool, True on real tokens (prompt tokens and kept completion tokens)
+    positions: torch.Tensor  # (N, P + M) long, each row's positions 0.. over its real tokens (pads: 0)
+    completion_mask: torch.Tensor  # (N, M) bool, True on completion tokens up to and including the first stop
+    prompt_len: int  # P, the padded prompt length (completions start at column P)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> ids (N, P), pad_mask (N, P) bool and positions (N, P) long, P the longest
+    prompt: each row's tokens at its right end, positions 0..len-1 over them, pads (pad_id, position 0) before."""
+    if not prompts:
+        raise ValueError("no prompts to pad")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+    p = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros(len(prompts), p, dtype=torch.bool)
+    positions = torch.zeros(len(prompts), p, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        ids[i, p - n :] = torch.tensor(prompt, dtype=torch.long)
+        pad_mask[i, p - n :] = True
+        positions[i, p - n :] = torch.arange(n)
+    return ids.to(device), pad_mask.to(device), positions.to(device)
+
+
+# ---------------------------------------------------------------- counter-based noise
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a constant c < 2^32, without int64 overflow: c is split into
+    16-bit halves, so no partial product exceeds 2^48 (signed overflow would be undefined behaviour in the kernels)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mixer (xor-shift-multiply rounds, the constants of Wellons' "lowbias32"): every
+    input bit changes about half the output bits. x holds values in [0, 2^32), so >> is a logical shift."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _absorb(h: torch.Tensor, word: torch.Tensor | int) -> torch.Tensor:
+    """Fold a 32-bit word into the running hash h (both in [0, 2^32))."""
+    return _mix32((_mix32(h ^ word) + _GOLDEN32) & _MASK32)
+
+
+def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(N, V) standard Gumbel noise, a pure function of (row key, decode step, token id).
+
+    row_keys (N,) int64. Each entry hashes the key's two 32-bit halves, the step and the token id with a
+    counter-based integer mixer (int64 torch ops on row_keys' device; no torch RNG used or changed), maps the 32-bit
+    result to a uniform u in (0, 1) (u = (h + 1/2) / 2^32, never 0 or 1) and returns -log(-log(u)) as fp32."""
+    if step < 0 or vocab <= 0:
+        raise ValueError(f"gumbel_noise needs step >= 0 and vocab > 0, got step={step}, vocab={vocab}")
+    keys = row_keys.to(torch.int64)
+    h = torch.full_like(keys, _GOLDEN32)  # (N,)
+    h = _absorb(h, keys & _MASK32)  # low half
+    h = _absorb(h, (keys >> 32) & _MASK32)  # high half (>> is arithmetic on int64: the mask drops the sign fill)
+    h = _absorb(h, step & _MASK32)
+    tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)  # (V,)
+    bits = _absorb(h[:, None], tokens[None, :])  # (N, V) in [0, 2^32)
+    u = (bits.double() + 0.5) / 2.0**32  # (N, V) exact in fp64, strictly inside (0, 1)
+    return (-torch.log(-torch.log(u))).float()
+
+
+# ---------------------------------------------------------------- generation
+def _check_request(cfg, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                   row_keys: torch.Tensor) -> None:
+    if not prompts:
+        raise ValueError("generate_rollouts got no prompts")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 decodes greedily)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if row_keys.shape != (len(prompts),):
+        raise ValueError(f"row_keys of shape {tuple(row_keys.shape)}: expected one key per prompt, ({len(prompts)},)")
+    p = max(len(prompt) for prompt in prompts)
+    if p + max_new_tokens > cfg.block_size:
+        raise ValueError(f"the longest prompt ({p} tokens) + max_new_tokens={max_new_tokens} = {p + max_new_tokens} "
+                         f"exceeds block_size={cfg.block_size}")
+
+
+def _pick(logits: torch.Tensor, temperature: float, row_keys: torch.Tensor, step: int) -> torch.Tensor:
+    """logits (N, V) -> tokens (N,): greedy at temperature 0, else the Gumbel-max trick, argmax(l / T + G), an exact
+    sample of softmax(l / T)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    noise = gumbel_noise(row_keys, step, logits.shape[-1]).to(logits.device)
+    return (logits.float() / temperature + noise).argmax(dim=-1)
+
+
+@torch.no_grad()
+def generate_rollouts(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                      row_keys: torch.Tensor, stop_token: int, pad_id: int, fixed_length: bool = False) -> Rollout:
+    """Sample a completion for every prompt, all N rows in one batch, with a KV cache.
+
+    model: a GPT, or a wrapper around one (DDP's .module; an FSDP2 module is the GPT itself); it is called as
+    model(...), so a forward that is a collective runs on every rank. row_keys (N,) int64: row i's sampling key.
+    A row stops at its first stop_token (kept); later columns hold pad_id. Decoding ends once every row has
+    stopped, unless fixed_length: then exactly max_new_tokens steps run (under FSDP every rank must run the same
+    number of forwards). The model is in eval mode meanwhile; its mode is restored after."""
+    net = getattr(model, "module", model)
+    _check_request(net.cfg, prompts, max_new_tokens, temperature, row_keys)
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_token, pad_id, fixed_length)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_token, pad_id,
+            fixed_length) -> Rollout:
+    param = next(net.parameters())
+    ids, prompt_mask, prompt_pos = left_pad(prompts, pad_id, param.device)  # (N, P) each
+    n, p = ids.shape
+    cache = KVCache(net.cfg, n, p + max_new_tokens, param.device, param.dtype)
+    logits = model(ids, prompt_pos, None, cache, pad_mask=prompt_mask)[:, -1]  # (N, V): column P-1 is real in all
+    lengths = prompt_mask.sum(dim=1)  # (N,) real prompt lengths
+    done = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    tokens, kept = [], []  # per step: (N,) tokens and whether each is part of its row's completion
+    for step in range(max_new_tokens):
+        nxt = torch.where(done, pad_id, _pick(logits, temperature, row_keys, step))  # (N,)
+        kept.append(~done)
+        tokens.append(nxt)
+        done = done | (nxt == stop_token)
+        if step == max_new_tokens - 1 or (not fixed_length and bool(done.all())):
+            break
+        keys_real = torch.cat([prompt_mask, torch.stack(kept, dim=1)], dim=1)  # (N, P + step + 1)
+        logits = model(nxt[:, None], (lengths + step)[:, None], None, cache, pad_mask=keys_real)[:, -1]
+    completion = torch.stack(tokens, dim=1)  # (N, M)
+    completion_mask = torch.stack(kept, dim=1)  # (N, M)
+    steps = torch.arange(completion.shape[1], device=ids.device)
+    completion_pos = torch.where(completion_mask, lengths[:, None] + steps[None, :], 0)  # (N, M)
+    return Rollout(input_ids=torch.cat([ids, completion], dim=1),
+                   pad_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                   positions=torch.cat([prompt_pos, completion_pos], dim=1),
+                   completion_mask=completion_mask, prompt_len=p)
