@@ -85,6 +85,24 @@ def test_padded_forward_equals_unpadded_rows(arch):
             torch.testing.assert_close(inc[i, p - len(prompt) :], alone, atol=1e-5, rtol=0)
 
 
+def test_padded_causal_mask_by_hand():
+    """Two cached columns then three queries; row 0 is left-padded by three (columns 0-2 padding, so the query at
+    column 2 is a padding query), row 1 has a padding key at column 3 (a stopped row's pad): causal lower-right,
+    real keys only, and the diagonal always allowed, so no query row is all False (an all-masked SDPA row is NaN
+    on some kernels and versions; this CPU build returns zeros, so the rule is checked here, on the mask)."""
+    from model.gpt import padded_causal_mask
+
+    pad_mask = torch.tensor([[False, False, False, True, True], [True, True, True, False, True]])
+    mask = padded_causal_mask(pad_mask, past=2, t=3)
+    assert mask.shape == (2, 1, 3, 5)
+    assert mask[0, 0].int().tolist() == [[0, 0, 1, 0, 0],  # padding query at column 2: itself only
+                                         [0, 0, 0, 1, 0],
+                                         [0, 0, 0, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 0],  # the padding query at column 3 sees itself
+                                         [1, 1, 1, 0, 1]]  # a real query skips the padding key
+
+
 def test_padding_mask_refuses_packed_rows():
     model = make("modern")
     ids, mask, pos = left_pad(PROMPTS, PAD, "cpu")
@@ -187,6 +205,26 @@ def test_sampled_completion_depends_on_its_prompt_and_key_only():
     assert completion_of(twice, 2) != completion_of(twice, 0)
     greedy = generate_rollouts(model, PROMPTS, 10, 0.0, keys, stop_token=-1, pad_id=PAD)
     assert any(completion_of(greedy, i) != completion_of(base, i) for i in range(4))
+
+
+def test_sampled_first_tokens_follow_softmax_over_temperature():
+    """One prompt in 6000 rows, one new token each at temperature 0.5: each token's frequency is within 4 standard
+    errors, sqrt(p (1 - p) / n), of softmax(logits / 0.5) of the prompt's last position (tokens expected fewer than
+    5 times pooled into one bin, where the normal approximation of the error holds)."""
+    model = make("modern")
+    temperature, n = 0.5, 6000
+    prompt = PROMPTS[2]
+    with torch.no_grad():
+        probs = (model(torch.tensor([prompt]))[0, -1].double() / temperature).softmax(-1)  # (V,)
+    assert probs.max() < 0.9  # a spread distribution: a temperature bug would show
+    rollout = generate_rollouts(model, [prompt] * n, 1, temperature, torch.arange(n) + 10**6, stop_token=-1,
+                                pad_id=PAD)
+    freq = torch.bincount(rollout.input_ids[:, -1], minlength=probs.numel()).double() / n
+    rare = probs * n < 5
+    probs = torch.cat([probs[~rare], probs[rare].sum(0, keepdim=True)])
+    freq = torch.cat([freq[~rare], freq[rare].sum(0, keepdim=True)])
+    bound = 4 * (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= bound).all(), (freq - probs).abs().max()
 
 
 def test_stop_token_masks_the_rest_and_generation_ends_early():
