@@ -135,9 +135,9 @@ def padded_causal_mask(pad_mask: torch.Tensor, past: int, t: int) -> torch.Tenso
 
     The diagonal stays allowed even where the query itself is padding: a padding query has no real key at or
     before it in a left-padded row, and what SDPA returns for a row with every key masked depends on the kernel and
-    the torch version (NaN in older versions' kernels, zeros in torch 2.13's CPU kernels); a NaN there would flow through the next layer's
-    matmuls into real tokens (NaN times a zero attention weight is still NaN). Attending to itself keeps a padding
-    token's values finite on every kernel, and no real token ever reads them."""
+    the torch version (NaN in older versions' kernels, zeros in torch 2.13's CPU kernels); a NaN there would flow
+    through the next layer's matmuls into real tokens (NaN times a zero attention weight is still NaN). Attending
+    to itself keeps a padding token's values finite on every kernel, and no real token ever reads them."""
     s = past + t
     assert pad_mask.shape[1] == s, f"pad_mask covers {pad_mask.shape[1]} keys, the attention sees {s}"
     query_col = past + torch.arange(t, device=pad_mask.device)[:, None]  # (T, 1) each query's own column
