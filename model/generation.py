@@ -32,15 +32,22 @@ class Rollout:
     prompt_len: int  # P, the padded prompt length (completions start at column P)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device, pad_to: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> ids (N, P), pad_mask (N, P) bool and positions (N, P) long, P the longest
-    prompt: each row's tokens at its right end, positions 0..len-1 over them, pads (pad_id, position 0) before."""
+    prompt (or pad_to, when given: the RL stage pads every rank's rows to one length, so that a row's arithmetic
+    does not depend on which rank holds it): each row's tokens at its right end, positions 0..len-1 over them, pads
+    (pad_id, position 0) before."""
     if not prompts:
         raise ValueError("no prompts to pad")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
     p = max(len(prompt) for prompt in prompts)
+    if pad_to is not None:
+        if pad_to < p:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({p} tokens)")
+        p = pad_to
     ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
     pad_mask = torch.zeros(len(prompts), p, dtype=torch.bool)
     positions = torch.zeros(len(prompts), p, dtype=torch.long)
@@ -96,7 +103,7 @@ def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- generation
 def _check_request(cfg, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                   row_keys: torch.Tensor) -> None:
+                   row_keys: torch.Tensor, pad_to: int | None) -> None:
     if not prompts:
         raise ValueError("generate_rollouts got no prompts")
     if temperature < 0:
@@ -105,7 +112,7 @@ def _check_request(cfg, prompts: list[list[int]], max_new_tokens: int, temperatu
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if row_keys.shape != (len(prompts),):
         raise ValueError(f"row_keys of shape {tuple(row_keys.shape)}: expected one key per prompt, ({len(prompts)},)")
-    p = max(len(prompt) for prompt in prompts)
+    p = max([len(prompt) for prompt in prompts] + [pad_to or 0])
     if p + max_new_tokens > cfg.block_size:
         raise ValueError(f"the longest prompt ({p} tokens) + max_new_tokens={max_new_tokens} = {p + max_new_tokens} "
                          f"exceeds block_size={cfg.block_size}")
@@ -122,28 +129,31 @@ def _pick(logits: torch.Tensor, temperature: float, row_keys: torch.Tensor, step
 
 @torch.no_grad()
 def generate_rollouts(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                      row_keys: torch.Tensor, stop_token: int, pad_id: int, fixed_length: bool = False) -> Rollout:
+                      row_keys: torch.Tensor, stop_token: int, pad_id: int, fixed_length: bool = False,
+                      pad_to: int | None = None) -> Rollout:
     """Sample a completion for every prompt, all N rows in one batch, with a KV cache.
 
     model: a GPT, or a wrapper around one (DDP's .module; an FSDP2 module is the GPT itself); it is called as
     model(...), so a forward that is a collective runs on every rank. row_keys (N,) int64: row i's sampling key.
     A row stops at its first stop_token (kept); later columns hold pad_id. Decoding ends once every row has
     stopped, unless fixed_length: then exactly max_new_tokens steps run (under FSDP every rank must run the same
-    number of forwards). The model is in eval mode meanwhile; its mode is restored after."""
+    number of forwards). pad_to: the padded prompt length P (default: the longest prompt). The model is in eval
+    mode meanwhile; its mode is restored after."""
     net = getattr(model, "module", model)
-    _check_request(net.cfg, prompts, max_new_tokens, temperature, row_keys)
+    _check_request(net.cfg, prompts, max_new_tokens, temperature, row_keys, pad_to)
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_token, pad_id, fixed_length)
+        return _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_token, pad_id, fixed_length,
+                       pad_to)
     finally:
         model.train(was_training)
 
 
 def _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_token, pad_id,
-            fixed_length) -> Rollout:
+            fixed_length, pad_to) -> Rollout:
     param = next(net.parameters())
-    ids, prompt_mask, prompt_pos = left_pad(prompts, pad_id, param.device)  # (N, P) each
+    ids, prompt_mask, prompt_pos = left_pad(prompts, pad_id, param.device, pad_to)  # (N, P) each
     n, p = ids.shape
     cache = KVCache(net.cfg, n, p + max_new_tokens, param.device, param.dtype)
     logits = model(ids, prompt_pos, None, cache, pad_mask=prompt_mask)[:, -1]  # (N, V): column P-1 is real in all

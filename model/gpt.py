@@ -111,12 +111,17 @@ PRESETS: dict[str, dict] = {
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding. k, v: (B, K, S_max, D) per layer."""
+    """Keys and values of every layer for incremental decoding. k, v: (B, K, S_max, D) per layer.
+
+    A layer's storage is made at its first update, in the dtype of the keys it is given: the compute dtype (bf16
+    under autocast or FSDP2's mixed precision, whose parameters stay fp32 outside a forward), so the cached keys
+    always match the queries they meet. `dtype` is only the default reported before any update."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.device, self.dtype = device, dtype
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_layer
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_layer
         self.pos = 0  # tokens already stored
         self.max_len = max_len
 
@@ -124,6 +129,9 @@ class KVCache:
         """Store k, v (B, K, T, D) after the cached ones; return all keys/values so far (B, K, pos+T, D)."""
         t = k.shape[2]
         assert self.pos + t <= self.max_len, "KV cache overflow"
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
+            self.v[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
         self.k[layer][:, :, self.pos : self.pos + t] = k
         self.v[layer][:, :, self.pos : self.pos + t] = v
         return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]

@@ -99,3 +99,59 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 def score_mse(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Squared error of predicted scores against rated scores, per completion, fp32 (B,); callers sum."""
     return (scores.float() - targets.float()) ** 2
+
+
+# ----------------------------------------------------------------------------------------------- online RL
+ADVANTAGE_EPS = 1e-4  # added to the standard deviation: a group whose rewards are all equal gets advantage 0
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate exp(r - p) - (r - p) - 1, fp32, same shape as the inputs (Schulman's "k3").
+
+    p, r: the policy's and the reference's log-probs of tokens sampled from the policy. The estimate is >= 0 for
+    every token, 0 where p == r, and its mean over the policy's samples is KL(policy || reference) (unbiased: the
+    expectation of exp(r - p) under the policy is 1). As a loss term, though, its gradient is not that of
+    KL(policy || reference): with samples held fixed, d/dtheta of E_policy[exp(r - p) - (r - p) - 1] taken through p
+    only is E_policy[(1 - exp(r - p)) grad p], which is the gradient of KL(reference || policy). Both vanish at
+    policy == reference and keep the policy near it; the value logged as train/kl is the first KL."""
+    d = ref_logps.float() - policy_logps.float()
+    return torch.exp(d) - d - 1
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     batch_std: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages of rewards (N,) whose rows come in consecutive groups of group_size completions of
+    one prompt -> (advantages (N,), each group's sample std (N / group_size,)), fp32.
+
+    advantage = (r - group mean) / (s + 1e-4), s the group's sample standard deviation (scale="group"), the
+    batch's (scale="batch": batch_std, the sample std of every reward of the global batch, which the caller
+    reduces over ranks), or 1 - 1e-4 (scale="none": centred only). A group of equal rewards gets advantage 0."""
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"rl.scale_rewards={scale!r}: expected one of {SCALE_REWARDS}")
+    n = rewards.shape[0]
+    assert n % group_size == 0 and group_size >= 2, (n, group_size)
+    groups = rewards.float().view(n // group_size, group_size)  # (B, G)
+    centred = (groups - groups.mean(dim=1, keepdim=True)).reshape(n)  # (N,)
+    group_std = groups.std(dim=1)  # (B,) sample std (correction 1)
+    if scale == "group":
+        return centred / (group_std.repeat_interleave(group_size) + ADVANTAGE_EPS), group_std
+    if scale == "batch":
+        assert batch_std is not None, "scale='batch' needs the global batch's std"
+        return centred / (torch.as_tensor(batch_std, dtype=torch.float32) + ADVANTAGE_EPS), group_std
+    return centred, group_std
+
+
+def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017), to be minimised, fp32.
+
+    logps, old_logps (N, M): log-probs of the sampled tokens under the policy being trained and under the policy
+    that generated them; advantages (N,) one per completion. With ratio = exp(logps - old_logps):
+        loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+    Returns (loss (N, M), clipped_low (N, M), clipped_high (N, M)): the tokens whose ratio the clip holds, below
+    1 - eps with A < 0 or above 1 + eps with A > 0 (their gradient is zero)."""
+    ratio = torch.exp(logps.float() - old_logps.float())  # (N, M); exactly 1 when old_logps = logps.detach()
+    a = advantages.float()[:, None]  # (N, 1)
+    loss = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    return loss, (ratio < 1 - clip_eps) & (a < 0), (ratio > 1 + clip_eps) & (a > 0)

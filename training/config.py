@@ -178,11 +178,29 @@ class RMSection:
 
 
 @dataclass
+class RLSection:
+    """online reinforcement learning (--stage rl): train.batch_size prompts per micro-step, num_generations each"""
+
+    num_generations: int = option(8, "completions sampled per prompt (a group; at least 2)")
+    max_new_tokens: int = option(24, "tokens generated per completion at most")
+    temperature: float = option(1.0, "sampling temperature; log-probs (old, new, reference) use the same scaled logits")
+    reward: str = option("", "comma-separated rewards: builtin (exact match), package.module:function (TRL's "
+                             "reward-function signature); '' = builtin, or reward_model alone when one is given")
+    reward_weights: str = option("", "comma-separated weights of the rewards (reward order, reward_model last); '' = 1 each")
+    reward_model: str = option("", "a --stage rm run folder scoring the completions (replaces builtin unless both named)")
+    scale_rewards: str = option("group", "advantages (r - group mean) / (std + 1e-4): group std, batch std, or none",
+                                ("group", "batch", "none"))
+    beta: float = option(0.04, "weight of the per-token KL estimate exp(r - p) - (r - p) - 1 to the reference")
+    clip_eps: float = option(0.2, "clip of the ratio to the policy that generated the batch: [1 - eps, 1 + eps]")
+    updates_per_batch: int = option(1, "optimizer steps on each generated batch (train.max_steps counts these)")
+
+
+@dataclass
 class Config:
     """the stage, the run folder and where the run starts"""
 
     # choices: the stage table (training/stages/__init__.py:STAGES), read through choices("stage")
-    stage: str = option("pretrain", "sft and dpo fine-tune the run given with --init-from")
+    stage: str = option("pretrain", "sft, dpo, rm and rl fine-tune the run given with --init-from")
     out: str = option("runs/default", "run folder")
     init_from: str = option("", "run folder to start from (weights, model config, tokenizer); fresh optimizer")
     resume: bool = option(False, "continue from the newest complete checkpoint in `out` (highest step)")
@@ -195,6 +213,7 @@ class Config:
     dist: DistSection = field(default_factory=DistSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     rm: RMSection = field(default_factory=RMSection)
+    rl: RLSection = field(default_factory=RLSection)
 
 
 def _sections(cfg: Config) -> dict[str, object]:
@@ -399,6 +418,17 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
+    r = cfg.rl
+    if r.num_generations < 2:
+        raise ValueError(f"rl.num_generations={r.num_generations} must be at least 2: group-relative advantages "
+                         "compare a prompt's completions with each other (one completion has nothing to compare with)")
+    for key, value in (("rl.max_new_tokens", r.max_new_tokens), ("rl.updates_per_batch", r.updates_per_batch)):
+        if value < 1:
+            raise ValueError(f"{key}={value} must be at least 1")
+    if r.temperature <= 0:
+        raise ValueError(f"rl.temperature={r.temperature} must be positive (sampling; log-probs divide by it)")
+    if r.beta < 0 or r.clip_eps <= 0:
+        raise ValueError(f"rl.beta={r.beta} must be >= 0 and rl.clip_eps={r.clip_eps} positive")
     if stage_table()[cfg.stage].fine_tunes and not cfg.init_from and not cfg.resume:
         raise ValueError(f"--stage {cfg.stage} fine-tunes a checkpoint: give --init-from RUN_DIR")
 

@@ -402,10 +402,10 @@ def log_step(run: Run, state: RunState, r: StepResult, lr: float, count: float, 
     if run.scaler.is_enabled():
         scal["train/grad_scale"] = run.scaler.get_scale()
         scal["train/skipped_steps"] = state.skipped
-    scal.update({f"train/{k}": v.item() / max(count, 1) for k, v in r.metric_sums.items()})
+    figures = {k: v.item() / max(count, 1) for k, v in r.metric_sums.items()} | run.stage.step_logs()
+    scal.update({f"train/{k}": v for k, v in figures.items()})
     run.monitor.scalars(state.step, scal)
-    extra = "".join(f" | {k} {v.item() / max(count, 1):.3f}" for k, v in r.metric_sums.items()
-                    if k in run.stage.console_metrics)
+    extra = "".join(f" | {k} {v:.3f}" for k, v in figures.items() if k in run.stage.console_metrics)
     last = max_steps + state.skipped if max_steps else "?"  # the step the run ends at if no more are skipped
     print0(f"step {state.step:5d}/{last} | loss {r.loss:.4f} | lr {lr:.2e} | gnorm "
            f"{r.grad_norm:.3f} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{extra} | "

@@ -6,6 +6,7 @@ The interface every stage offers the loop is documented in training/stages/base.
 from training.stages.base import Stage, StageEnv
 from training.stages.dpo import DPOStage
 from training.stages.pretrain import PretrainStage
+from training.stages.rl import RLStage
 from training.stages.rm import RMStage
 from training.stages.sft import SFTStage
 
@@ -14,6 +15,7 @@ STAGES: dict[str, type[Stage]] = {
     "sft": SFTStage,
     "dpo": DPOStage,
     "rm": RMStage,
+    "rl": RLStage,
 }
 
 __all__ = ["STAGES", "Stage", "StageEnv"]

@@ -25,6 +25,8 @@ A stage is one module in training/stages/ holding one Stage subclass, and one li
                                                  loop sums them over micro-batches and ranks and divides once
       stage.objective(model, batch)              -> (loss sum, {metric name: sum}) under autocast, with gradients
       stage.batch_tokens(batch) -> int           tokens processed (tokens/s, tokens_seen)
+    stage.step_logs() -> {name: float}         figures of the step's batches that are not per-unit sums (RL: the
+                                                 generation's rewards), already global; logged as train/NAME
       stage.step_flops(model, batches) -> int    model FLOPs of the step on this rank (train/mfu)
     stage.validate(model, autocast, info, full)  held-out figures, logged as val/NAME (every rank takes part)
     stage.sample(model, autocast) -> str         a generated sample
@@ -36,8 +38,10 @@ No registry and no deeper hierarchy: a new stage subclasses Stage and overrides 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,10 +50,12 @@ from data.preference import prompt_and_reference
 from data.sft import load_records
 from data.tokenizer import END_ID, Tokenizer
 from model.gpt import GPT
+from training import checkpoint
 from training.config import Config
 from training.distributed import DistInfo
 from training.monitor import print0, step_flops
 from training.tokenizer_cache import hf_cache_dir
+from training.weights import load_weights
 
 
 @dataclass
@@ -113,6 +119,10 @@ class Stage:
     def step_flops(self, model: GPT, batches: list[dict]) -> int:
         return step_flops(model, batches)
 
+    def step_logs(self) -> dict[str, float]:
+        """Figures of the last step's batches logged as they are (none by default: metrics are per-unit sums)."""
+        return {}
+
     def state_dict(self) -> dict:
         return self.train.state_dict()
 
@@ -131,6 +141,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
     # Pinned host memory + non_blocking lets the copy overlap the previous step's GPU work.
     pin = device.type == "cuda"
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
+
+def frozen_reference(policy: GPT, env: StageEnv, stage: str, init_from: str) -> GPT:
+    """A frozen copy of the run's starting weights (eval mode, no gradients), not yet wrapped: a copy of the policy
+    before training, or, on --resume (the policy holds trained weights), read from the starting checkpoint. At step
+    0 with dropout 0, on the policy's numeric path, its log-probs equal the policy's exactly."""
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if env.resumed:
+        start = env.start_checkpoint
+        if not start or not Path(start).is_file():
+            raise ValueError(f"--resume of a {stage} run needs its reference, the starting checkpoint "
+                             f"{start or init_from!r}, which is gone")
+        load_weights(reference, checkpoint.load(start)["model"])
+    return reference
 
 
 def generate(model, idx, max_new, temperature, top_k, top_p, stop, generator):

@@ -9,7 +9,6 @@ reward metrics on every held-out pair (preference_figures, also used by scripts/
 
 from __future__ import annotations
 
-import copy
 import io
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,10 +24,9 @@ from training.config import Config
 from training.distributed import DistInfo, all_reduce, barrier
 from training.evaluation import chat_accuracy
 from training.monitor import print0, step_flops
-from training.stages.base import Stage, StageEnv, chat_eval_items, chat_sample, eval_shares, to_device
+from training.stages.base import Stage, StageEnv, chat_eval_items, chat_sample, eval_shares, frozen_reference, to_device
 from training.stages.sft import SFTStage
 from training.tokenizer_cache import hf_cache_dir
-from training.weights import load_weights
 
 
 class DPO:
@@ -138,14 +136,8 @@ class DPOStage(Stage):
     def setup_frozen(self, policy: GPT, env: StageEnv) -> None:
         """The reference: a frozen copy of the starting weights (eval mode, no gradients), on the policy's numeric
         path (at step 0, dropout 0, its log-probs equal the policy's), or (dpo.ref_cache) its cached log-probs."""
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        if env.resumed:  # the policy now holds the trained weights; the reference is the run's starting point
-            start = env.start_checkpoint
-            if not start or not Path(start).is_file():
-                raise ValueError(f"--resume of a DPO run needs its reference, the starting checkpoint "
-                                 f"{start or self.cfg.init_from!r}, which is gone")
-            load_weights(reference, checkpoint.load(start)["model"])
-        self.make_objective(env.wrap(reference), env.autocast, env.precision)
+        self.make_objective(env.wrap(frozen_reference(policy, env, "DPO", self.cfg.init_from)), env.autocast,
+                            env.precision)
 
     def step_flops(self, model: GPT, batches: list[dict]) -> int:
         """The policy's forward and backward; a live reference adds its forward (a cached one costs nothing)."""

@@ -1,0 +1,249 @@
+"""Online RL (--stage rl): the KL estimator, group advantages and the clipped surrogate by hand; the objective's
+ratio and REINFORCE gradient; rewards (built-in, TRL-style functions, a reward model) and their errors; real
+train.py runs (metrics, exact resume, refusals)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import train
+from data.tokenizer import END_ID, PAD_ID
+from model.generation import generate_rollouts
+from model.gpt import GPT, GPTConfig
+from model.losses import ADVANTAGE_EPS, clipped_surrogate, group_advantages, kl_estimate
+from training import checkpoint
+from training.load import load_run
+from training.stages.rl import GroupPolicyOptimization, completion_logps
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_kl_estimate_is_zero_at_equality_and_its_expectation_is_the_exact_kl():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    r = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    assert torch.equal(kl_estimate(p.log(), p.log()), torch.zeros(4))
+    exact = (p * (p / r).log()).sum().item()  # KL(policy || reference)
+    k3 = kl_estimate(p.log(), r.log())  # (4,) one value per token the policy could sample
+    assert (k3 >= 0).all()
+    assert (p * k3).sum().item() == pytest.approx(exact, rel=1e-6)  # expectation under the policy, exactly
+    # ... and the mean over sampled tokens, within 4 standard errors
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    samples = torch.multinomial(p, n, replacement=True, generator=g)
+    values = k3[samples]
+    assert abs(values.mean().item() - exact) < 4 * values.std().item() / math.sqrt(n)
+
+
+def test_kl_estimate_gradient_is_that_of_the_reverse_kl():
+    """Samples held fixed, the expected estimate's gradient through the policy's log-probs is grad KL(ref || pol)."""
+    logits = torch.tensor([1.0, 0.2, -0.5, 0.3], requires_grad=True)
+    ref = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logp = logits.log_softmax(-1)
+    weights = logp.exp().detach()  # the sampling distribution: not differentiated (the samples are data)
+    (weights * kl_estimate(logp, ref.log())).sum().backward()
+    estimate_grad = logits.grad.clone()
+    logits.grad = None
+    reverse_kl = (ref * (ref.log() - logits.log_softmax(-1))).sum()
+    reverse_kl.backward()
+    assert torch.allclose(estimate_grad, logits.grad, atol=1e-6)
+    forward_kl = (logits.log_softmax(-1).exp() * (logits.log_softmax(-1) - ref.log())).sum()
+    g_forward, = torch.autograd.grad(forward_kl, logits)
+    assert not torch.allclose(estimate_grad, g_forward, atol=1e-3)  # not the forward KL's
+
+
+def test_group_advantages_by_hand_with_an_all_equal_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4
+    adv, std = group_advantages(rewards, 4, "group")
+    s = math.sqrt((4 * 0.5**2) / 3)  # sample std of [1, 0, 0, 1]
+    assert std.tolist() == pytest.approx([s, 0.0])
+    want = [0.5 / (s + ADVANTAGE_EPS), -0.5 / (s + ADVANTAGE_EPS)] * 1
+    assert adv[:4].tolist() == pytest.approx([want[0], want[1], want[1], want[0]], rel=1e-6)
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]  # equal rewards: advantage 0, never NaN
+    batch_std = rewards.std().item()
+    adv_b, _ = group_advantages(rewards, 4, "batch", batch_std)
+    assert adv_b[:4].tolist() == pytest.approx([0.5 / (batch_std + ADVANTAGE_EPS), -0.5 / (batch_std + ADVANTAGE_EPS),
+                                                -0.5 / (batch_std + ADVANTAGE_EPS), 0.5 / (batch_std + ADVANTAGE_EPS)])
+    adv_n, _ = group_advantages(rewards, 4, "none")
+    assert adv_n.tolist() == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(rewards, 4, "token")
+
+
+def test_clipped_surrogate_by_hand_inside_and_outside_the_clip():
+    eps = 0.2
+    ratios = torch.tensor([[1.1, 1.5, 0.5, 1.5, 0.5, 0.9]])
+    adv = torch.tensor([2.0])
+    old = torch.zeros(1, 6)
+    loss, low, high = clipped_surrogate(ratios.log(), old, adv, eps)
+    # A > 0: min(r A, clip(r) A) -> 1.1 A inside; 1.2 A clipped above; 0.5 A (the unclipped one is smaller) below
+    assert loss[0].tolist() == pytest.approx([-2.2, -2.4, -1.0, -2.4, -1.0, -1.8], rel=1e-6)
+    assert high[0].tolist() == [False, True, False, True, False, False]
+    assert not low.any()  # ratio < 1 - eps only counts as clipped when A < 0
+    loss_n, low_n, high_n = clipped_surrogate(ratios.log(), old, torch.tensor([-1.0]), eps)
+    # A < 0: -min(-r, -clip(r)) = max(r, clip(r)): 1.1; 1.5 (unclipped, larger); 0.8 (clipped below)
+    assert loss_n[0].tolist() == pytest.approx([1.1, 1.5, 0.8, 1.5, 0.8, 0.9], rel=1e-6)
+    assert low_n[0].tolist() == [False, False, True, False, True, False] and not high_n.any()
+
+
+# ----------------------------------------------------------------------------------------------- the objective
+def rollout_batch(model, temperature=1.0):
+    """A sampled batch of 2 prompts x 3 completions from `model`, with made-up advantages, as the stage builds it."""
+    prompts = [[7, 8, 9, 10, 11], [12, 13]]
+    ids = [p for p in prompts for _ in range(3)]
+    keys = torch.arange(6, dtype=torch.long) * 7919 + 1
+    out = generate_rollouts(model, ids, 6, temperature, keys, END_ID, PAD_ID)
+    batch = {"input_ids": out.input_ids, "pad_mask": out.pad_mask, "positions": out.positions,
+             "completion_mask": out.completion_mask, "prompt_len": out.prompt_len,
+             "advantages": torch.tensor([1.0, -0.5, -0.5, 0.7, 0.0, -0.7])}
+    with torch.no_grad():
+        batch["ref_logps"], _ = completion_logps(model, batch, temperature)
+    return batch
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_first_update_has_ratio_one_kl_zero_and_the_reinforce_gradient(temperature):
+    model = tiny_policy()
+    batch = rollout_batch(model, temperature)
+    n = batch["completion_mask"].sum()
+    objective = GroupPolicyOptimization(beta=0.0, clip_eps=0.2, temperature=temperature)
+    loss_sum, metrics = objective(model, batch)
+    # the policy is the reference (same weights, same numeric path): KL exactly 0; old = new.detach(): ratio 1
+    assert metrics["kl"].item() == 0.0 and metrics["clip_ratio/region_mean"].item() == 0.0
+    logps, _ = completion_logps(model, batch, temperature)
+    assert torch.equal(torch.exp(logps - batch["old_logps"]), torch.ones_like(logps))
+    (loss_sum / n).backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    mask = batch["completion_mask"].float()
+    reinforce = -(batch["advantages"][:, None] * logps * mask).sum() / n  # -sum(A grad log pi) / N_tokens
+    reinforce.backward()
+    for k, p in model.named_parameters():
+        assert torch.allclose(got[k], p.grad, atol=1e-6, rtol=1e-5), k
+    # with beta > 0 the KL term adds nothing at the reference (its gradient vanishes there too)
+    model.zero_grad()
+    loss_kl, _ = GroupPolicyOptimization(beta=0.5, clip_eps=0.2, temperature=temperature)(model, batch)
+    assert loss_kl.item() == pytest.approx(loss_sum.item(), abs=1e-6)
+
+
+def test_kl_is_exactly_zero_at_the_start_in_bf16_autocast():
+    model = tiny_policy(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = rollout_batch(model)
+        _, metrics = GroupPolicyOptimization(0.1, 0.2, 1.0)(model, batch)
+    assert metrics["kl"].item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+QUIET = ["--log.interval=1", "--log.health_interval=0", "--log.hist_interval=0", "--train.peak_flops=1e11"]
+SMALL = ["--data.synthetic_train=64", "--data.synthetic_val=8", "--train.batch_size=2", "--rl.num_generations=4",
+         "--rl.max_new_tokens=8", "--train.precision=fp32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test of this module runs with one torch thread (tests/conftest.py says why)."""
+
+
+def rl_run(out, init, *args):
+    return train.main(["--stage", "rl", "--out", str(out), "--init-from", str(init), *QUIET, *SMALL, *args])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(out, key):
+    return {m["step"]: m[key] for m in metrics(out) if key in m}
+
+
+TRL_TRAIN = ("train/loss", "train/reward", "train/reward_std", "train/kl", "train/entropy",
+             "train/clip_ratio/region_mean", "train/clip_ratio/low_mean", "train/clip_ratio/high_mean",
+             "train/completions/mean_length", "train/completions/clipped_ratio", "train/frac_reward_zero_std")
+
+
+def test_rl_run_logs_grpo_metrics_starts_at_kl_zero_and_saves(tmp_path, tiny_run):
+    out = tmp_path / "rl"
+    rl_run(out, tiny_run, "--train.max_steps=3", "--eval.interval=3", "--rl.reward=builtin,tests.rl_rewards:digit_share",
+           "--rl.reward_weights=1,0.5", "--rl.beta=0.1", "--train.lr=1e-2")
+    for key in (*TRL_TRAIN, "train/rewards/builtin/mean", "train/rewards/tests.rl_rewards:digit_share/mean"):
+        assert sorted(series(out, key)) == [1, 2, 3], key
+    # step 1: the policy is the reference, and the batch's own log-probs are its old ones
+    assert series(out, "train/kl")[1] == 0.0
+    assert series(out, "train/clip_ratio/region_mean")[1] == 0.0
+    assert series(out, "train/kl")[3] > 0  # the policy has moved
+    for step in (1, 2, 3):  # the total is the weighted sum of the named rewards
+        want = series(out, "train/rewards/builtin/mean")[step] + 0.5 * series(
+            out, "train/rewards/tests.rl_rewards:digit_share/mean")[step]
+        assert series(out, "train/reward")[step] == pytest.approx(want, abs=1e-6)
+        assert 0 <= series(out, "train/frac_reward_zero_std")[step] <= 1
+        assert 1 <= series(out, "train/completions/mean_length")[step] <= 8
+    for key in ("val/accuracy", "val/reward", "val/accuracy/add", "val/rewards/builtin"):
+        assert sorted(series(out, key)) == [0, 3], key
+    ck = checkpoint.load(out)
+    assert ck["stage"] == "rl"
+    run = load_run(out)  # every script reads it
+    assert run.model.cfg.block_size == 64
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out), size_guidance={"tensors": 0})
+    acc.Reload()
+    samples = [t for t in acc.Tags()["tensors"] if t.startswith("sample")]
+    assert samples, acc.Tags()["tensors"]
+    text = acc.Tensors(samples[0])[-1].tensor_proto.string_val[0].decode()
+    assert "prompt:" in text and "reward" in text and "advantage" in text
+
+
+def test_rl_resumes_exactly_in_the_middle_of_a_reused_batch(tmp_path, tiny_run):
+    args = ["--train.max_steps=4", "--eval.interval=0", "--rl.updates_per_batch=2", "--rl.reward=tests.rl_rewards:digit_share",
+            "--train.lr=1e-2", "--log.tensorboard=false"]
+    rl_run(tmp_path / "whole", tiny_run, *args)
+    rl_run(tmp_path / "split", tiny_run, *args, "--train.stop_after_steps=3")  # stops after the first use of batch 2
+    train.main(["--out", str(tmp_path / "split"), "--resume"])
+    whole, split = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
+    assert whole["step"] == split["step"] == 4
+    for k, v in whole["model"].items():
+        assert torch.equal(v, split["model"][k]), k
+    assert series(tmp_path / "whole", "train/loss") == series(tmp_path / "split", "train/loss")
+    # the reused batch's second step is trained against its first step's log-probs: the ratio moved off 1
+    assert series(tmp_path / "whole", "train/reward")[1] == series(tmp_path / "whole", "train/reward")[2]
+
+
+def test_reward_functions_get_trl_arguments_and_bad_ones_are_named(tmp_path, tiny_run, monkeypatch):
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("RL_REWARD_LOG", str(log))
+    rl_run(tmp_path / "ok", tiny_run, "--train.max_steps=1", "--eval.interval=0", "--rl.reward=tests.rl_rewards:record_call",
+           "--log.tensorboard=false")
+    call = json.loads(log.read_text().splitlines()[0])  # the first training generation (validation came after)
+    assert len(call["prompts"]) == len(call["completions"]) == len(call["completion_ids"]) == 2 * 4
+    assert call["prompts"][0] == call["prompts"][3] and call["prompts"][0][0]["role"] == "user"
+    assert call["completions"][0][0]["role"] == "assistant"  # chat prompts get chat completions, as in TRL
+    assert sorted(call["columns"]) == ["answer", "task"] and len(call["columns"]["answer"]) == 8
+    cases = [("tests.no_such_module:f", "cannot import module 'tests.no_such_module'"),
+             ("tests.rl_rewards:missing", "has no function 'missing'"),
+             ("tests.rl_rewards:raises_on_count", "raised RuntimeError: cannot score count prompts on prompt index"),
+             ("tests.rl_rewards:too_few", "returned 15 values for 16 completions"),
+             ("tests.rl_rewards:not_finite", r"returned nan for completion 0 \(prompt index 0\)")]
+    for spec, message in cases:
+        out = tmp_path / spec.replace(":", "_")
+        with pytest.raises(ValueError, match=message):
+            rl_run(out, tiny_run, "--train.max_steps=2", "--eval.interval=0", f"--rl.reward={spec}",
+                   "--data.synthetic_train=8", "--train.batch_size=4")
+        assert checkpoint.latest(out) is None, spec  # no checkpoint written
+
+
+def test_rl_refusals(tmp_path, tiny_run):
+    with pytest.raises(ValueError, match="rl.num_generations=1 must be at least 2"):
+        rl_run(tmp_path / "g1", tiny_run, "--rl.num_generations=1")
+    with pytest.raises(ValueError, match="is not a reward model"):
+        rl_run(tmp_path / "pol", tiny_run, f"--rl.reward_model={tiny_run}")
+    assert not (tmp_path / "g1").exists()
+    assert checkpoint.latest(tmp_path / "pol") is None

@@ -1,0 +1,386 @@
+"""RL: online reinforcement learning with group-relative advantages and a KL penalty to the starting model.
+
+Each generation: train.grad_accum x train.batch_size prompts per rank (the global prompts of a generation are drawn
+from one seeded stream that every rank replays; rank r takes its slice, so groups never span ranks), each sampled
+rl.num_generations times from the current policy (model/generation.py: one left-padded batch per micro-batch, the
+KV cache, a random state from (seed, generation, global prompt index, completion index): the same completions on
+any number of ranks). The completions are rewarded (training/rewards.py), their advantages are group-relative
+(model/losses.py:group_advantages), and the frozen reference's log-probs of the sampled tokens are computed once.
+The batch is then trained on for rl.updates_per_batch optimizer steps (train.max_steps counts these).
+
+Objective per completion token (model/losses.py), summed, and divided by the loop once by the step's completion
+tokens over all micro-batches and ranks:
+    clipped_surrogate(logps, old_logps, A, clip_eps) + beta * kl_estimate(logps, ref_logps)
+old_logps are the policy's own log-probs, detached, at the batch's first update (the weights that generated it):
+the ratio is then exactly 1. All log-probs (old, new, reference) come from the logits divided by rl.temperature,
+the distribution the tokens were sampled from. The reference is a frozen copy of the starting weights on the
+policy's numeric path, so at step 0 the KL is exactly 0.
+
+Logged (TRL's GRPO names): loss, kl, entropy, clip_ratio/{low,high,region}_mean per token; reward, reward_std (the
+mean of the groups' standard deviations), rewards/NAME/mean, completions/{mean_length,clipped_ratio},
+frac_reward_zero_std per generation. Validation: greedy completions of the held-out prompts: accuracy (exact match,
+per task where records name one) and reward. Sample: a group's prompt, completions and rewards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import chat
+from data.rl import RLPrompt, load_rl_prompts
+from data.sft import ExampleStream
+from data.synthetic import answer_matches
+from data.tokenizer import END_ID, PAD_ID, Tokenizer
+from model.generation import generate_rollouts
+from model.gpt import GPT, GPTConfig
+from model.losses import clipped_surrogate, group_advantages, kl_estimate
+from training.config import Config
+from training.distributed import DistInfo, all_reduce
+from training.monitor import print0
+from training.rewards import (
+    BUILTIN,
+    RewardModelScorer,
+    Rollouts,
+    builtin_reward,
+    call_reward,
+    completion_text,
+    import_reward,
+    reward_names,
+    reward_weights,
+)
+from training.stages.base import Stage, StageEnv, eval_shares, frozen_reference
+from training.tokenizer_cache import hf_cache_dir
+
+
+def row_key(seed: int, generation: int, prompt_index: int, completion: int) -> int:
+    """The sampling key (int64) of one completion: a hash of (seed, generation, global prompt index, completion)."""
+    digest = hashlib.blake2b(f"gptrain-rl/{seed}/{generation}/{prompt_index}/{completion}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def completion_logps(model, batch: dict, temperature: float, entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (N, M) fp32 of the completion tokens under model's logits / temperature, and (entropy=True) the
+    per-token entropy (N, M) of that distribution, detached. batch: input_ids, positions, pad_mask (N, P + M)."""
+    logits = model(batch["input_ids"], positions=batch["positions"], pad_mask=batch["pad_mask"])  # (N, P + M, V)
+    p = batch["prompt_len"]
+    scaled = logits[:, p - 1 : -1].float() / temperature  # (N, M, V): position t predicts token t + 1
+    logp_all = F.log_softmax(scaled, dim=-1)
+    logps = logp_all.gather(-1, batch["input_ids"][:, p:, None]).squeeze(-1)  # (N, M)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)  # (N, M)
+    return logps, ent
+
+
+class GroupPolicyOptimization:
+    """The clipped surrogate plus beta x the KL estimate, per completion token (module docstring)."""
+
+    unit = "completion tokens"
+
+    def __init__(self, beta: float, clip_eps: float, temperature: float) -> None:
+        self.beta, self.clip_eps, self.temperature = beta, clip_eps, temperature
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return batch["completion_mask"].sum()
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, entropy = completion_logps(model, batch, self.temperature, entropy=True)
+        if "old_logps" not in batch:  # the batch's first update: these weights generated it (ratio exactly 1)
+            batch["old_logps"] = logps.detach()
+        surrogate, low, high = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], self.clip_eps)
+        kl = kl_estimate(logps, batch["ref_logps"])  # (N, M)
+        mask = batch["completion_mask"].float()  # (N, M)
+        loss_sum = ((surrogate + self.beta * kl) * mask).sum()
+        metrics = {"kl": (kl.detach() * mask).sum(), "entropy": (entropy * mask).sum(),
+                   "clip_ratio/low_mean": (low * mask).sum(), "clip_ratio/high_mean": (high * mask).sum(),
+                   "clip_ratio/region_mean": ((low | high) * mask).sum()}
+        return loss_sum, metrics
+
+
+class RLStage(Stage):
+    """Online RL: sample groups of completions, reward them, train on group-relative advantages with a KL penalty."""
+
+    console_metrics = ("reward", "kl")
+    # Measured from the default pre-training + SFT on 2 CPU cores: see the README's RLHF table.
+    defaults = {"data.source": "synthetic", "data.synthetic_train": 20000, "data.synthetic_val": 400,
+                "train.lr": 2e-4, "train.max_steps": 200, "train.warmup_steps": 10, "train.batch_size": 8,
+                "train.weight_decay": 0.0, "train.schedule": "cosine", "train.min_lr_ratio": 0.1,
+                "model.dropout": 0.0, "eval.interval": 100, "eval.sample_interval": 100, "eval.max_tokens": 0,
+                "ckpt.interval": 200}
+
+    def __init__(self, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, info: DistInfo) -> None:
+        super().__init__(cfg, tok, gcfg, info)
+        r, T = cfg.rl, gcfg.block_size
+        cache = hf_cache_dir(cfg)
+        self.train_prompts, st = load_rl_prompts(cfg.data.source, "train", tok, T, r.max_new_tokens,
+                                                 seed=cfg.train.seed, n_synthetic=cfg.data.synthetic_train,
+                                                 cache_dir=cache)
+        self.val_prompts, sv = load_rl_prompts(cfg.data.source, "val", tok, T, r.max_new_tokens, seed=cfg.train.seed,
+                                               n_synthetic=cfg.data.synthetic_val, cache_dir=cache)
+        for s in (st, sv):
+            print0(f"data: {s['source']}: {s['n_examples']} prompts ({s['n_dropped']} dropped: no room for "
+                   f"{r.max_new_tokens} new tokens in {T})")
+        self.names = reward_names(r.reward, r.reward_model)
+        self.weights = reward_weights(r.reward_weights, self.names)
+        self.functions = {n: builtin_reward if n == BUILTIN else import_reward(n)
+                          for n in self.names if n != "reward_model"}
+        self.scorer = RewardModelScorer(r.reward_model, tok, T) if r.reward_model else None
+        self.objective = GroupPolicyOptimization(r.beta, r.clip_eps, r.temperature)
+        self.stream = ExampleStream(len(self.train_prompts), cfg.train.seed)
+        self.generation = 0  # generated batches so far
+        self.uses = 0  # optimizer steps taken on the current batch
+        self.batches: list[dict] | None = None
+        self.logs: dict[str, float] = {}  # the current batch's per-completion figures (global means)
+        self.shown = ""  # a text sample of the current batch
+        self.fresh = False  # the last train_batches call generated
+        self.timings = {"generation": 0.0, "scoring": 0.0, "reference": 0.0}  # seconds, summed (scripts/bench.py)
+        self.generated_tokens = 0
+        self.tokens_per_micro_batch = cfg.train.batch_size * r.num_generations * T
+        self.autocast = None
+        self.reference = None
+        # Under FSDP a forward is a collective: every rank must run the same number of decode steps.
+        self.fixed_length = cfg.dist.strategy == "fsdp" and info.distributed
+
+    # ------------------------------------------------------------------------------------------ frozen models
+    def setup_frozen(self, policy: GPT, env: StageEnv) -> None:
+        self.reference = env.wrap(frozen_reference(policy, env, "RL", self.cfg.init_from))
+        self.autocast = env.autocast
+        if self.scorer is not None:
+            self.scorer.build(self.device, env.wrap)
+
+    # ------------------------------------------------------------------------------------------ batches
+    def train_batches(self, policy, n: int) -> list[dict]:
+        """The current generated batch, or a new one after rl.updates_per_batch steps on it."""
+        self.fresh = self.batches is None or self.uses >= self.cfg.rl.updates_per_batch
+        if self.fresh:
+            self.batches = self.generate(policy, n)
+            self.generation += 1
+            self.uses = 0
+        self.uses += 1
+        return self.batches
+
+    def generate(self, policy, n: int) -> list[dict]:
+        """n micro-batches of B prompts x G completions for this rank, rewarded, with advantages and reference
+        log-probs."""
+        cfg, r, info = self.cfg, self.cfg.rl, self.info
+        B, W = cfg.train.batch_size, info.world_size
+        order = self.stream.take(n * W * B)  # the generation's global prompts; every rank draws the same
+        pad_to = max(len(self.train_prompts[i].ids) for i in order)  # one prompt length on every rank
+        batches, rollouts = [], []
+        for m in range(n):
+            first = m * W * B + info.rank * B  # global index of this rank's first prompt in micro-batch m
+            index = list(range(first, first + B))
+            prompts = [self.train_prompts[order[i]] for i in index]
+            t0 = time.perf_counter()
+            batch, ro = self.rollout(policy, prompts, index, r.temperature, pad_to)
+            self.timings["generation"] += time.perf_counter() - t0
+            batches.append(batch)
+            rollouts.append(ro)
+        self.score(batches, rollouts)
+        t0 = time.perf_counter()
+        for batch in batches:
+            with torch.no_grad(), self.autocast:
+                batch["ref_logps"], _ = completion_logps(self.reference, batch, r.temperature)
+        self.timings["reference"] += time.perf_counter() - t0
+        self.shown = self.describe(rollouts[0], batches[0])
+        return batches
+
+    def rollout(self, policy, prompts: list[RLPrompt], index: list[int], temperature: float, pad_to: int
+                ) -> tuple[dict, Rollouts]:
+        """G completions of each prompt (rows p * G + g) -> the batch's tensors and what rewards read."""
+        G = self.cfg.rl.num_generations
+        ids = [p.ids for p in prompts for _ in range(G)]
+        keys = torch.tensor([row_key(self.cfg.train.seed, self.generation, i, g) for i in index for g in range(G)],
+                            dtype=torch.long, device=self.device)
+        with self.autocast:
+            out = generate_rollouts(policy, ids, self.cfg.rl.max_new_tokens, temperature, keys, END_ID, PAD_ID,
+                                    fixed_length=self.fixed_length, pad_to=pad_to)
+        batch = {"input_ids": out.input_ids, "pad_mask": out.pad_mask, "positions": out.positions,
+                 "completion_mask": out.completion_mask, "prompt_len": out.prompt_len}
+        gen = out.input_ids[:, out.prompt_len:]
+        completion_ids = [row[mask].tolist() for row, mask in zip(gen, out.completion_mask, strict=True)]
+        self.generated_tokens += int(out.completion_mask.sum())
+        return batch, self.as_rollouts(prompts, index, completion_ids)
+
+    def as_rollouts(self, prompts: list[RLPrompt], index: list[int], completion_ids: list[list[int]]) -> Rollouts:
+        """What reward functions read, one entry per completion (each prompt's fields repeated G times)."""
+        G = len(completion_ids) // len(prompts)
+        rows = [p for p in prompts for _ in range(G)]
+        texts = [chat.decode_reply(c, self.tok) for c in completion_ids]
+        completions = [t if isinstance(p.prompt, str) else [{"role": "assistant", "content": t}]
+                       for t, p in zip(texts, rows, strict=True)]
+        names = sorted({k for p in prompts for k in p.columns})
+        columns = {k: [p.columns.get(k) for p in rows] for k in names}
+        return Rollouts([p.prompt for p in rows], completions, completion_ids, columns, [p.ids for p in rows],
+                        [i for i in index for _ in range(G)])
+
+    # ------------------------------------------------------------------------------------------ rewards
+    def rewards(self, ro: Rollouts) -> dict[str, torch.Tensor]:
+        """Each reward's values (N,) fp32 on this rank's device."""
+        out = {}
+        for name in self.names:
+            if name == "reward_model":
+                out[name] = self.scorer(ro, self.device, self.autocast)
+            else:
+                out[name] = call_reward(name, self.functions[name], ro).to(self.device)
+        return out
+
+    def total(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(w * values[n] for n, w in zip(self.names, self.weights, strict=True))
+
+    def guarded_rewards(self, rollouts: list[Rollouts]) -> list[dict[str, torch.Tensor]]:
+        """Rewards of every micro-batch; a reward that fails on one rank stops every rank (none waits at a
+        collective for it), with the reward's own error on the rank it failed on."""
+        error, values = None, []
+        try:
+            values = [self.rewards(ro) for ro in rollouts]
+        except ValueError as e:
+            error = e
+        failed = all_reduce(torch.tensor([float(error is not None)], device=self.device), op="max")
+        if error is not None:
+            raise error
+        if failed.item():
+            raise ValueError("a reward failed on another rank (its error is in that rank's output)")
+        return values
+
+    def score(self, batches: list[dict], rollouts: list[Rollouts]) -> None:
+        """Rewards, advantages and the generation's figures (global means over ranks and micro-batches)."""
+        r = self.cfg.rl
+        t0 = time.perf_counter()
+        values = self.guarded_rewards(rollouts)
+        self.timings["scoring"] += time.perf_counter() - t0
+        totals = [self.total(v) for v in values]
+        everything = torch.cat(totals)
+        # sums over ranks: reward, reward^2, completions, then one per reward name
+        sums = torch.stack([everything.sum(), (everything.double() ** 2).sum().float(),
+                            torch.tensor(float(everything.numel()), device=self.device)]
+                           + [torch.cat([v[n] for v in values]).sum() for n in self.names]).double()
+        all_reduce(sums)
+        n_all = sums[2].item()
+        mean = sums[0].item() / n_all
+        batch_std = ((sums[1].item() - n_all * mean**2) / max(n_all - 1, 1)) ** 0.5
+        group_stds = []
+        for batch, total in zip(batches, totals, strict=True):
+            batch["advantages"], std = group_advantages(total, r.num_generations, r.scale_rewards, batch_std)
+            batch["rewards"] = total
+            group_stds.append(std)
+        self.logs = self.generation_figures(batches, torch.cat(group_stds), sums)
+
+    def generation_figures(self, batches: list[dict], group_std: torch.Tensor, sums: torch.Tensor
+                           ) -> dict[str, float]:
+        lengths = torch.cat([b["completion_mask"].sum(1) for b in batches]).float()  # (N,)
+        ended = torch.cat([(b["completion_mask"] & (b["input_ids"][:, b["prompt_len"]:] == END_ID)).any(1)
+                           for b in batches])
+        local = torch.stack([lengths.sum(), (~ended).float().sum(), group_std.sum(),
+                             (group_std < 1e-6).float().sum(), torch.tensor(float(len(group_std)),
+                                                                            device=self.device)]).double()
+        all_reduce(local)
+        n_all, groups = sums[2].item(), local[4].item()
+        logs = {"reward": sums[0].item() / n_all, "reward_std": local[2].item() / groups,
+                "completions/mean_length": local[0].item() / n_all,
+                "completions/clipped_ratio": local[1].item() / n_all,
+                "frac_reward_zero_std": local[3].item() / groups}
+        logs |= {f"rewards/{n}/mean": sums[3 + i].item() / n_all for i, n in enumerate(self.names)}
+        return logs
+
+    def step_logs(self) -> dict[str, float]:
+        return self.logs
+
+    # ------------------------------------------------------------------------------------------ accounting
+    def batch_tokens(self, batch: dict) -> int:
+        return batch["input_ids"].numel()
+
+    def step_flops(self, model: GPT, batches: list[dict]) -> int:
+        """The policy's forward and backward over prompt + completion; on a step that generated, also the
+        reference's forward and the generation (counted as one forward over each row's tokens)."""
+        total = 0
+        for b in batches:
+            N, T = b["input_ids"].shape
+            per_token = model.flops_per_token(T)
+            if self.fresh:
+                per_token += 2 * model.flops_per_token(T, forward_only=True)
+            total += N * T * per_token
+        return total
+
+    def state_dict(self) -> dict:
+        """The prompt stream, the generation counter and the current batch with its use count: a resumed run
+        continues on the same batch, generated by weights it no longer holds."""
+        batches = None if self.batches is None else [
+            {k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches]
+        return {"stream": self.stream.state_dict(), "generation": self.generation, "uses": self.uses,
+                "batches": batches, "logs": dict(self.logs), "shown": self.shown}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.generation, self.uses = int(state["generation"]), int(state["uses"])
+        self.logs, self.shown = dict(state["logs"]), state["shown"]
+        self.batches = None if state["batches"] is None else [
+            {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in state["batches"]]
+
+    # ------------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
+        """Greedy completions of every held-out prompt (this rank's share): exact match and reward."""
+        tasks = sorted({str(p.columns.get("task")) for p in self.val_prompts if p.columns.get("task") is not None})
+        rows = self.cfg.train.batch_size * self.cfg.rl.num_generations
+        pad_to = max(len(p.ids) for p in self.val_prompts)
+        # sums: right, reward, count, then per task (right, count), then one per reward name
+        sums = torch.zeros(3 + 2 * len(tasks) + len(self.names), dtype=torch.float64, device=self.device)
+        for idx in eval_shares(len(self.val_prompts), rows, info.rank, info.world_size):
+            prompts = [self.val_prompts[i] for i in idx] or self.val_prompts[:1]  # an idle rank's stand-in
+            with autocast:
+                out = generate_rollouts(model, [p.ids for p in prompts], self.cfg.rl.max_new_tokens, 0.0,
+                                        torch.zeros(len(prompts), dtype=torch.long, device=self.device), END_ID,
+                                        PAD_ID, fixed_length=self.fixed_length, pad_to=pad_to)
+            gen = out.input_ids[:, out.prompt_len:]
+            completion_ids = [row[mask].tolist() for row, mask in zip(gen, out.completion_mask, strict=True)]
+            ro = self.as_rollouts(prompts, idx or [0], completion_ids)
+            values = self.guarded_rewards([ro])[0]  # every rank scores (a reward model under FSDP: a collective)
+            if not idx:
+                continue
+            right = torch.tensor([float(answer_matches(completion_text(c), str(p.columns.get("answer"))))
+                                  for c, p in zip(ro.completions, prompts, strict=True)], dtype=torch.float64)
+            row = [right.sum(), self.total(values).double().sum().cpu(), torch.tensor(float(len(idx)))]
+            for t in tasks:
+                of_t = torch.tensor([str(p.columns.get("task")) == t for p in prompts])
+                row += [right[of_t].sum(), of_t.sum()]
+            row += [values[n].double().sum().cpu() for n in self.names]
+            sums += torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in row]).to(self.device)
+        all_reduce(sums)
+        n = max(sums[2].item(), 1)
+        figures = {"reward": sums[1].item() / n}
+        if any(p.columns.get("answer") is not None for p in self.val_prompts):
+            figures["accuracy"] = sums[0].item() / n
+        for j, t in enumerate(tasks):
+            figures[f"accuracy/{t}"] = sums[3 + 2 * j].item() / max(sums[4 + 2 * j].item(), 1)
+        figures |= {f"rewards/{name}": sums[3 + 2 * len(tasks) + i].item() / n for i, name in enumerate(self.names)}
+        return figures
+
+    def describe(self, ro: Rollouts, batch: dict) -> str:
+        """The first group of a batch: its prompt, then each completion with its reward and advantage."""
+        G = self.cfg.rl.num_generations
+        prompt = ro.prompts[0] if isinstance(ro.prompts[0], str) else ro.prompts[0][-1]["content"]
+        lines = [f"prompt: {prompt!r}"]
+        for g in range(G):
+            lines.append(f"  {completion_text(ro.completions[g])!r}  reward {batch['rewards'][g].item():.3f}  "
+                         f"advantage {batch['advantages'][g].item():+.3f}")
+        return "\n".join(lines)
+
+    def sample(self, model, autocast) -> str:
+        """The latest generated group (prompt, completions, rewards); before any, a greedy held-out answer."""
+        if self.shown:
+            return self.shown
+        p = self.val_prompts[0]
+        with autocast:
+            out = generate_rollouts(model, [p.ids], self.cfg.rl.max_new_tokens, 0.0,
+                                    torch.zeros(1, dtype=torch.long, device=self.device), END_ID, PAD_ID,
+                                    fixed_length=self.fixed_length)
+        text = chat.decode_reply(out.input_ids[0, out.prompt_len:][out.completion_mask[0]].tolist(), self.tok)
+        return f"prompt: {p.prompt if isinstance(p.prompt, str) else p.prompt[-1]['content']!r}\n-> {text!r}"
