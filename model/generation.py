@@ -5,7 +5,7 @@ new tokens of all rows go into the same column at each step. The padding is kept
 key-padding mask (GPT.forward's pad_mask) and each row counts its positions from its first real token, so a row
 computes what it would compute alone, unpadded (up to float rounding).
 
-Sampling uses the Gumbel-max trick with noise that is a pure function of (row key, decode step, token id): a row's
+Sampling uses the Gumbel-max trick with noise that is a pure function of (row key, decode step): a row's
 completion depends on its prompt and its key only, not on its neighbours in the batch, the batch size or the number
 of ranks, and no torch random state is read or changed. The caller derives the row keys from (seed, step, global
 prompt index, completion index).
@@ -18,9 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from model.gpt import KVCache
-
-_MASK32 = 0xFFFFFFFF
-_GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: an odd constant that spreads consecutive counters apart
 
 
 @dataclass
@@ -59,46 +56,33 @@ def left_pad(prompts: list[list[int]], pad_id: int, device, pad_to: int | None =
     return ids.to(device), pad_mask.to(device), positions.to(device)
 
 
-# ---------------------------------------------------------------- counter-based noise
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a constant c < 2^32, without int64 overflow: c is split into
-    16-bit halves, so no partial product exceeds 2^48 (signed overflow would be undefined behaviour in the kernels)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+# ---------------------------------------------------------------- keyed noise
+_MASK64 = 2**64 - 1
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer mixer (xor-shift-multiply rounds, the constants of Wellons' "lowbias32"): every
-    input bit changes about half the output bits. x holds values in [0, 2^32), so >> is a logical shift."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _absorb(h: torch.Tensor, word: torch.Tensor | int) -> torch.Tensor:
-    """Fold a 32-bit word into the running hash h (both in [0, 2^32))."""
-    return _mix32((_mix32(h ^ word) + _GOLDEN32) & _MASK32)
+def noise_seed(key: int, step: int) -> int:
+    """The seed of one row's noise at one decode step: splitmix64's finaliser (Steele et al. 2014) over the row key
+    and the step, a 63-bit value (what torch.Generator.manual_seed takes) that changes with every bit of either."""
+    x = (key * 0x9E3779B97F4A7C15 + (step + 1) * 0xD1B54A32D192ED03) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
 
 
 def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(N, V) standard Gumbel noise, a pure function of (row key, decode step, token id).
-
-    row_keys (N,) int64. Each entry hashes the key's two 32-bit halves, the step and the token id with a
-    counter-based integer mixer (int64 torch ops on row_keys' device; no torch RNG used or changed), maps the 32-bit
-    result to a uniform u in (0, 1) (u = (h + 1/2) / 2^32, never 0 or 1) and returns -log(-log(u)) as fp32."""
+    """(N, V) standard Gumbel noise, a pure function of (row key, decode step): row i is -log(-log(u)) of V
+    uniforms drawn by a private CPU generator seeded with noise_seed(key_i, step) (no global torch random state
+    read or changed), fp32 on row_keys' device. One small draw per row: a hash of every (row, token) in torch ops
+    cost ~50 integer passes over (N, V), tens of times more on a CPU."""
     if step < 0 or vocab <= 0:
         raise ValueError(f"gumbel_noise needs step >= 0 and vocab > 0, got step={step}, vocab={vocab}")
-    keys = row_keys.to(torch.int64)
-    h = torch.full_like(keys, _GOLDEN32)  # (N,)
-    h = _absorb(h, keys & _MASK32)  # low half
-    h = _absorb(h, (keys >> 32) & _MASK32)  # high half (>> is arithmetic on int64: the mask drops the sign fill)
-    h = _absorb(h, step & _MASK32)
-    tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)  # (V,)
-    bits = _absorb(h[:, None], tokens[None, :])  # (N, V) in [0, 2^32)
-    u = (bits.double() + 0.5) / 2.0**32  # (N, V) exact in fp64, strictly inside (0, 1)
-    return (-torch.log(-torch.log(u))).float()
+    gen = torch.Generator()
+    rows = []
+    for key in row_keys.tolist():
+        gen.manual_seed(noise_seed(key, step))
+        rows.append(torch.rand(vocab, generator=gen, dtype=torch.float64))
+    u = torch.stack(rows).clamp_(min=2.0**-60)  # (N, V) in (0, 1): rand can return exactly 0
+    return (-torch.log(-torch.log(u))).float().to(row_keys.device)
 
 
 # ---------------------------------------------------------------- generation

@@ -124,7 +124,7 @@ def hooks(dump_dir: str | None, name: str, crash_at: int = 0):
         with open(dump / f"{name}.micro.rank{_rank()}", "a") as f:
             f.write(json.dumps(record) + "\n")
         if steps_accumulated[0] == 0:
-            torch.save([{k: v.cpu() for k, v in b.items()} for b in batches], dump / f"{name}.batches.rank{_rank()}.pt")
+            torch.save([{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches], dump / f"{name}.batches.rank{_rank()}.pt")
         steps_accumulated[0] += 1
         return loss_sum, metric_sums
 

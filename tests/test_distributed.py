@@ -48,6 +48,10 @@ UNEVEN_SEED = 7
 SFT_UNEVEN = ["--stage", "sft", "--train.max_steps=3", "--train.warmup_steps=1", "--train.optimizer=adamw",
               "--train.precision=fp32", "--model.dropout=0", "--train.grad_clip=0", f"--train.seed={UNEVEN_SEED}",
               "--eval.interval=0", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
+RL_ARGS = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
+           "--rl.num_generations=4", "--rl.max_new_tokens=8", "--rl.reward=tests.rl_rewards:digit_share",
+           "--train.precision=fp32", "--train.lr=1e-2", "--log.interval=1", "--log.tensorboard=false",
+           "--data.num_proc=1"]
 LONG_ANSWER = "The answer is long: for each item in the list, if the item is not None, return its value."
 
 
@@ -151,6 +155,9 @@ def dist(tmp_path_factory, corpus_dir):
     sft_data = ["--init-from", str(runs / "ref"), "--data", str(uneven_sft_data(root / "sft-uneven"))]
     single("sft_uneven_ref", *sft_data, *SFT_UNEVEN, "--train.batch_size=4")
 
+    # RL: each rank generates for its own prompts; 2 x 2 prompts against 1 x 4 (fp32, the digit reward varies)
+    rl = ["--stage", "rl", "--init-from", str(runs / "ref"), "--data", "synthetic", *RL_ARGS]
+    single("rl_ref", *rl, "--out", str(runs / "rl_ref"), "--train.batch_size=4")
     sft_dpo = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
                "--train.batch_size=2", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
     plan = [
@@ -175,6 +182,10 @@ def dist(tmp_path_factory, corpus_dir):
         ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
+        [*rl, "--out", str(runs / "rl"), "--train.batch_size=2"],
+        # RL under FSDP2: fixed-length generation (every forward a collective), the reference sharded, validation
+        [*rl, "--out", str(runs / "rl_fsdp"), "--train.batch_size=2", "--dist.strategy=fsdp", "--train.max_steps=2",
+         "--eval.interval=2"],
         # DPO under FSDP2 bf16, one step: the reference is sharded with the policy's mixed precision
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo_bf16"), *sft_dpo,
          "--dist.strategy=fsdp", "--train.precision=bf16", "--model.dropout=0", "--train.batch_size=1",
@@ -366,6 +377,24 @@ def test_time_budget_ends_every_rank_at_the_same_step(dist):
     first = int(dist["log"].split("time budget 0.1 min: ")[1].split("max_steps=")[1].split()[0])
     # the re-plan that fixed the count was printed (by rank 0) and every rank stopped there
     assert ckpt["step"] == ckpt["max_steps"] < first and f"-> max_steps={ckpt['max_steps']} (was" in dist["log"]
+
+
+def test_rl_under_torchrun_equals_one_process(dist):
+    """2 ranks x 2 prompts x 4 completions == 1 rank x 4 prompts: the same completions (keyed by the global prompt
+    index), the same rewards and the same loss at every step; under FSDP2 generation runs a fixed length on every
+    rank, and the first step's KL is exactly 0."""
+    ref = read_metrics(dist["runs"] / "rl_ref")
+    got = read_metrics(dist["runs"] / "rl")
+    for key in ("train/loss", "train/reward", "train/kl", "train/completions/mean_length"):
+        want = {r["step"]: r[key] for r in ref if key in r}
+        have = {r["step"]: r[key] for r in got if key in r}
+        assert sorted(want) == sorted(have) == [1, 2, 3], key
+        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+    assert len({r["train/reward"] for r in ref if "train/reward" in r}) > 1  # a reward that varies
+    fsdp = read_metrics(dist["runs"] / "rl_fsdp")
+    assert [r["train/kl"] for r in fsdp if "train/kl" in r][0] == 0.0
+    assert [r["step"] for r in fsdp if "val/reward" in r] == [0, 2]
+    assert checkpoint.latest(dist["runs"] / "rl_fsdp") is not None
 
 
 def test_sft_and_dpo_under_torchrun(dist):

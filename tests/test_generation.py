@@ -111,7 +111,7 @@ def test_padding_mask_refuses_packed_rows():
 
 
 # ---------------------------------------------------------------- the noise
-def test_gumbel_noise_is_a_pure_function_of_key_step_and_token():
+def test_gumbel_noise_is_a_pure_function_of_key_and_step():
     keys = torch.tensor([3, -7, 2**40 + 5, 3 + 2**32], dtype=torch.int64)
     rng = torch.get_rng_state()
     a = gumbel_noise(keys, 4, 50)
@@ -121,8 +121,6 @@ def test_gumbel_noise_is_a_pure_function_of_key_step_and_token():
     # Row i depends on key i only: alone, or among other keys in another order, it is the same row.
     assert torch.equal(gumbel_noise(keys[2:3], 4, 50)[0], a[2])
     assert torch.equal(gumbel_noise(torch.tensor([99, 3]), 4, 50)[1], a[0])
-    # A longer vocabulary extends each row (noise of token j does not depend on V).
-    assert torch.equal(gumbel_noise(keys, 4, 80)[:, :50], a)
     # Different keys (also ones differing only in the high 32 bits: 3 and 3 + 2^32) and steps give different noise.
     assert (a[0] != a[3]).all() and (a[0] != a[1]).all()
     assert (gumbel_noise(keys, 5, 50) != a).all()
