@@ -15,6 +15,7 @@ from data.tokenizer import END_ID, PAD_ID
 from model.generation import generate_rollouts
 from model.gpt import GPT, GPTConfig
 from model.losses import ADVANTAGE_EPS, clipped_surrogate, group_advantages, kl_estimate
+from tests.conftest import TINY_ARGS
 from training import checkpoint
 from training.load import load_run
 from training.stages.rl import GroupPolicyOptimization, completion_logps
@@ -247,3 +248,75 @@ def test_rl_refusals(tmp_path, tiny_run):
         rl_run(tmp_path / "pol", tiny_run, f"--rl.reward_model={tiny_run}")
     assert not (tmp_path / "g1").exists()
     assert checkpoint.latest(tmp_path / "pol") is None
+
+
+def test_rl_against_a_reward_model_and_its_refusals(tmp_path, tiny_run, corpus_dir):
+    rm = tmp_path / "rm"
+    train.main(["--stage", "rm", "--init-from", str(tiny_run), "--out", str(rm), *QUIET, "--train.max_steps=2",
+                "--eval.interval=0", "--data.synthetic_train=16", "--data.synthetic_val=4", "--train.batch_size=4",
+                "--log.tensorboard=false"])
+    out = tmp_path / "rl_rm"
+    rl_run(out, tiny_run, "--train.max_steps=2", "--eval.interval=2", f"--rl.reward_model={rm}",
+           "--log.tensorboard=false")
+    keys = {k for m in metrics(out) for k in m}
+    assert "train/rewards/reward_model/mean" in keys and "val/rewards/reward_model" in keys
+    assert "train/rewards/builtin/mean" not in keys  # a reward model alone replaces the built-in reward
+    # the logged reward is the reward model's score of prompt + completion, recomputed here from the saved rollouts
+    both = tmp_path / "rl_both"
+    rl_run(both, tiny_run, "--train.max_steps=1", "--eval.interval=0", "--rl.reward=builtin",
+           f"--rl.reward_model={rm}", "--rl.reward_weights=1,2", "--log.tensorboard=false")
+    m = [r for r in metrics(both) if "train/reward" in r][0]
+    assert m["train/reward"] == pytest.approx(m["train/rewards/builtin/mean"] + 2 * m["train/rewards/reward_model/mean"],
+                                              abs=1e-5)
+    # an RM run cannot start a policy stage; a reward model with another tokenizer is refused
+    with pytest.raises(ValueError, match="is a reward model .* --stage rl trains a policy"):
+        rl_run(tmp_path / "from_rm", rm)
+    other = tmp_path / "other"
+    train.main(["--data", str(corpus_dir), "--out", str(other), *TINY_ARGS, "--model.vocab_size=320",
+                "--train.max_steps=1", "--eval.interval=0", "--log.tensorboard=false"])
+    other_rm = tmp_path / "other_rm"
+    train.main(["--stage", "rm", "--init-from", str(other), "--out", str(other_rm), *QUIET, "--train.max_steps=1",
+                "--eval.interval=0", "--data.synthetic_train=8", "--data.synthetic_val=2", "--train.batch_size=4",
+                "--log.tensorboard=false"])
+    with pytest.raises(ValueError, match="its tokenizer .* differs from the policy's"):
+        rl_run(tmp_path / "mismatch", tiny_run, f"--rl.reward_model={other_rm}")
+    assert checkpoint.latest(tmp_path / "mismatch") is None
+
+
+def test_rl_prompts_from_a_file_with_extra_columns_reach_the_reward(tmp_path, tiny_run, monkeypatch):
+    from data.rl import load_rl_prompts
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    rows = [{"prompt": f"Say {w}", "target": w, "level": i} for i, w in enumerate(["yes", "no", "maybe", "ok"])]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "validation.jsonl").write_text(json.dumps({"prompt": "Say ok", "target": "ok", "level": 9}) + "\n")
+    chats = tmp_path / "chats.jsonl"  # a conversation's last assistant turn becomes the answer column
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Say ok"},
+                                              {"role": "assistant", "content": "ok"}], "task": "echo"}) + "\n")
+    tok = load_run(tiny_run).tok
+    prompts, stats = load_rl_prompts(str(folder), "train", tok, 64, 8)
+    assert stats["n_examples"] == 4 and prompts[0].prompt == "Say yes"
+    assert prompts[0].columns == {"target": "yes", "level": 0}
+    val, _ = load_rl_prompts(str(folder), "val", tok, 64, 8)
+    assert val[0].prompt == "Say ok" and val[0].columns == {"target": "ok", "level": 9}
+    conv, _ = load_rl_prompts(str(chats), "train", tok, 64, 8)
+    assert conv[0].columns == {"answer": "ok", "task": "echo"}
+    assert conv[0].prompt == [{"role": "user", "content": "Say ok"}]
+    lengths = sorted(len(p.ids) for p in prompts)
+    assert lengths[0] < lengths[-1]
+    kept, st = load_rl_prompts(str(folder), "train", tok, 64, 64 - lengths[0])  # room for the shortest only
+    assert len(kept) == lengths.count(lengths[0]) and st["n_dropped"] == 4 - len(kept)
+    with pytest.raises(ValueError, match="all 4 prompts leave no room for rl.max_new_tokens=64 in block_size=64"):
+        load_rl_prompts(str(folder), "train", tok, 64, 64)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("RL_REWARD_LOG", str(log))
+    rl_run(tmp_path / "rl", tiny_run, "--data", str(folder), "--train.max_steps=1", "--eval.interval=0",
+           "--rl.reward=tests.rl_rewards:record_call", "--log.tensorboard=false")
+    call = json.loads(log.read_text().splitlines()[0])
+    assert sorted(call["columns"]) == ["level", "target"] and isinstance(call["completions"][0], str)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"record 0 of .*bad: an RL record needs 'prompt'.*found fields \['question'\]"):
+        load_rl_prompts(str(bad), "train", tok, 64, 8)
