@@ -4,6 +4,7 @@
     python scripts/bench.py --preset gpt2 --device cuda --precision bf16 fp16 --json bench_gpu.json
     python scripts/bench.py --preset tiny --no-compile --no-loop --json quick.json
     python scripts/bench.py --prepare --no-eager --no-compile --no-loop --no-data --json prepare.json  # data at scale
+    python scripts/bench.py --rl runs/sft --no-eager --no-compile --no-loop --no-data --json rl.json  # the RL step
 
 What it measures, on the device it is given:
   peak      dense matmul FLOP/s of the device for each precision (square matmuls in a timed loop), measured before
@@ -27,6 +28,11 @@ What it measures, on the device it is given:
             prepare(2)/encode(2) (target >= 0.85) and speed-up(prepare)/speed-up(encode) (target >= 0.9), whether
             the shards are byte-identical, and the loader's tracemalloc peak over one epoch of a 3- and a 30-chunk
             corpus (2^22 tokens per chunk)
+  rl        (--rl RUN_DIR: an SFT run) the RL stage's step, as train.py runs it with the stage defaults: seconds per
+            step in generation (the KV-cache decoding of B x G completions), scoring (the rewards), reference (the
+            frozen model's log-probs) and update (the policy's forward, backward and optimizer step), generated
+            tokens/s, and the same completions decoded greedily without a KV cache (each token a forward over the
+            whole sequence), against decoding with it: the speed-up the cache gives
 It prints a table and writes JSON. No test asserts on these figures.
 """
 
@@ -411,6 +417,76 @@ def print_prepare(r: dict) -> None:
               f"permutation over all blocks would be {m['one_permutation_over_all_blocks_mb']:.1f} MB)")
 
 
+def decode_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, steps: int) -> None:
+    """Greedy decoding that recomputes the whole sequence for every new token (the cost a KV cache avoids)."""
+    for _ in range(steps):
+        nxt = model(ids, positions=pos, pad_mask=mask)[:, -1].argmax(-1, keepdim=True)  # (N, 1)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool)], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+
+
+def bench_rl(init_from: str, steps: int, device: torch.device) -> dict:
+    """The RL step split into its parts (module docstring), over `steps` steps after one warm-up step."""
+    from data.tokenizer import PAD_ID
+    from model.generation import generate_rollouts, left_pad
+    from training import distributed, loop
+    from training.config import parse_args
+    from training.faults import StopSignal
+
+    cfg = parse_args(["--stage", "rl", "--init-from", init_from, "--out", tempfile.mkdtemp(prefix="gptrain-bench-rl-"),
+                      "--train.device", device.type, "--eval.interval=0", "--log.tensorboard=false",
+                      f"--train.max_steps={steps + 1}"])
+    inputs = loop.prepare_inputs(cfg)
+    run, state = loop.setup(cfg, distributed.init(cfg.dist, cfg.train.device), StopSignal(), inputs)
+    stage, parts = run.stage, {"generation": 0.0, "scoring": 0.0, "reference": 0.0, "update": 0.0}
+    for step in range(steps + 1):
+        torch.manual_seed(step)
+        before, tokens_before = dict(stage.timings), stage.generated_tokens
+        batches, count = loop.step_batches(run, state)
+        t0 = time.perf_counter()
+        loop.train_step(run, state, batches, count)
+        sync(device)
+        if step == 0:  # warm-up
+            continue
+        parts["update"] += time.perf_counter() - t0
+        for k in ("generation", "scoring", "reference"):
+            parts[k] += stage.timings[k] - before[k]
+        parts.setdefault("generated_tokens", 0)
+        parts["generated_tokens"] += stage.generated_tokens - tokens_before
+    # one micro-batch's prompts decoded greedily for max_new_tokens tokens, with and without the cache
+    r = cfg.rl
+    prompts = [p.ids for p in stage.train_prompts[: cfg.train.batch_size] for _ in range(r.num_generations)]
+    timings = []
+    for cached in (True, False):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if cached:
+                generate_rollouts(run.raw, prompts, r.max_new_tokens, 0.0, torch.zeros(len(prompts), dtype=torch.long),
+                                  -1, PAD_ID, fixed_length=True)  # no stop token: all max_new_tokens steps
+            else:
+                decode_without_cache(run.raw, *left_pad(prompts, PAD_ID, device), r.max_new_tokens)
+        sync(device)
+        timings.append(time.perf_counter() - t0)
+    total = sum(parts[k] for k in ("generation", "scoring", "reference", "update"))
+    return {"steps": steps, "seconds_per_step": {k: parts[k] / steps for k in ("generation", "scoring", "reference",
+                                                                                "update")},
+            "share": {k: parts[k] / total for k in ("generation", "scoring", "reference", "update")},
+            "generated_tokens_per_sec": parts["generated_tokens"] / parts["generation"],
+            "rows": len(prompts), "max_new_tokens": r.max_new_tokens,
+            "decode_s_with_cache": timings[0], "decode_s_without_cache": timings[1],
+            "cache_speedup": timings[1] / timings[0]}
+
+
+def print_rl(r: dict) -> None:
+    s, share = r["seconds_per_step"], r["share"]
+    print(f"rl step ({r['steps']} steps): " + ", ".join(f"{k} {1000 * s[k]:.0f} ms ({100 * share[k]:.0f}%)"
+                                                      for k in s)
+          + f"; generated {r['generated_tokens_per_sec']:,.0f} tok/s")
+    print(f"rl decoding of {r['rows']} rows x {r['max_new_tokens']} tokens: {r['decode_s_with_cache']:.2f}s with the "
+          f"KV cache, {r['decode_s_without_cache']:.2f}s recomputing every prefix ({r['cache_speedup']:.1f}x)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -434,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="where --prepare builds (once) and keeps its corpus and tokenizer")
     ap.add_argument("--prepare-repeats", type=int, default=3,
                     help="--prepare: readings of each measurement, interleaved; the fastest is reported")
+    ap.add_argument("--rl", default=None, metavar="RUN_DIR", help="also measure the RL step split, from this SFT run")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. n_layer=6")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -457,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "gpu": env["gpu"], "torch": env["packages"]["torch"], "python": env["python"],
                            "git_revision": env["git_revision"], "host_malloc_tuned": host_malloc_tuned},
-               "peak": {}, "step": [], "loop": None, "data": None, "prepare": None}
+               "peak": {}, "step": [], "loop": None, "data": None, "prepare": None, "rl": None}
 
     for prec in precisions:
         dtype = DTYPES[prec]
@@ -491,6 +568,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["data"] = bench_data(min(vocab, 65536), cache)
     if args.prepare:
         results["prepare"] = bench_prepare(Path(args.prepare_dir), args.prepare_repeats)
+    if args.rl:
+        results["rl"] = bench_rl(args.rl, args.steps, device)
 
     # ---- table
     print(f"\nmachine: {results['machine']['processor'] or platform.machine()}, {os.cpu_count()} cores, "
@@ -518,6 +597,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"loader {d['loader_batches_per_s_32x256']:,.0f} batches/s (32x256)")
     if results["prepare"]:
         print_prepare(results["prepare"])
+    if results["rl"]:
+        print_rl(results["rl"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
