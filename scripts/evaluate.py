@@ -195,11 +195,19 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     return figures, label + (f", first {args.max_tokens} tokens{each})" if args.max_tokens else ")")
 
 
+def synthetic_draw(run: LoadedRun, split: str, args) -> tuple[int, int]:
+    """(seed, size) of the built-in records of a split: the run's (data.synthetic_val / synthetic_train,
+    train.seed), or --synthetic-size / --synthetic-seed, so runs of different seeds are scored on the same prompts."""
+    n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
+    seed = run.cfg.train.seed if args.synthetic_seed is None else args.synthetic_seed
+    return seed, args.synthetic_size or n
+
+
 def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[int, dict]], str]:
     out, labels = [], []
     for split in SPLITS[args.split]:
-        n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
-        recs, label = load_records(source, split, kind, run.cfg.train.seed, n, hf_cache_dir(run.cfg))
+        seed, n = synthetic_draw(run, split, args)
+        recs, label = load_records(source, split, kind, seed, n, hf_cache_dir(run.cfg))
         out += recs[: args.max_examples or None]
         labels.append(label)
     return out, " + ".join(labels)
@@ -253,9 +261,9 @@ def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[di
     """This rank's share of the pairs as padded batches, each pair exactly once (global `index` kept)."""
     examples, label, n_dropped = [], [], 0
     for split in SPLITS[args.split]:
-        ex, stats = load_preferences(source, split, run.tok, run.gcfg.block_size, seed=run.cfg.train.seed,
-                                     n_synthetic=run.cfg.data.synthetic_val if split == "val"
-                                     else run.cfg.data.synthetic_train, cache_dir=hf_cache_dir(run.cfg))
+        seed, n = synthetic_draw(run, split, args)
+        ex, stats = load_preferences(source, split, run.tok, run.gcfg.block_size, seed=seed, n_synthetic=n,
+                                     cache_dir=hf_cache_dir(run.cfg))
         examples += ex[: args.max_examples or None]
         label.append(stats["source"])
         n_dropped += stats["n_dropped"]
@@ -334,9 +342,8 @@ def reward_model_result(run: LoadedRun, args, info) -> dict:
     t0 = time.perf_counter()
     examples, labels = [], []
     for split in SPLITS[args.split]:
-        n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
-        ex, stats = load_reward_data(kind, source, split, run.tok, run.gcfg.block_size, run.cfg.train.seed, n,
-                                     hf_cache_dir(run.cfg))
+        seed, n = synthetic_draw(run, split, args)
+        ex, stats = load_reward_data(kind, source, split, run.tok, run.gcfg.block_size, seed, n, hf_cache_dir(run.cfg))
         examples += ex[: args.max_examples or None]
         labels.append(stats["source"])
     if kind == "ratings" and run.cfg.rm.standardize:  # in the units the model was trained in
@@ -439,6 +446,10 @@ def parse_args(argv: list[str] | None):
                    help="score at most this many text tokens (0 = all)")
     p.add_argument("--max-examples", type=int, default=0, metavar="N",
                    help="at most this many chat examples / pairs (0 = all)")
+    p.add_argument("--synthetic-size", type=int, default=0, metavar="N",
+                   help="built-in (`synthetic`) records drawn per split (default: the run's data.synthetic_val / _train)")
+    p.add_argument("--synthetic-seed", type=int, default=None, metavar="S",
+                   help="seed of the built-in records (default: the run's train.seed): the same prompts for every run")
     p.add_argument("--reference", metavar="RUN_DIR",
                    help="reference for DPO rewards (default: the checkpoint the run started from)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward")
