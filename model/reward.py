@@ -26,6 +26,10 @@ class RewardModel(GPT):
         super().__init__(cfg)
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, 0.0, cfg.init_std)  # as every other linear layer (GPT.reset_parameters)
+        if not cfg.tie_embeddings:
+            # An untied output head takes no part in a score: frozen, so that DDP does not wait for its gradient (a
+            # parameter that gets none stalls DDP's reduction) and the optimizer leaves it as it was loaded.
+            self.lm_head.weight.requires_grad_(False)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 kv_cache=None, *, end_positions: torch.Tensor | None = None) -> torch.Tensor:

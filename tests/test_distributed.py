@@ -52,6 +52,8 @@ RL_ARGS = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=6
            "--rl.num_generations=4", "--rl.max_new_tokens=8", "--rl.reward=tests.rl_rewards:digit_share",
            "--train.precision=fp32", "--train.lr=1e-2", "--log.interval=1", "--log.tensorboard=false",
            "--data.num_proc=1"]
+RM_ARGS = ["--train.max_steps=3", "--eval.interval=3", "--data.synthetic_train=32", "--data.synthetic_val=6",
+           "--train.precision=fp32", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
 LONG_ANSWER = "The answer is long: for each item in the list, if the item is not None, return its value."
 
 
@@ -158,6 +160,10 @@ def dist(tmp_path_factory, corpus_dir):
     # RL: each rank generates for its own prompts; 2 x 2 prompts against 1 x 4 (fp32, the digit reward varies)
     rl = ["--stage", "rl", "--init-from", str(runs / "ref"), "--data", "synthetic", *RL_ARGS]
     single("rl_ref", *rl, "--out", str(runs / "rl_ref"), "--train.batch_size=4")
+    # RM from a run with an untied output head (unused by a score): 2 x 2 pairs against 1 x 4 under DDP
+    single("untied", *BASE, "--train.batch_size=8", "--model.tie_embeddings=false", "--train.max_steps=2")
+    rm = ["--stage", "rm", "--init-from", str(runs / "untied"), "--data", "synthetic", *RM_ARGS]
+    single("rm_ref", *rm, "--out", str(runs / "rm_ref"), "--train.batch_size=4")
     sft_dpo = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
                "--train.batch_size=2", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
     plan = [
@@ -183,6 +189,7 @@ def dist(tmp_path_factory, corpus_dir):
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
         [*rl, "--out", str(runs / "rl"), "--train.batch_size=2"],
+        [*rm, "--out", str(runs / "rm"), "--train.batch_size=2"],
         # RL under FSDP2: fixed-length generation (every forward a collective), the reference sharded, validation
         [*rl, "--out", str(runs / "rl_fsdp"), "--train.batch_size=2", "--dist.strategy=fsdp", "--train.max_steps=2",
          "--eval.interval=2"],
@@ -395,6 +402,21 @@ def test_rl_under_torchrun_equals_one_process(dist):
     assert [r["train/kl"] for r in fsdp if "train/kl" in r][0] == 0.0
     assert [r["step"] for r in fsdp if "val/reward" in r] == [0, 2]
     assert checkpoint.latest(dist["runs"] / "rl_fsdp") is not None
+
+
+def test_reward_model_under_torchrun_equals_one_process_with_an_untied_head(dist):
+    """2 ranks x 2 pairs == 1 rank x 4 pairs in loss and accuracy at every step, from a start whose output head is
+    untied: a score never uses it, so it is frozen (DDP would otherwise stall waiting for its gradient)."""
+    ref, got = read_metrics(dist["runs"] / "rm_ref"), read_metrics(dist["runs"] / "rm")
+    for key in ("train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/loss"):
+        want = {r["step"]: r[key] for r in ref if key in r}
+        have = {r["step"]: r[key] for r in got if key in r}
+        assert sorted(want) == sorted(have) and want, key
+        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+    start = checkpoint.load(dist["runs"] / "untied")["model"]
+    end = checkpoint.load(dist["runs"] / "rm")["model"]
+    assert torch.equal(start["lm_head.weight"], end["lm_head.weight"])  # frozen
+    assert not torch.equal(start["blocks.0.attn.q_proj.weight"], end["blocks.0.attn.q_proj.weight"])
 
 
 def test_sft_and_dpo_under_torchrun(dist):
