@@ -237,6 +237,23 @@ def preparation_key(source: str, tokenizer: Tokenizer, splits: tuple[str, ...], 
             "chunk_tokens": int(chunk_tokens)}
 
 
+def _start_job(source, tokenizer, out_dir: Path, passes, key: str, resume, workers: int, in_process, hf_cache_dir,
+               verbose: bool, overwrite: bool) -> _Job:
+    """The preparation job, resuming `resume` when given; with `overwrite`, a folder whose files do not match its
+    manifest (BrokenPreparation) is removed and prepared afresh."""
+    try:
+        return _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
+                    hf_cache_dir, verbose)
+    except BrokenPreparation as e:
+        if not overwrite:
+            raise
+        if verbose:
+            print(f"data: {e}; preparing again")
+        _remove_preparation(out_dir)
+        return _Job(source, tokenizer, out_dir, passes, key, None, workers or available_cores(), in_process,
+                    hf_cache_dir, verbose)
+
+
 def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, splits: tuple[str, ...] = SPLITS,
             text_column: str = "text", val_fraction: float = VAL_FRACTION, max_tokens: int = 0, max_docs: int = 0,
             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, workers: int = 0, block_size: int | None = None,
@@ -276,17 +293,8 @@ def prepare(source: str, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, sp
         resume = _resumable(out_dir, manifest, key, overwrite, say)
         tokenizer.save(out_dir / TOKENIZER)
         try:
-            try:
-                job = _Job(source, tokenizer, out_dir, passes, key, resume, workers or available_cores(), in_process,
-                           hf_cache_dir, verbose)
-            except BrokenPreparation as e:  # its files do not match its manifest: the cache starts afresh
-                if not overwrite:
-                    raise
-                say(f"data: {e}; preparing again")
-                _remove_preparation(out_dir)
-                job = _Job(source, tokenizer, out_dir, passes, key, None, workers or available_cores(), in_process,
-                           hf_cache_dir, verbose)
-            manifest = job.run()
+            manifest = _start_job(source, tokenizer, out_dir, passes, key, resume, workers, in_process, hf_cache_dir,
+                                  verbose, overwrite).run()
         except ValueError:  # bad input: with nothing recorded to resume from, leave nothing half-written
             if not _has_progress(read_manifest(out_dir)):
                 _remove_preparation(out_dir)
