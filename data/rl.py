@@ -28,6 +28,7 @@ class RLPrompt(NamedTuple):
     ids: list[int]  # [P] the rendered prompt, ending with <|assistant|>
     prompt: Any  # the record's prompt as reward functions receive it: a string or a list of messages
     columns: dict  # the record's other columns (answer, task, ...), passed to reward functions by name
+    where: str  # "record I of FILE": named in a reward's error
 
 
 def record_to_prompt(record: dict, where: str) -> tuple[Any, list[dict], dict]:
@@ -63,7 +64,7 @@ def load_rl_prompts(source: str | os.PathLike, split: str, tok: Any, block_size:
         except ValueError as e:
             raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
         if len(ids) + max_new_tokens <= block_size:
-            prompts.append(RLPrompt(ids, given, columns))
+            prompts.append(RLPrompt(ids, given, columns, where))
     n_dropped = len(records) - len(prompts)
     if not prompts:
         why = "it has no records" if not records else (

@@ -73,7 +73,8 @@ def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(N, V) standard Gumbel noise, a pure function of (row key, decode step): row i is -log(-log(u)) of V
     uniforms drawn by a private CPU generator seeded with noise_seed(key_i, step) (no global torch random state
     read or changed), fp32 on row_keys' device. One small draw per row: a hash of every (row, token) in torch ops
-    cost ~50 integer passes over (N, V), tens of times more on a CPU."""
+    cost ~50 integer passes over (N, V), tens of times more on a CPU. On a GPU the N draws and the copy are a
+    per-step cost that grows with the vocabulary (not measured yet: no GPU check has run this stage)."""
     if step < 0 or vocab <= 0:
         raise ValueError(f"gumbel_noise needs step >= 0 and vocab > 0, got step={step}, vocab={vocab}")
     gen = torch.Generator()

@@ -434,7 +434,9 @@ def bench_rl(init_from: str, steps: int, device: torch.device) -> dict:
     from training.config import parse_args
     from training.faults import StopSignal
 
-    cfg = parse_args(["--stage", "rl", "--init-from", init_from, "--out", tempfile.mkdtemp(prefix="gptrain-bench-rl-"),
+    steps = max(steps, 1)
+    out = tempfile.mkdtemp(prefix="gptrain-bench-rl-")
+    cfg = parse_args(["--stage", "rl", "--init-from", init_from, "--out", out,
                       "--train.device", device.type, "--eval.interval=0", "--log.tensorboard=false",
                       f"--train.max_steps={steps + 1}"])
     inputs = loop.prepare_inputs(cfg)
@@ -468,6 +470,7 @@ def bench_rl(init_from: str, steps: int, device: torch.device) -> dict:
                 decode_without_cache(run.raw, *left_pad(prompts, PAD_ID, device), r.max_new_tokens)
         sync(device)
         timings.append(time.perf_counter() - t0)
+    shutil.rmtree(out, ignore_errors=True)
     total = sum(parts[k] for k in ("generation", "scoring", "reference", "update"))
     return {"steps": steps, "seconds_per_step": {k: parts[k] / steps for k in ("generation", "scoring", "reference",
                                                                                 "update")},

@@ -195,15 +195,23 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     return figures, label + (f", first {args.max_tokens} tokens{each})" if args.max_tokens else ")")
 
 
+def check_synthetic_flags(source: str, args) -> None:
+    if source != "synthetic" and (args.synthetic_size or args.synthetic_seed is not None):
+        raise ValueError(f"--synthetic-size / --synthetic-seed choose the built-in records; the data here is {source!r}")
+
+
 def synthetic_draw(run: LoadedRun, split: str, args) -> tuple[int, int]:
     """(seed, size) of the built-in records of a split: the run's (data.synthetic_val / synthetic_train,
     train.seed), or --synthetic-size / --synthetic-seed, so runs of different seeds are scored on the same prompts."""
+    if args.synthetic_size < 0:
+        raise ValueError(f"--synthetic-size={args.synthetic_size} must be >= 0 (0 = the run's)")
     n = run.cfg.data.synthetic_val if split == "val" else run.cfg.data.synthetic_train
     seed = run.cfg.train.seed if args.synthetic_seed is None else args.synthetic_seed
     return seed, args.synthetic_size or n
 
 
 def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[int, dict]], str]:
+    check_synthetic_flags(source, args)
     out, labels = [], []
     for split in SPLITS[args.split]:
         seed, n = synthetic_draw(run, split, args)
@@ -259,6 +267,7 @@ def accuracy_figures(run: LoadedRun, items, info) -> dict:
 
 def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[dict], int, str]:
     """This rank's share of the pairs as padded batches, each pair exactly once (global `index` kept)."""
+    check_synthetic_flags(source, args)
     examples, label, n_dropped = [], [], 0
     for split in SPLITS[args.split]:
         seed, n = synthetic_draw(run, split, args)
@@ -339,6 +348,7 @@ def reward_model_result(run: LoadedRun, args, info) -> dict:
         raise ValueError("give one of --data and --preference-data")
     source = args.preference_data or args.data or run.cfg.data.source
     kind = "pairs" if args.preference_data else run.cfg.rm.data
+    check_synthetic_flags(source, args)
     t0 = time.perf_counter()
     examples, labels = [], []
     for split in SPLITS[args.split]:

@@ -33,3 +33,15 @@ def too_few(prompts, completions, **columns):
 
 def not_finite(prompts, completions, **columns):
     return [math.nan] + [0.0] * (len(completions) - 1)
+
+
+def constant(prompts, completions, **columns):
+    """The same reward for every completion: every group's rewards are equal."""
+    return [0.3] * len(completions)
+
+
+def fails_on_rank1(prompts, completions, **columns):
+    """Fails only in the process of rank 1 (a torchrun launch sets RANK)."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 cannot score")
+    return [0.0] * len(completions)

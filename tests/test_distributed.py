@@ -207,6 +207,9 @@ def dist(tmp_path_factory, corpus_dir):
         # every rank gathers every rank's data and tokenizer hashes: a mismatch stops both (then the next run)
         ["--expect-error", "--data", str(root / "prep{rank}"), "--out", str(runs / "mismatch"), *BASE,
          "--train.batch_size=4"],
+        # a reward that fails on rank 1 only: both ranks stop at the same generation, nothing saved
+        ["--expect-error", *rl, "--out", str(runs / "rl_fail"), "--train.batch_size=2",
+         "--rl.reward=tests.rl_rewards:fails_on_rank1"],
         # rank 1 cannot build its loader: both ranks stop at once (rank 0 names rank 1's reason), none waits
         ["--expect-error", "--data", str(root / "small{rank}"), "--out", str(runs / "small"), *BASE,
          "--train.batch_size=4"],
@@ -445,6 +448,14 @@ def test_a_set_up_failure_on_one_rank_stops_every_rank_at_once(dist):
     assert lines[1].startswith("rank 1: error:") and "too small" in lines[1], lines[1]
     assert lines[0].startswith("rank 0: error: rank 1 could not set up:") and "too small" in lines[0], lines[0]
     assert all(float(line.rsplit(", ", 1)[1].split()[0]) < 30 for line in lines), lines
+
+
+def test_a_reward_failing_on_one_rank_stops_every_rank(dist):
+    lines = [(dist["dump"] / f"rl_fail.status.rank{rank}").read_text().strip() for rank in (0, 1)]
+    assert lines[1].startswith("rank 1: error: reward 'tests.rl_rewards:fails_on_rank1' raised RuntimeError: rank 1 "
+                               "cannot score"), lines[1]
+    assert lines[0].startswith("rank 0: error: a reward failed on another rank"), lines[0]
+    assert checkpoint.latest(dist["runs"] / "rl_fail") is None
 
 
 def test_ranks_with_different_prepared_data_both_stop_naming_both_hashes(dist):

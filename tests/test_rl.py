@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 import train
+from data.synthetic import make_sft
 from data.tokenizer import END_ID, PAD_ID
 from model.generation import generate_rollouts
 from model.gpt import GPT, GPTConfig
@@ -18,6 +20,8 @@ from model.losses import ADVANTAGE_EPS, clipped_surrogate, group_advantages, kl_
 from tests.conftest import TINY_ARGS
 from training import checkpoint
 from training.load import load_run
+from training.rewards import RewardModelScorer, Rollouts
+from training.stages.base import StageEnv, frozen_reference
 from training.stages.rl import GroupPolicyOptimization, completion_logps
 
 
@@ -135,11 +139,33 @@ def test_first_update_has_ratio_one_kl_zero_and_the_reinforce_gradient(temperatu
 
 
 def test_kl_is_exactly_zero_at_the_start_in_bf16_autocast():
+    """The frozen reference as the stage builds it (a copy of the policy before training), under the same autocast."""
     model = tiny_policy(1)
+    env = StageEnv(start_checkpoint=None, resumed=False, wrap=lambda m: m, autocast=None, precision="bf16")
+    reference = frozen_reference(model, env, "RL", "")
+    assert reference is not model and not any(p.requires_grad for p in reference.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         batch = rollout_batch(model)
+        batch["ref_logps"], _ = completion_logps(reference, batch, 1.0)
         _, metrics = GroupPolicyOptimization(0.1, 0.2, 1.0)(model, batch)
     assert metrics["kl"].item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_completion_logps_are_the_unpadded_rows_next_token_log_probs_at_the_temperature(arch):
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, arch=arch,
+                          bias=arch == "gpt2")).eval()
+    batch = rollout_batch(model, temperature=0.5)
+    got, _ = completion_logps(model, batch, 0.5)  # (N, M)
+    p = batch["prompt_len"]
+    for row in range(batch["input_ids"].shape[0]):
+        real = batch["input_ids"][row][batch["pad_mask"][row]]  # prompt + kept completion, unpadded
+        n_prompt = int(batch["pad_mask"][row, :p].sum())
+        logp = torch.log_softmax(model(real[None])[0].float() / 0.5, dim=-1)  # (L, V)
+        for k in range(int(batch["completion_mask"][row].sum())):
+            want = logp[n_prompt + k - 1, real[n_prompt + k]]
+            assert got[row, k].item() == pytest.approx(want.item(), abs=1e-5), (row, k)
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -175,7 +201,7 @@ def test_rl_run_logs_grpo_metrics_starts_at_kl_zero_and_saves(tmp_path, tiny_run
     out = tmp_path / "rl"
     rl_run(out, tiny_run, "--train.max_steps=3", "--eval.interval=3", "--rl.reward=builtin,tests.rl_rewards:digit_share",
            "--rl.reward_weights=1,0.5", "--rl.beta=0.1", "--train.lr=1e-2")
-    for key in (*TRL_TRAIN, "train/rewards/builtin/mean", "train/rewards/tests.rl_rewards:digit_share/mean"):
+    for key in (*TRL_TRAIN, "train/rewards/builtin/mean", "train/rewards/digit_share/mean"):
         assert sorted(series(out, key)) == [1, 2, 3], key
     # step 1: the policy is the reference, and the batch's own log-probs are its old ones
     assert series(out, "train/kl")[1] == 0.0
@@ -183,7 +209,7 @@ def test_rl_run_logs_grpo_metrics_starts_at_kl_zero_and_saves(tmp_path, tiny_run
     assert series(out, "train/kl")[3] > 0  # the policy has moved
     for step in (1, 2, 3):  # the total is the weighted sum of the named rewards
         want = series(out, "train/rewards/builtin/mean")[step] + 0.5 * series(
-            out, "train/rewards/tests.rl_rewards:digit_share/mean")[step]
+            out, "train/rewards/digit_share/mean")[step]
         assert series(out, "train/reward")[step] == pytest.approx(want, abs=1e-6)
         assert 0 <= series(out, "train/frac_reward_zero_std")[step] <= 1
         assert 1 <= series(out, "train/completions/mean_length")[step] <= 8
@@ -214,8 +240,12 @@ def test_rl_resumes_exactly_in_the_middle_of_a_reused_batch(tmp_path, tiny_run):
     for k, v in whole["model"].items():
         assert torch.equal(v, split["model"][k]), k
     assert series(tmp_path / "whole", "train/loss") == series(tmp_path / "split", "train/loss")
-    # the reused batch's second step is trained against its first step's log-probs: the ratio moved off 1
-    assert series(tmp_path / "whole", "train/reward")[1] == series(tmp_path / "whole", "train/reward")[2]
+    # steps 1 and 2 train on one batch (its figures logged twice); at step 2 the policy has moved from the weights
+    # that generated it, so the same tokens give another loss and a KL above 0
+    whole = tmp_path / "whole"
+    assert series(whole, "train/reward")[1] == series(whole, "train/reward")[2]
+    assert series(whole, "train/loss")[1] != series(whole, "train/loss")[2]
+    assert series(whole, "train/kl")[1] == 0.0 < series(whole, "train/kl")[2]
 
 
 def test_reward_functions_get_trl_arguments_and_bad_ones_are_named(tmp_path, tiny_run, monkeypatch):
@@ -230,15 +260,21 @@ def test_reward_functions_get_trl_arguments_and_bad_ones_are_named(tmp_path, tin
     assert sorted(call["columns"]) == ["answer", "task"] and len(call["columns"]["answer"]) == 8
     cases = [("tests.no_such_module:f", "cannot import module 'tests.no_such_module'"),
              ("tests.rl_rewards:missing", "has no function 'missing'"),
-             ("tests.rl_rewards:raises_on_count", "raised RuntimeError: cannot score count prompts on prompt index"),
              ("tests.rl_rewards:too_few", "returned 15 values for 16 completions"),
-             ("tests.rl_rewards:not_finite", r"returned nan for completion 0 \(prompt index 0\)")]
+             ("tests.rl_rewards:not_finite", r"returned nan for completion 0 \(the prompt of record \d+ of built-in")]
     for spec, message in cases:
         out = tmp_path / spec.replace(":", "_")
         with pytest.raises(ValueError, match=message):
             rl_run(out, tiny_run, "--train.max_steps=2", "--eval.interval=0", f"--rl.reward={spec}",
                    "--data.synthetic_train=8", "--train.batch_size=4")
         assert checkpoint.latest(out) is None, spec  # no checkpoint written
+    # a function raising on some prompts: the error names the record of the first prompt it fails on alone
+    with pytest.raises(ValueError, match="raised RuntimeError: cannot score count prompts on the prompt of") as e:
+        rl_run(tmp_path / "count", tiny_run, "--train.max_steps=2", "--eval.interval=0", "--data.synthetic_train=8",
+               "--rl.reward=tests.rl_rewards:raises_on_count", "--train.batch_size=4")
+    record = int(re.search(r"the prompt of record (\d+) of built-in synthetic sft data \(train, seed 1337\)",
+                           str(e.value)).group(1))
+    assert make_sft(8, 1337, "train")[record]["task"] == "count"
 
 
 def test_rl_refusals(tmp_path, tiny_run):
@@ -246,6 +282,8 @@ def test_rl_refusals(tmp_path, tiny_run):
         rl_run(tmp_path / "g1", tiny_run, "--rl.num_generations=1")
     with pytest.raises(ValueError, match="is not a reward model"):
         rl_run(tmp_path / "pol", tiny_run, f"--rl.reward_model={tiny_run}")
+    with pytest.raises(ValueError, match="--stage rl needs model.dropout=0"):
+        rl_run(tmp_path / "dropout", tiny_run, "--model.dropout=0.1")
     assert not (tmp_path / "g1").exists()
     assert checkpoint.latest(tmp_path / "pol") is None
 
@@ -281,6 +319,46 @@ def test_rl_against_a_reward_model_and_its_refusals(tmp_path, tiny_run, corpus_d
     with pytest.raises(ValueError, match="its tokenizer .* differs from the policy's"):
         rl_run(tmp_path / "mismatch", tiny_run, f"--rl.reward_model={other_rm}")
     assert checkpoint.latest(tmp_path / "mismatch") is None
+
+
+def test_reward_model_scorer_scores_each_unpadded_sequence_at_its_last_token(tmp_path, tiny_run):
+    rm = tmp_path / "rm"
+    train.main(["--stage", "rm", "--init-from", str(tiny_run), "--out", str(rm), *QUIET, "--train.max_steps=1",
+                "--eval.interval=0", "--data.synthetic_train=8", "--data.synthetic_val=2", "--train.batch_size=4",
+                "--log.tensorboard=false"])
+    tok = load_run(tiny_run).tok
+    scorer = RewardModelScorer(str(rm), tok, 64)
+    scorer.build(torch.device("cpu"), lambda m: m)
+    prompts = [[3, 40, 41, 42, 5], [3, 50, 5]]
+    completions = [[60, 61, END_ID], [70, 71, 72, 73, 74]]  # the second never reached <|end|> (truncated)
+    ro = Rollouts(["a", "b"], ["x", "y"], completions, {}, prompts, ["record 0", "record 1"])
+    got = scorer(ro, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        seq = torch.tensor([p + c])
+        want = scorer.model.scores(seq, torch.tensor([seq.shape[1] - 1]))
+        assert got[row].item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_equal_rewards_give_no_signal_and_batch_scaling_divides_by_the_batch_std(tmp_path, tiny_run):
+    out = tmp_path / "constant"
+    rl_run(out, tiny_run, "--train.max_steps=2", "--eval.interval=0", "--rl.reward=tests.rl_rewards:constant",
+           "--rl.beta=0.5", "--log.tensorboard=false")
+    for step in (1, 2):
+        m = [r for r in metrics(out) if r["step"] == step and "train/loss" in r][0]
+        assert m["train/frac_reward_zero_std"] == 1.0 and m["train/reward_std"] == 0.0
+        assert m["train/reward"] == pytest.approx(0.3)
+        assert m["train/loss"] == pytest.approx(0.5 * m["train/kl"], abs=1e-7)  # advantages 0: only the KL term
+    # --rl.scale_rewards=batch: a batch stopped before its second use keeps its rewards and advantages
+    split = tmp_path / "batch"
+    rl_run(split, tiny_run, "--train.max_steps=2", "--eval.interval=0", "--rl.reward=tests.rl_rewards:digit_share",
+           "--rl.scale_rewards=batch", "--rl.updates_per_batch=2", "--train.stop_after_steps=1",
+           "--log.tensorboard=false")
+    (batch,) = checkpoint.load(split)["loader"]["batches_by_rank"][0]
+    r = batch["rewards"].double()  # (B x G,) groups of 4
+    centred = (r.view(-1, 4) - r.view(-1, 4).mean(1, keepdim=True)).flatten()
+    want = centred / (r.std() + ADVANTAGE_EPS)
+    assert torch.allclose(batch["advantages"].double(), want, atol=1e-5)
+    assert r.std() > 0
 
 
 def test_rl_prompts_from_a_file_with_extra_columns_reach_the_reward(tmp_path, tiny_run, monkeypatch):

@@ -364,6 +364,7 @@ def log_histograms(run: Run, step: int) -> None:
 # ----------------------------------------------------------------------------------------------- the loop's parts
 def save(run: Run, state: RunState, reason: str) -> None:
     msd, osd = full_state(run.model, run.optimizer)  # every rank takes part (FSDP gathers)
+    run.stage.before_save()  # every rank: a stage may gather per-rank loader state for rank 0 to write
     if run.info.is_main:
         scaler = run.scaler.state_dict() if run.scaler.is_enabled() else None
         ckpt = build_checkpoint(state, msd, osd, scaler, run.cfg, run.gcfg, run.tok, world_size=run.info.world_size,

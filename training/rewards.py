@@ -74,11 +74,11 @@ class Rollouts:
     completion_ids: list[list[int]]  # (N,) generated ids up to and including the first <|end|>
     columns: dict[str, list]  # column -> (N,) values of the prompts' other columns
     prompt_ids: list[list[int]]  # (N,) rendered prompt ids (what a reward model reads before the completion)
-    prompt_index: list[int]  # (N,) each completion's global prompt index (named in errors)
+    where: list[str]  # (N,) each completion's prompt record, "record I of FILE" (named in errors)
 
 
 def call_reward(name: str, fn: Callable, r: Rollouts) -> torch.Tensor:
-    """fn's rewards (N,) fp32; ValueError naming the reward (and the prompt, where one can be named) when it raises,
+    """fn's rewards (N,) fp32; ValueError naming the reward (and the prompt record, where one can be named) when it raises,
     returns another number of values, or a value that is not a finite number."""
     try:
         values = fn(prompts=r.prompts, completions=r.completions, completion_ids=r.completion_ids, **r.columns)
@@ -92,11 +92,24 @@ def call_reward(name: str, fn: Callable, r: Rollouts) -> torch.Tensor:
     if len(values) != len(r.completions):
         raise ValueError(f"reward {name!r} returned {len(values)} values for {len(r.completions)} completions "
                          "(one float per completion)")
+    numbers = []
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"reward {name!r} returned {v!r} for completion {i} (prompt index {r.prompt_index[i]}); "
-                             "every reward must be a finite number")
-    return torch.tensor(values, dtype=torch.float32)
+        number = _as_number(v)
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"reward {name!r} returned {v!r} for completion {i} (the prompt of {r.where[i]}); every "
+                             "reward must be a finite number (None, TRL's 'not applicable', is not supported)")
+        numbers.append(number)
+    return torch.tensor(numbers, dtype=torch.float32)
+
+
+def _as_number(v) -> float | None:
+    """A Python, numpy or 0-d tensor number as a float; None for anything else (bools included)."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _failing_prompt(fn: Callable, r: Rollouts) -> str:
@@ -106,7 +119,7 @@ def _failing_prompt(fn: Callable, r: Rollouts) -> str:
             fn(prompts=r.prompts[i:i + 1], completions=r.completions[i:i + 1],
                completion_ids=r.completion_ids[i:i + 1], **{k: v[i:i + 1] for k, v in r.columns.items()})
         except Exception:
-            return f" on prompt index {r.prompt_index[i]} (completion {r.completions[i]!r})"
+            return f" on the prompt of {r.where[i]} (completion {r.completions[i]!r})"
     return ""
 
 
@@ -159,6 +172,11 @@ def reward_names(cfg_reward: str, reward_model: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"--rl.reward names a reward twice: {names}")
     return names
+
+
+def display_name(spec: str) -> str:
+    """The name a reward is logged under (train/rewards/NAME/mean): as TRL, a function's own name."""
+    return spec.partition(":")[2] or spec
 
 
 def reward_weights(text: str, names: list[str]) -> list[float]:

@@ -14,7 +14,9 @@ A stage is one module in training/stages/ holding one Stage subclass, and one li
                                                  reward model), wrapped with env.wrap onto the policy's numeric path
     stage.identity() -> {name: hash}             what every rank must agree on (checked across ranks before training)
     stage.load_state_dict(d) / state_dict()      the loader state a checkpoint holds for exact resume (a stage that
-                                                 reuses generated batches keeps them and their use count here)
+                                                 reuses generated batches keeps them and their use count here);
+    stage.before_save()                          on every rank before rank 0 calls state_dict (RL gathers every
+                                                 rank's generated batch there: rank 0 writes the checkpoint)
     per step, after torch is seeded for the step:
       batches = stage.train_batches(policy, n)   the step's n micro-batches, given the policy (a stage may generate
                                                  them with it here: no gradients, plain module or FSDP's; under
@@ -122,6 +124,9 @@ class Stage:
     def step_logs(self) -> dict[str, float]:
         """Figures of the last step's batches logged as they are (none by default: metrics are per-unit sums)."""
         return {}
+
+    def before_save(self) -> None:
+        """Called on every rank before rank 0 asks for state_dict (a collective may run here); nothing by default."""
 
     def state_dict(self) -> dict:
         return self.train.state_dict()

@@ -39,7 +39,7 @@ from model.generation import generate_rollouts
 from model.gpt import GPT, GPTConfig
 from model.losses import clipped_surrogate, group_advantages, kl_estimate
 from training.config import Config
-from training.distributed import DistInfo, all_reduce
+from training.distributed import DistInfo, all_reduce, gather_objects
 from training.monitor import print0
 from training.rewards import (
     BUILTIN,
@@ -48,6 +48,7 @@ from training.rewards import (
     builtin_reward,
     call_reward,
     completion_text,
+    display_name,
     import_reward,
     reward_names,
     reward_weights,
@@ -94,9 +95,14 @@ class GroupPolicyOptimization:
         logps, entropy = completion_logps(model, batch, self.temperature, entropy=True)
         if "old_logps" not in batch:  # the batch's first update: these weights generated it (ratio exactly 1)
             batch["old_logps"] = logps.detach()
-        surrogate, low, high = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], self.clip_eps)
-        kl = kl_estimate(logps, batch["ref_logps"])  # (N, M)
-        mask = batch["completion_mask"].float()  # (N, M)
+        keep = batch["completion_mask"]  # (N, M)
+        # Padding after a row's end is masked out of the loss; its ratio and KL are pinned to 1 and 0 first, so that
+        # an exp() overflowing there cannot turn into inf * 0 = NaN.
+        old = torch.where(keep, batch["old_logps"], logps.detach())
+        ref = torch.where(keep, batch["ref_logps"], logps.detach())
+        surrogate, low, high = clipped_surrogate(logps, old, batch["advantages"], self.clip_eps)
+        kl = kl_estimate(logps, ref)  # (N, M)
+        mask = keep.float()  # (N, M)
         loss_sum = ((surrogate + self.beta * kl) * mask).sum()
         metrics = {"kl": (kl.detach() * mask).sum(), "entropy": (entropy * mask).sum(),
                    "clip_ratio/low_mean": (low * mask).sum(), "clip_ratio/high_mean": (high * mask).sum(),
@@ -131,8 +137,15 @@ class RLStage(Stage):
         for s in (st, sv):
             print0(f"data: {s['source']}: {s['n_examples']} prompts ({s['n_dropped']} dropped: no room for "
                    f"{r.max_new_tokens} new tokens in {T})")
+        if gcfg.dropout > 0:
+            raise ValueError(f"--stage rl needs model.dropout=0 (got {gcfg.dropout}): the old, new and reference "
+                             "log-probs must come from the same function, or the ratio and KL are not 1 and 0 at the "
+                             "start")
         self.names = reward_names(r.reward, r.reward_model)
         self.weights = reward_weights(r.reward_weights, self.names)
+        labels = [display_name(n) for n in self.names]  # logged names: a function's own, as TRL logs them
+        unique = len(set(labels)) == len(labels)
+        self.labels = dict(zip(self.names, labels if unique else self.names, strict=True))
         self.functions = {n: builtin_reward if n == BUILTIN else import_reward(n)
                           for n in self.names if n != "reward_model"}
         self.scorer = RewardModelScorer(r.reward_model, tok, T) if r.reward_model else None
@@ -141,6 +154,7 @@ class RLStage(Stage):
         self.generation = 0  # generated batches so far
         self.uses = 0  # optimizer steps taken on the current batch
         self.batches: list[dict] | None = None
+        self.gathered: list | None = None  # every rank's batches, gathered by before_save for rank 0's checkpoint
         self.logs: dict[str, float] = {}  # the current batch's per-completion figures (global means)
         self.shown = ""  # a text sample of the current batch
         self.fresh = False  # the last train_batches call generated
@@ -151,6 +165,12 @@ class RLStage(Stage):
         self.reference = None
         # Under FSDP a forward is a collective: every rank must run the same number of decode steps.
         self.fixed_length = cfg.dist.strategy == "fsdp" and info.distributed
+
+    def identity(self) -> dict[str, str]:
+        """The prompts (every rank indexes one global order into them) and the rewards, which every rank must share."""
+        prompts = hashlib.sha256(repr([p.ids for p in self.train_prompts + self.val_prompts]).encode()).hexdigest()
+        rewards = repr((self.names, self.weights, self.cfg.rl.reward_model))
+        return {"rl prompts": prompts[:16], "rl rewards": rewards}
 
     # ------------------------------------------------------------------------------------------ frozen models
     def setup_frozen(self, policy: GPT, env: StageEnv) -> None:
@@ -211,9 +231,9 @@ class RLStage(Stage):
         gen = out.input_ids[:, out.prompt_len:]
         completion_ids = [row[mask].tolist() for row, mask in zip(gen, out.completion_mask, strict=True)]
         self.generated_tokens += int(out.completion_mask.sum())
-        return batch, self.as_rollouts(prompts, index, completion_ids)
+        return batch, self.as_rollouts(prompts, completion_ids)
 
-    def as_rollouts(self, prompts: list[RLPrompt], index: list[int], completion_ids: list[list[int]]) -> Rollouts:
+    def as_rollouts(self, prompts: list[RLPrompt], completion_ids: list[list[int]]) -> Rollouts:
         """What reward functions read, one entry per completion (each prompt's fields repeated G times)."""
         G = len(completion_ids) // len(prompts)
         rows = [p for p in prompts for _ in range(G)]
@@ -223,28 +243,22 @@ class RLStage(Stage):
         names = sorted({k for p in prompts for k in p.columns})
         columns = {k: [p.columns.get(k) for p in rows] for k in names}
         return Rollouts([p.prompt for p in rows], completions, completion_ids, columns, [p.ids for p in rows],
-                        [i for i in index for _ in range(G)])
+                        [p.where for p in rows])
 
     # ------------------------------------------------------------------------------------------ rewards
-    def rewards(self, ro: Rollouts) -> dict[str, torch.Tensor]:
-        """Each reward's values (N,) fp32 on this rank's device."""
-        out = {}
-        for name in self.names:
-            if name == "reward_model":
-                out[name] = self.scorer(ro, self.device, self.autocast)
-            else:
-                out[name] = call_reward(name, self.functions[name], ro).to(self.device)
-        return out
-
     def total(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the rewards, (N,) fp32."""
         return sum(w * values[n] for n, w in zip(self.names, self.weights, strict=True))
 
     def guarded_rewards(self, rollouts: list[Rollouts]) -> list[dict[str, torch.Tensor]]:
-        """Rewards of every micro-batch; a reward that fails on one rank stops every rank (none waits at a
-        collective for it), with the reward's own error on the rank it failed on."""
-        error, values = None, []
+        """Each micro-batch's rewards {name: (N,) fp32}. The functions run first, for every micro-batch; a failure on
+        any rank stops every rank (its own error on the rank it failed on), before the reward model, whose forwards
+        under FSDP are collectives that every rank must run the same number of times."""
+        error, values = None, [{} for _ in rollouts]
         try:
-            values = [self.rewards(ro) for ro in rollouts]
+            for v, ro in zip(values, rollouts, strict=True):
+                for name, fn in self.functions.items():
+                    v[name] = call_reward(name, fn, ro).to(self.device)
         except ValueError as e:
             error = e
         failed = all_reduce(torch.tensor([float(error is not None)], device=self.device), op="max")
@@ -252,7 +266,16 @@ class RLStage(Stage):
             raise error
         if failed.item():
             raise ValueError("a reward failed on another rank (its error is in that rank's output)")
+        if self.scorer is not None:
+            for v, ro in zip(values, rollouts, strict=True):
+                v["reward_model"] = self.scorer(ro, self.device, self.autocast)
         return values
+
+    def global_sums(self, parts: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Named sums added up over ranks (one all-reduce; every rank passes the same names in the same order)."""
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                            for v in parts.values()])
+        return dict(zip(parts, all_reduce(sums).tolist(), strict=True))
 
     def score(self, batches: list[dict], rollouts: list[Rollouts]) -> None:
         """Rewards, advantages and the generation's figures (global means over ranks and micro-batches)."""
@@ -260,16 +283,14 @@ class RLStage(Stage):
         t0 = time.perf_counter()
         values = self.guarded_rewards(rollouts)
         self.timings["scoring"] += time.perf_counter() - t0
-        totals = [self.total(v) for v in values]
-        everything = torch.cat(totals)
-        # sums over ranks: reward, reward^2, completions, then one per reward name
-        sums = torch.stack([everything.sum(), (everything.double() ** 2).sum().float(),
-                            torch.tensor(float(everything.numel()), device=self.device)]
-                           + [torch.cat([v[n] for v in values]).sum() for n in self.names]).double()
-        all_reduce(sums)
-        n_all = sums[2].item()
-        mean = sums[0].item() / n_all
-        batch_std = ((sums[1].item() - n_all * mean**2) / max(n_all - 1, 1)) ** 0.5
+        totals = [self.total(v) for v in values]  # per micro-batch (N,)
+        rewards = torch.cat(totals).double()  # this rank's (n N,)
+        sums = self.global_sums({"reward": rewards.sum(), "completions": float(rewards.numel())}
+                                | {n: torch.cat([v[n] for v in values]).sum() for n in self.names})
+        mean = sums["reward"] / sums["completions"]
+        # the batch's sample std in two passes (a one-pass sum of squares can come out negative in rounding)
+        spread = self.global_sums({"sq": ((rewards - mean) ** 2).sum()})["sq"]
+        batch_std = max(spread / max(sums["completions"] - 1, 1), 0.0) ** 0.5
         group_stds = []
         for batch, total in zip(batches, totals, strict=True):
             batch["advantages"], std = group_advantages(total, r.num_generations, r.scale_rewards, batch_std)
@@ -277,22 +298,19 @@ class RLStage(Stage):
             group_stds.append(std)
         self.logs = self.generation_figures(batches, torch.cat(group_stds), sums)
 
-    def generation_figures(self, batches: list[dict], group_std: torch.Tensor, sums: torch.Tensor
+    def generation_figures(self, batches: list[dict], group_std: torch.Tensor, sums: dict[str, float]
                            ) -> dict[str, float]:
-        lengths = torch.cat([b["completion_mask"].sum(1) for b in batches]).float()  # (N,)
+        """TRL's per-generation figures; group_std (groups,) of this rank, sums: score's global reward sums."""
+        lengths = torch.cat([b["completion_mask"].sum(1) for b in batches]).double()  # (N,)
         ended = torch.cat([(b["completion_mask"] & (b["input_ids"][:, b["prompt_len"]:] == END_ID)).any(1)
-                           for b in batches])
-        local = torch.stack([lengths.sum(), (~ended).float().sum(), group_std.sum(),
-                             (group_std < 1e-6).float().sum(), torch.tensor(float(len(group_std)),
-                                                                            device=self.device)]).double()
-        all_reduce(local)
-        n_all, groups = sums[2].item(), local[4].item()
-        logs = {"reward": sums[0].item() / n_all, "reward_std": local[2].item() / groups,
-                "completions/mean_length": local[0].item() / n_all,
-                "completions/clipped_ratio": local[1].item() / n_all,
-                "frac_reward_zero_std": local[3].item() / groups}
-        logs |= {f"rewards/{n}/mean": sums[3 + i].item() / n_all for i, n in enumerate(self.names)}
-        return logs
+                           for b in batches])  # (N,) a completion that reached <|end|>
+        g = self.global_sums({"length": lengths.sum(), "clipped": (~ended).sum(), "std": group_std.sum(),
+                              "zero_std": (group_std < 1e-6).sum(), "groups": float(len(group_std))})
+        n = sums["completions"]
+        logs = {"reward": sums["reward"] / n, "reward_std": g["std"] / g["groups"],
+                "completions/mean_length": g["length"] / n, "completions/clipped_ratio": g["clipped"] / n,
+                "frac_reward_zero_std": g["zero_std"] / g["groups"]}
+        return logs | {f"rewards/{self.labels[name]}/mean": sums[name] / n for name in self.names}
 
     def step_logs(self) -> dict[str, float]:
         return self.logs
@@ -313,30 +331,43 @@ class RLStage(Stage):
             total += N * T * per_token
         return total
 
+    def before_save(self) -> None:
+        """Every rank's current batch to every rank (rank 0 writes them all): a resumed run continues on its own."""
+        reused = self.batches is not None and self.uses < self.cfg.rl.updates_per_batch
+        mine = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches] if reused \
+            else None
+        self.gathered = gather_objects(mine)
+
     def state_dict(self) -> dict:
-        """The prompt stream, the generation counter and the current batch with its use count: a resumed run
-        continues on the same batch, generated by weights it no longer holds."""
-        batches = None if self.batches is None else [
-            {k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches]
+        """The prompt stream, the generation counter, and a batch still to be reused (every rank's, with its use
+        count): a resumed run continues on the same batch, generated by weights it no longer holds."""
         return {"stream": self.stream.state_dict(), "generation": self.generation, "uses": self.uses,
-                "batches": batches, "logs": dict(self.logs), "shown": self.shown}
+                "batches_by_rank": self.gathered, "logs": dict(self.logs), "shown": self.shown}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.generation, self.uses = int(state["generation"]), int(state["uses"])
         self.logs, self.shown = dict(state["logs"]), state["shown"]
-        self.batches = None if state["batches"] is None else [
-            {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in state["batches"]]
+        by_rank = state["batches_by_rank"] or [None]
+        if by_rank[0] is None:  # the last batch was used up: the next step generates
+            self.batches, self.uses = None, self.cfg.rl.updates_per_batch
+            return
+        if len(by_rank) != self.info.world_size:
+            raise ValueError(f"this RL checkpoint was saved by {len(by_rank)} processes in the middle of a batch used "
+                             f"for rl.updates_per_batch={self.cfg.rl.updates_per_batch} steps; resume it on "
+                             f"{len(by_rank)} processes (this launch has {self.info.world_size})")
+        self.batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+                        for b in by_rank[self.info.rank]]
 
     # ------------------------------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self, model, autocast, info: DistInfo, full: bool = False) -> dict[str, float]:
-        """Greedy completions of every held-out prompt (this rank's share): exact match and reward."""
-        tasks = sorted({str(p.columns.get("task")) for p in self.val_prompts if p.columns.get("task") is not None})
+        """Greedy completions of every held-out prompt (this rank's share): exact match, per task, and reward."""
+        tasks = sorted({str(p.columns["task"]) for p in self.val_prompts if p.columns.get("task") is not None})
         rows = self.cfg.train.batch_size * self.cfg.rl.num_generations
         pad_to = max(len(p.ids) for p in self.val_prompts)
-        # sums: right, reward, count, then per task (right, count), then one per reward name
-        sums = torch.zeros(3 + 2 * len(tasks) + len(self.names), dtype=torch.float64, device=self.device)
+        parts = dict.fromkeys(["right", "reward", "count"] + [f"{k}/{t}" for t in tasks for k in ("right", "count")]
+                              + self.names, 0.0)
         for idx in eval_shares(len(self.val_prompts), rows, info.rank, info.world_size):
             prompts = [self.val_prompts[i] for i in idx] or self.val_prompts[:1]  # an idle rank's stand-in
             with autocast:
@@ -344,28 +375,32 @@ class RLStage(Stage):
                                         torch.zeros(len(prompts), dtype=torch.long, device=self.device), END_ID,
                                         PAD_ID, fixed_length=self.fixed_length, pad_to=pad_to)
             gen = out.input_ids[:, out.prompt_len:]
-            completion_ids = [row[mask].tolist() for row, mask in zip(gen, out.completion_mask, strict=True)]
-            ro = self.as_rollouts(prompts, idx or [0], completion_ids)
+            ro = self.as_rollouts(prompts, [row[m].tolist() for row, m in zip(gen, out.completion_mask, strict=True)])
             values = self.guarded_rewards([ro])[0]  # every rank scores (a reward model under FSDP: a collective)
-            if not idx:
-                continue
-            right = torch.tensor([float(answer_matches(completion_text(c), str(p.columns.get("answer"))))
-                                  for c, p in zip(ro.completions, prompts, strict=True)], dtype=torch.float64)
-            row = [right.sum(), self.total(values).double().sum().cpu(), torch.tensor(float(len(idx)))]
-            for t in tasks:
-                of_t = torch.tensor([str(p.columns.get("task")) == t for p in prompts])
-                row += [right[of_t].sum(), of_t.sum()]
-            row += [values[n].double().sum().cpu() for n in self.names]
-            sums += torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in row]).to(self.device)
-        all_reduce(sums)
-        n = max(sums[2].item(), 1)
-        figures = {"reward": sums[1].item() / n}
+            if idx:
+                self.add_validation_sums(parts, prompts, ro, values, tasks)
+        sums = self.global_sums(parts)
+        n = max(sums["count"], 1)
+        figures = {"reward": sums["reward"] / n}
         if any(p.columns.get("answer") is not None for p in self.val_prompts):
-            figures["accuracy"] = sums[0].item() / n
-        for j, t in enumerate(tasks):
-            figures[f"accuracy/{t}"] = sums[3 + 2 * j].item() / max(sums[4 + 2 * j].item(), 1)
-        figures |= {f"rewards/{name}": sums[3 + 2 * len(tasks) + i].item() / n for i, name in enumerate(self.names)}
-        return figures
+            figures["accuracy"] = sums["right"] / n
+        figures |= {f"accuracy/{t}": sums[f"right/{t}"] / max(sums[f"count/{t}"], 1) for t in tasks}
+        return figures | {f"rewards/{self.labels[name]}": sums[name] / n for name in self.names}
+
+    def add_validation_sums(self, parts: dict, prompts: list[RLPrompt], ro: Rollouts, values: dict, tasks: list[str]
+                            ) -> None:
+        """Add one validation batch's exact matches, rewards and counts (overall and per task) to parts."""
+        right = [float(answer_matches(completion_text(c), str(p.columns.get("answer"))))
+                 for c, p in zip(ro.completions, prompts, strict=True)]
+        parts["right"] += sum(right)
+        parts["reward"] += self.total(values).double().sum().item()
+        parts["count"] += len(prompts)
+        for ok, p in zip(right, prompts, strict=True):
+            if p.columns.get("task") is not None:
+                parts[f"right/{p.columns['task']}"] += ok
+                parts[f"count/{p.columns['task']}"] += 1
+        for name in self.names:
+            parts[name] += values[name].double().sum().item()
 
     def describe(self, ro: Rollouts, batch: dict) -> str:
         """The first group of a batch: its prompt, then each completion with its reward and advantage."""
