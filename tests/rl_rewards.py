@@ -45,3 +45,8 @@ def fails_on_rank1(prompts, completions, **columns):
     if os.environ.get("RANK") == "1":
         raise RuntimeError("rank 1 cannot score")
     return [0.0] * len(completions)
+
+
+def odd_first_token(prompts, completions, completion_ids, **columns):
+    """1 when the first generated token id is odd: a reward that varies within groups sampled from any model."""
+    return [float(ids[0] % 2) for ids in completion_ids]

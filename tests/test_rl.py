@@ -230,7 +230,7 @@ def test_rl_run_logs_grpo_metrics_starts_at_kl_zero_and_saves(tmp_path, tiny_run
 
 
 def test_rl_resumes_exactly_in_the_middle_of_a_reused_batch(tmp_path, tiny_run):
-    args = ["--train.max_steps=4", "--eval.interval=0", "--rl.updates_per_batch=2", "--rl.reward=tests.rl_rewards:digit_share",
+    args = ["--train.max_steps=4", "--eval.interval=0", "--rl.updates_per_batch=2", "--rl.reward=tests.rl_rewards:odd_first_token",
             "--train.lr=1e-2", "--log.tensorboard=false"]
     rl_run(tmp_path / "whole", tiny_run, *args)
     rl_run(tmp_path / "split", tiny_run, *args, "--train.stop_after_steps=3")  # stops after the first use of batch 2
@@ -350,7 +350,7 @@ def test_equal_rewards_give_no_signal_and_batch_scaling_divides_by_the_batch_std
         assert m["train/loss"] == pytest.approx(0.5 * m["train/kl"], abs=1e-7)  # advantages 0: only the KL term
     # --rl.scale_rewards=batch: a batch stopped before its second use keeps its rewards and advantages
     split = tmp_path / "batch"
-    rl_run(split, tiny_run, "--train.max_steps=2", "--eval.interval=0", "--rl.reward=tests.rl_rewards:digit_share",
+    rl_run(split, tiny_run, "--train.max_steps=2", "--eval.interval=0", "--rl.reward=tests.rl_rewards:odd_first_token",
            "--rl.scale_rewards=batch", "--rl.updates_per_batch=2", "--train.stop_after_steps=1",
            "--log.tensorboard=false")
     (batch,) = checkpoint.load(split)["loader"]["batches_by_rank"][0]
