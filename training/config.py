@@ -184,11 +184,10 @@ class RLSection:
     num_generations: int = option(8, "completions sampled per prompt (a group; at least 2)")
     max_new_tokens: int = option(24, "tokens generated per completion at most")
     temperature: float = option(1.0, "sampling temperature; log-probs (old, new, reference) use the same scaled logits")
-    reward: str = option("", "comma-separated rewards: builtin (exact match), package.module:function (TRL's "
-                             "reward-function signature); '' = builtin, or reward_model alone when one is given")
-    reward_weights: str = option("", "comma-separated weights of the rewards (reward order, reward_model last); '' = 1 each")
-    reward_model: str = option("", "a --stage rm run folder scoring the completions (replaces builtin unless both named)")
-    scale_rewards: str = option("group", "advantages (r - group mean) / (std + 1e-4): group std, batch std, or none",
+    reward: str = option("", "builtin, package.module:function (TRL's signature), comma-separated ('' = builtin)")
+    reward_weights: str = option("", "weights of the rewards, reward_model last ('' = 1 each)")
+    reward_model: str = option("", "a --stage rm run scoring the completions (replaces builtin unless both named)")
+    scale_rewards: str = option("group", "(r - group mean) / (std + 1e-4): the group's, the batch's or 1",
                                 ("group", "batch", "none"))
     beta: float = option(0.04, "weight of the per-token KL estimate exp(r - p) - (r - p) - 1 to the reference")
     clip_eps: float = option(0.2, "clip of the ratio to the policy that generated the batch: [1 - eps, 1 + eps]")
@@ -200,7 +199,7 @@ class Config:
     """the stage, the run folder and where the run starts"""
 
     # choices: the stage table (training/stages/__init__.py:STAGES), read through choices("stage")
-    stage: str = option("pretrain", "sft, dpo, rm and rl fine-tune the run given with --init-from")
+    stage: str = option("pretrain", "all but pretrain fine-tune the --init-from run")
     out: str = option("runs/default", "run folder")
     init_from: str = option("", "run folder to start from (weights, model config, tokenizer); fresh optimizer")
     resume: bool = option(False, "continue from the newest complete checkpoint in `out` (highest step)")
