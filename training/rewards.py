@@ -11,7 +11,8 @@
                                          right-padded with <|pad|>) at the completion's last token
 Several are named with commas and weighted with --rl.reward_weights (in that order, the reward model last); the total
 is the weighted sum. --rl.reward='' (the default) means builtin, or, when --rl.reward_model is given, the reward
-model alone (it replaces the built-in reward); `--rl.reward=builtin --rl.reward_model=RUN` keeps both. Each reward's mean is logged as rewards/NAME/mean.
+model alone (it replaces the built-in reward); `--rl.reward=builtin --rl.reward_model=RUN` keeps both. Each
+reward's mean is logged as rewards/NAME/mean (NAME: a function's own name, or `builtin`, `reward_model`).
 
 A reward function is code the user names on the command line, imported as any Python module; nothing from a run
 folder is ever imported (a reward model's checkpoint is read with the restricted unpickler: weights only).
@@ -78,8 +79,8 @@ class Rollouts:
 
 
 def call_reward(name: str, fn: Callable, r: Rollouts) -> torch.Tensor:
-    """fn's rewards (N,) fp32; ValueError naming the reward (and the prompt record, where one can be named) when it raises,
-    returns another number of values, or a value that is not a finite number."""
+    """fn's rewards (N,) fp32; ValueError naming the reward (and the prompt's record, where one can be named) when
+    it raises, returns another number of values, or a value that is not a finite number."""
     try:
         values = fn(prompts=r.prompts, completions=r.completions, completion_ids=r.completion_ids, **r.columns)
     except Exception as e:
@@ -113,7 +114,8 @@ def _as_number(v) -> float | None:
 
 
 def _failing_prompt(fn: Callable, r: Rollouts) -> str:
-    """' on prompt index K' for the first completion fn raises on when called alone, or '' if none does."""
+    """' on the prompt of record I of FILE (completion ...)' for the first completion fn raises on when called
+    alone, or '' if none does."""
     for i in range(len(r.completions)):
         try:
             fn(prompts=r.prompts[i:i + 1], completions=r.completions[i:i + 1],
