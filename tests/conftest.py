@@ -90,3 +90,30 @@ def tiny_run(tmp_path_factory, corpus_dir) -> Path:
     main(["--data", str(corpus_dir), "--out", str(out), "--train.max_steps=150", "--eval.interval=50",
           "--ckpt.interval=150", *TINY_ARGS])
     return out
+
+
+def assert_resumes_exactly(run, tmp_path: Path, args: list[str], stop_after: int) -> Path:
+    """run(out, *args) uninterrupted into tmp_path/whole, and stopped after `stop_after` steps into tmp_path/split
+    then resumed: the same last step, bitwise the same weights, the same logged training losses. Returns whole."""
+    import json
+
+    import torch
+
+    from train import main
+    from training import checkpoint
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(whole, *args)
+    run(split, *args, f"--train.stop_after_steps={stop_after}")
+    main(["--out", str(split), "--resume"])
+    a, b = checkpoint.load(whole), checkpoint.load(split)
+    assert a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    assert losses(whole) == losses(split)
+    return whole

@@ -17,7 +17,7 @@ from data.tokenizer import END_ID, PAD_ID
 from model.generation import generate_rollouts
 from model.gpt import GPT, GPTConfig
 from model.losses import ADVANTAGE_EPS, clipped_surrogate, group_advantages, kl_estimate
-from tests.conftest import TINY_ARGS
+from tests.conftest import TINY_ARGS, assert_resumes_exactly
 from training import checkpoint
 from training.load import load_run
 from training.rewards import RewardModelScorer, Rollouts
@@ -232,17 +232,11 @@ def test_rl_run_logs_grpo_metrics_starts_at_kl_zero_and_saves(tmp_path, tiny_run
 def test_rl_resumes_exactly_in_the_middle_of_a_reused_batch(tmp_path, tiny_run):
     args = ["--train.max_steps=4", "--eval.interval=0", "--rl.updates_per_batch=2", "--rl.reward=tests.rl_rewards:odd_first_token",
             "--train.lr=1e-2", "--log.tensorboard=false"]
-    rl_run(tmp_path / "whole", tiny_run, *args)
-    rl_run(tmp_path / "split", tiny_run, *args, "--train.stop_after_steps=3")  # stops after the first use of batch 2
-    train.main(["--out", str(tmp_path / "split"), "--resume"])
-    whole, split = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
-    assert whole["step"] == split["step"] == 4
-    for k, v in whole["model"].items():
-        assert torch.equal(v, split["model"][k]), k
-    assert series(tmp_path / "whole", "train/loss") == series(tmp_path / "split", "train/loss")
+    # stopped after the first use of the second batch
+    whole = assert_resumes_exactly(lambda out, *a: rl_run(out, tiny_run, *a), tmp_path, args, stop_after=3)
+    assert checkpoint.load(whole)["step"] == 4
     # steps 1 and 2 train on one batch (its figures logged twice); at step 2 the policy has moved from the weights
     # that generated it, so the same tokens give another loss and a KL above 0
-    whole = tmp_path / "whole"
     assert series(whole, "train/reward")[1] == series(whole, "train/reward")[2]
     assert series(whole, "train/loss")[1] != series(whole, "train/loss")[2]
     assert series(whole, "train/kl")[1] == 0.0 < series(whole, "train/kl")[2]

@@ -17,6 +17,7 @@ from data.reward import RatedCompletion, RewardBatcher, RewardPair, load_reward_
 from data.synthetic import make_ratings, partial_credit
 from data.tokenizer import END_ID, PAD_ID
 from model import GPT, GPTConfig, RewardModel, bradley_terry_loss, score_mse
+from tests.conftest import assert_resumes_exactly
 from training import checkpoint
 from training.load import load_run
 
@@ -249,14 +250,8 @@ def test_rm_on_builtin_pairs_logs_its_metrics_and_saves_a_reward_model(tmp_path,
 def test_rm_resumes_exactly(tmp_path, tiny_run):
     args = ["--train.max_steps=4", "--eval.interval=0", "--data.synthetic_train=32", "--data.synthetic_val=4",
             "--train.batch_size=4", "--train.precision=fp32"]
-    rm_run(tmp_path / "whole", tiny_run, *args)
-    rm_run(tmp_path / "split", tiny_run, *args, "--train.stop_after_steps=2")
-    train.main(["--out", str(tmp_path / "split"), "--resume"])
-    whole, split = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
-    assert whole["step"] == split["step"] == 4
-    for k, v in whole["model"].items():
-        assert torch.equal(v, split["model"][k]), k
-    assert series(tmp_path / "whole", "train/loss") == series(tmp_path / "split", "train/loss")
+    whole = assert_resumes_exactly(lambda out, *a: rm_run(out, tiny_run, *a), tmp_path, args, stop_after=2)
+    assert checkpoint.load(whole)["step"] == 4
 
 
 def test_rm_learns_a_separable_toy_from_pairs_and_from_ratings(tmp_path, tiny_run):
