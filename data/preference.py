@@ -32,7 +32,15 @@ from typing import Any, NamedTuple
 import torch
 
 from data.chat import IGNORE_INDEX, render, render_prompt, to_example
-from data.sft import ExampleStream, as_messages, check_rank, load_records, present_fields, record_to_messages
+from data.sft import (
+    ExampleStream,
+    as_messages,
+    check_rank,
+    load_records,
+    present_fields,
+    record_error,
+    record_to_messages,
+)
 from data.sources import normalize_split
 from data.tokenizer import PAD_ID
 
@@ -106,7 +114,7 @@ def load_preferences(source: str | os.PathLike, split: str, tok: Any, block_size
                     raise ValueError(f"{name!r} has no assistant message (roles {[m['role'] for m in completion]})")
                 sides.append(to_example(*render_pair_side(prompt, completion, tok), block_size))
         except ValueError as e:
-            raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
+            raise record_error(e, where) from None
         if sides[0] is not None and sides[1] is not None:
             examples.append(PreferenceExample(*sides[0], *sides[1]))
             kept.append(i)

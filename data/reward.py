@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from data.preference import record_to_pair, render_pair_side
-from data.sft import ExampleStream, as_messages, check_rank, load_records, present_fields
+from data.sft import ExampleStream, as_messages, check_rank, load_records, present_fields, record_error
 from data.sources import normalize_split
 from data.tokenizer import END_ID, PAD_ID
 
@@ -110,7 +110,7 @@ def load_reward_data(kind: str, source: str | os.PathLike, split: str, tok: Any,
         try:
             ex = parse(record, where, tok)
         except ValueError as e:
-            raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
+            raise record_error(e, where) from None
         if _length(ex) <= block_size:
             examples.append(ex)
             kept.append(i)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from data.chat import render_prompt
 from data.preference import prompt_and_reference
-from data.sft import as_messages, load_records, present_fields
+from data.sft import as_messages, load_records, present_fields, record_error
 from data.sources import normalize_split
 
 
@@ -62,7 +62,7 @@ def load_rl_prompts(source: str | os.PathLike, split: str, tok: Any, block_size:
             given, messages, columns = record_to_prompt(record, where)
             ids = render_prompt(messages, tok)
         except ValueError as e:
-            raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
+            raise record_error(e, where) from None
         if len(ids) + max_new_tokens <= block_size:
             prompts.append(RLPrompt(ids, given, columns, where))
     n_dropped = len(records) - len(prompts)

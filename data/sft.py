@@ -173,6 +173,11 @@ def _split_label(path: Path | None, split_name: str, label: str) -> str:
     return f"split {split_name!r} of {label}"
 
 
+def record_error(e: ValueError, where: str) -> ValueError:
+    """e as an error that starts with `where` ("record I of FILE"), once: a message that names it already is kept."""
+    return ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}")
+
+
 def present_fields(record: dict) -> list[str]:
     """The keys of a record that carry a value (``datasets`` fills absent keys of mixed files with None)."""
     return sorted(k for k, v in record.items() if v is not None)
@@ -221,7 +226,7 @@ def load_sft(source: str | os.PathLike, split: str, tok: Any, block_size: int, s
         try:
             ids, mask = render(record_to_messages(record, where), tok)
         except ValueError as e:
-            raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
+            raise record_error(e, where) from None
         ex = to_example(ids, mask, block_size)
         if ex is not None:
             examples.append(SFTExample(*ex))
