@@ -53,10 +53,10 @@ def lm_figures(model, batches: Iterable, byte_lengths: torch.Tensor | None, auto
     nats, tokens, text_nats, nbytes = all_reduce(sums).tolist()
     if tokens == 0:
         raise ValueError("validation scored no tokens")
-    figures = {"loss": nats / tokens, "perplexity": math.exp(min(nats / tokens, 700)), "tokens": tokens}
+    figures = {"loss": nats / tokens, "perplexity": math.exp(min(nats / tokens, 700)), "tokens": int(tokens)}
     if byte_lengths is not None:
         figures["bpb"] = text_nats / (math.log(2) * nbytes)
-        figures["bytes"] = nbytes
+        figures["bytes"] = int(nbytes)
     return figures
 
 

@@ -35,7 +35,7 @@ from training.health import activation_hooks, block_grad_norms, update_ratios
 from training.monitor import Monitor, Throughput, fmt_duration, print0
 from training.optim import build_optimizer, lr_factor, set_lr
 from training.precision import autocast_ctx, resolve_precision
-from training.run_folder import check_global_batch, check_run_dir, write_run_files
+from training.run_folder import check_global_batch, check_run_dir, config_summary, write_run_files
 from training.run_state import RunState, build_checkpoint
 from training.runinfo import measure_peak_flops
 from training.stages import STAGES, Stage, StageEnv
@@ -194,8 +194,7 @@ def setup(cfg: Config, info: DistInfo, stop: StopSignal, inputs: Inputs) -> tupl
     except (ValueError, FileNotFoundError) as e:
         identity, failure = {}, e
     distributed.check_same_everywhere(identity, failure)
-    print0(f"gptrain | stage {cfg.stage} | out {cfg.out} | device {device} | precision {precision}")
-    print0(to_toml(cfg))
+    print0(config_summary(cfg, gcfg, device, precision))
     raw = build_policy(cfg, gcfg, device, resumed, start)
     # The exact checkpoint file this run started from: recorded in every checkpoint, and where a resumed run finds
     # its starting weights (a reference; the run folder named by init_from may have moved on since).
@@ -382,7 +381,7 @@ def validate(run: Run, state: RunState, budget: TimeBudget | None, final: bool =
     if budget is not None:
         budget.validation_took(time.perf_counter() - t0)
     run.monitor.scalars(state.step, {f"val/{k}": v for k, v in figures.items()})
-    print0("val " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    print0("val " + " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in figures.items()))
     return figures
 
 

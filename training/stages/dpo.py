@@ -101,7 +101,7 @@ def preference_figures(model, objective, batches: list[dict], autocast, split: s
     model.train(was_training)
     all_reduce(sums)
     n = max(sums[-1].item(), 1)
-    return {name: sums[i].item() / n for i, name in enumerate(names)} | {"pairs": sums[-1].item()}
+    return {name: sums[i].item() / n for i, name in enumerate(names)} | {"pairs": int(sums[-1].item())}
 
 
 class DPOStage(Stage):
