@@ -6,8 +6,14 @@
     python scripts/evaluate.py runs/dpo --preference-data prefs.jsonl --reference runs/sft --tensorboard
     torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data prepared/fineweb       # a prepared folder (its val)
     python scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 1e7  # streamed, capped
+    python scripts/evaluate.py runs/sft --choices sums.jsonl --chat --json mc.json       # multiple choice, chat format
 
-What is measured, on the validation split of each source (--split train|all for others):
+Which part of a source: the validation split of the run's own data (the same source and, for a pre-training run, the
+same prepared-data hash as the run recorded; the run's own preparation in the cache is reused), of chat and of
+preference data; a text source the run did not train on is scored whole (train+val splits). --split val|train|all
+narrows or widens that on purpose. The output's data label says what was scored.
+
+What is measured:
   text        val_loss (nats per target token), perplexity, bits_per_byte = summed nats of the text targets / (ln 2 x
               their UTF-8 bytes; special tokens such as <|endoftext|>, 0 bytes, are left out of both sums: the
               trainer's definition, training/evaluation.py), tokens, bytes. Blocks of block_size tokens, as the
@@ -21,6 +27,21 @@ What is measured, on the validation split of each source (--split train|all for 
               chosen - rejected reward) against --reference (default: the checkpoint the run started from; beta and
               loss type from the run's [dpo] config), and without a reference: logp_accuracy, logp_margin (the
               completion log-probs of the model alone).
+  choices     on --choices FILE.jsonl, records {"question" (or "context"), "choices": [...], "answer": index}:
+              each choice scored by its summed log-prob given the context, all (record, choice) pairs in one batched
+              pass, contexts cut from the left to the model's context (never the choice). mc_accuracy (the highest
+              log-prob is the answer), mc_accuracy_norm (log-prob divided by the choice's length in characters: the
+              harness's acc_norm), mc_accuracy_bytes (divided by its UTF-8 bytes: acc_bytes); a tie goes to the first
+              choice; mc_loglikelihoods holds every choice's log-prob, record by record. The conventions are those of
+              lm-evaluation-harness (data/choices.py), so its figures on the exported model are the same:
+                plain (default)  the continuation is " " + choice after the context (its default target_delimiter),
+                                 the context's trailing whitespace moved into the continuation, the pair encoded
+                                 whole and split at the length of the encoded context;
+                --chat           the context as a user turn followed by <|assistant|>, the choice scored with no
+                                 delimiter and no closing <|end|> (lm_eval --apply_chat_template).
+              A chat-tuned run scored without --chat prints a hint. With --choices alone only multiple choice is
+              measured. A bad record (not JSON, a missing key, no choices, an empty choice, an answer index out of
+              range) is an error naming the file and the record, before any model work.
 Sources: --data SOURCE is sorted by its fields (`text`-like -> text, chat records -> chat, pairs -> preference;
 `synthetic` is the built-in chat task, or its preference pairs for a DPO run); --chat-data / --preference-data name the
 kind explicitly (`--preference-data synthetic` for the built-in pairs). Without any of them the run's own
@@ -31,7 +52,7 @@ reward_mse (against the ratings, standardised as in training when the run was), 
 
 Output: a table on the console, --json FILE with every figure and what it was measured on (checkpoint, step, data =
 {kind: source and split}, tokens, bytes, examples, pairs, reference), --tensorboard adds the figures to the run's TensorBoard and
-metrics.jsonl under eval/ at the checkpoint's step. Under torchrun the text blocks, chat items and pairs are split
+metrics.jsonl under eval/ at the checkpoint's step. Under torchrun the text blocks, chat items, pairs and choices are split
 across ranks and the sums reduced, so figures equal the single-process ones; rank 0 prints and writes.
 """
 
@@ -50,6 +71,7 @@ from tqdm.auto import tqdm
 
 from data import shards
 from data.chat import render_prompt
+from data.choices import ChoiceRecord, encode_pairs, load_choices, mc_accuracies
 from data.preference import PreferenceBatcher, load_preferences, prompt_and_reference
 from data.prepare import preparation_key, prepare, read_manifest
 from data.reward import RewardBatcher, load_reward_data, score_stats, standardize_scores
@@ -125,7 +147,7 @@ def plan(args, run: LoadedRun) -> dict[str, str]:
             if kind in todo:
                 raise ValueError(f"--data {args.data} is {kind} data and --{kind}-data is given too: give one")
             todo[kind] = source
-    if not todo:
+    if not todo and not args.choices:  # --choices alone: only multiple choice
         if run.ckpt.get("imported_from"):
             raise ValueError(f"{run.ckpt['path']} was imported from {run.ckpt['imported_from']} and has no data of its "
                              "own: give --data, --chat-data or --preference-data")
@@ -136,13 +158,33 @@ def plan(args, run: LoadedRun) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- measurements
-def text_data(run: LoadedRun, source: str, splits: tuple[str, ...], args, info) -> shards.PreparedData:
-    """The prepared data to score: a prepared folder (--data DIR) as it is; the run's own preparation from the cache
-    when the source is the run's and it is there; else the splits asked for, prepared into the cache with
-    --max-tokens as the cap of the first of them while reading (a Hub stream is read only that far)."""
+def recorded_data_hash(run: LoadedRun) -> str | None:
+    """The hash of the prepared data a pre-training run trained on, as its checkpoint records it (else None)."""
+    loader = run.ckpt.get("loader")
+    return loader.get("data_hash") if isinstance(loader, dict) else None
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two --data strings name the same source: the same string, or paths to the same file or folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def text_splits(split: str | None, own: bool) -> tuple[str, ...]:
+    """--split, or by default the validation split of the run's own data and all of any other source."""
+    return SPLITS[split or ("val" if own else "all")]
+
+
+def text_data(run: LoadedRun, source: str, args, info) -> tuple[shards.PreparedData, bool]:
+    """The prepared data to score, and whether it is the data the run trained on (the same source and, where the run
+    recorded it, the same prepared-data hash). A prepared folder (--data DIR) is used as it is; the run's own source
+    is prepared as the trainer did (its cache, when there, is reused; a local source is prepared again when it is
+    not, to check its hash); any other source gets the splits to score prepared into the cache with --max-tokens as
+    the cap of the first of them while reading (a Hub stream is read only that far)."""
     cfg, d = run.cfg, run.cfg.data
+    recorded = recorded_data_hash(run)
     if shards.is_prepared_dir(source):
         data = shards.open_prepared(source)
+        own = data.hash == recorded if recorded else same_source(source, d.source)
     else:
         if info.nodes > 1:  # each machine would prepare its own copy; the first done would wait in a collective
             raise ValueError(f"--data {source}: under a torchrun of {info.nodes} nodes give a prepared folder "
@@ -152,15 +194,25 @@ def text_data(run: LoadedRun, source: str, splits: tuple[str, ...], args, info) 
         settings = dict(text_column=args.text_column, val_fraction=d.val_fraction, max_tokens=d.max_tokens,
                         max_docs=d.max_docs, chunk_tokens=d.chunk_tokens)
         out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
-        own_key = preparation_key(source, run.tok, SOURCE_SPLITS, **settings)
-        if not (source == d.source and _complete(out, own_key)):  # the run's own preparation, when it is there
-            settings = dict(splits=splits, text_column=args.text_column, val_fraction=d.val_fraction,
-                            max_tokens=args.max_tokens, chunk_tokens=d.chunk_tokens)
+        own = same_source(source, d.source)
+        # the run's own preparation: from the cache, or prepared again for a local source (a Hub stream is not read
+        # whole only to compare hashes: its name stands for its content, as in the data pipeline)
+        if own and (_complete(out, preparation_key(source, run.tok, SOURCE_SPLITS, **settings))
+                    or (recorded and parse_source(source).is_local)):
+            prepare(out_dir=out, **common, **settings)
+            data = shards.open_prepared(out)
+            own = recorded is None or data.hash == recorded
+        else:
+            settings = dict(splits=text_splits(args.split, own), text_column=args.text_column,
+                            val_fraction=d.val_fraction, max_tokens=args.max_tokens, chunk_tokens=d.chunk_tokens)
             out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
-        prepare(out_dir=out, **common, **settings)
-        data = shards.open_prepared(out)
+            prepare(out_dir=out, **common, **settings)
+            data = shards.open_prepared(out)
     data.check_tokenizer(run.tok, f"the run {run.ckpt['path']}")
-    return data
+    if recorded and not own and same_source(source, d.source):
+        print0(f"data: {source} is not what the run trained on (prepared data {data.hash[:16]}, the run's "
+               f"{recorded[:16]})")
+    return data, own
 
 
 def _complete(out: Path, key: dict) -> bool:
@@ -171,9 +223,10 @@ def _complete(out: Path, key: dict) -> bool:
 def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     """Loss, perplexity, bits per byte over the source's blocks (the trainer's validation, without a token cap)."""
     T = run.gcfg.block_size
-    data = text_data(run, source, SPLITS[args.split], args, info)
+    data, own = text_data(run, source, args, info)
+    splits = text_splits(args.split, own)
     parts, n_batches = [], 0
-    for split in SPLITS[args.split]:
+    for split in splits:
         chunks = data.chunks(split)
         mine = len(range(info.rank, shards.count_eval_blocks(chunks, T, args.max_tokens or None), info.world_size))
         parts.append(chunks)
@@ -190,9 +243,18 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     f = lm_figures(run.model, bar, byte_lengths, run.autocast)
     figures = {"val_loss": f["loss"], "perplexity": f["perplexity"], "bits_per_byte": f["bpb"],
                "tokens": int(f["tokens"]), "bytes": int(f["bytes"])}
-    label = f"{source} ({'+'.join(SPLITS[args.split])} split{'s' if args.split == 'all' else ''}"
-    each = " of each" if args.split == "all" else ""
-    return figures, label + (f", first {args.max_tokens} tokens{each})" if args.max_tokens else ")")
+    return figures, f"{source} ({text_label(splits, own, args.max_tokens)})"
+
+
+def text_label(splits: tuple[str, ...], own: bool, max_tokens: int) -> str:
+    """What of a text source was scored: "val split", "train+val splits, first 1000 tokens of each", and for a
+    source the run did not train on (scored whole by default) "whole (train+val splits); not the run's data"."""
+    label = f"{'+'.join(splits)} split{'s' if len(splits) > 1 else ''}"
+    if max_tokens:
+        label += f", first {max_tokens} tokens" + (" of each" if len(splits) > 1 else "")
+    elif not own and splits == SOURCE_SPLITS:
+        label = f"whole ({label})"
+    return label + ("" if own else "; not the run's data")
 
 
 def check_synthetic_flags(source: str, args) -> None:
@@ -213,7 +275,7 @@ def synthetic_draw(run: LoadedRun, split: str, args) -> tuple[int, int]:
 def _records(source: str, kind: str, args, run: LoadedRun) -> tuple[list[tuple[int, dict]], str]:
     check_synthetic_flags(source, args)
     out, labels = [], []
-    for split in SPLITS[args.split]:
+    for split in SPLITS[args.split or "val"]:
         seed, n = synthetic_draw(run, split, args)
         recs, label = load_records(source, split, kind, seed, n, hf_cache_dir(run.cfg))
         out += recs[: args.max_examples or None]
@@ -269,7 +331,7 @@ def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[di
     """This rank's share of the pairs as padded batches, each pair exactly once (global `index` kept)."""
     check_synthetic_flags(source, args)
     examples, label, n_dropped = [], [], 0
-    for split in SPLITS[args.split]:
+    for split in SPLITS[args.split or "val"]:
         seed, n = synthetic_draw(run, split, args)
         ex, stats = load_preferences(source, split, run.tok, run.gcfg.block_size, seed=seed, n_synthetic=n,
                                      cache_dir=hf_cache_dir(run.cfg))
@@ -341,9 +403,9 @@ def reward_model_result(run: LoadedRun, args, info) -> dict:
     completions (reward_mse; a run trained with rm.standardize against the ratings standardised by its own training
     split's mean and std, the units it was trained in), on --data or --preference-data
     (pairs) or the run's own data; the run's rm.data says which kind a source holds."""
-    if args.chat_data or args.prompt:
-        raise ValueError(f"{run.ckpt['path']} is a reward model: it scores pairs or rated completions; --chat-data "
-                         "and --prompt need a policy run")
+    if args.chat_data or args.prompt or args.choices:
+        raise ValueError(f"{run.ckpt['path']} is a reward model: it scores pairs or rated completions; --chat-data, "
+                         "--choices and --prompt need a policy run")
     if args.data and args.preference_data:
         raise ValueError("give one of --data and --preference-data")
     source = args.preference_data or args.data or run.cfg.data.source
@@ -351,7 +413,7 @@ def reward_model_result(run: LoadedRun, args, info) -> dict:
     check_synthetic_flags(source, args)
     t0 = time.perf_counter()
     examples, labels = [], []
-    for split in SPLITS[args.split]:
+    for split in SPLITS[args.split or "val"]:
         seed, n = synthetic_draw(run, split, args)
         ex, stats = load_reward_data(kind, source, split, run.tok, run.gcfg.block_size, seed, n, hf_cache_dir(run.cfg))
         examples += ex[: args.max_examples or None]
@@ -385,11 +447,56 @@ def reward_model_result(run: LoadedRun, args, info) -> dict:
             "world_size": info.world_size, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+# ----------------------------------------------------------------------------------------------- multiple choice
+@torch.no_grad()
+def choice_logprobs(run: LoadedRun, pairs: list[tuple[list[int], list[int]]], batch_size: int, info) -> list[float]:
+    """Summed log-prob of each continuation given its context, in batches of right-padded rows (a causal model's
+    positions never see the padding after them). A context is cut from the left to leave block_size inputs, as
+    the harness does; the continuation is never cut. Rank r scores pairs r, r + world_size, ...; the sum over ranks
+    of the (n_pairs,) vectors, each pair filled by one rank, is the single-process vector."""
+    T = run.gcfg.block_size
+    out = torch.zeros(len(pairs), dtype=torch.float64, device=run.device)
+    mine = list(range(info.rank, len(pairs), info.world_size))
+    for start in tqdm(range(0, len(mine), batch_size), desc="choices", unit="batch", disable=not info.is_main):
+        idx = mine[start: start + batch_size]
+        rows = [(pairs[i][0] + pairs[i][1])[-(T + 1):] for i in idx]  # the last token is only a target
+        x = torch.zeros(len(rows), max(len(r) for r in rows) - 1, dtype=torch.long, device=run.device)  # (B, L)
+        for b, r in enumerate(rows):
+            x[b, : len(r) - 1] = torch.tensor(r[:-1])
+        with run.autocast:
+            logp = torch.log_softmax(run.model(x).float(), dim=-1)  # (B, L, V)
+        for b, i in enumerate(idx):
+            n_in, k = len(rows[b]) - 1, len(pairs[i][1])  # inputs of the row; continuation tokens (targets)
+            targets = torch.tensor(pairs[i][1], device=run.device)
+            out[i] = logp[b, torch.arange(n_in - k, n_in, device=run.device), targets].double().sum()
+    distributed.all_reduce(out)
+    return out.tolist()
+
+
+def choice_figures(run: LoadedRun, records: list[ChoiceRecord], args, info) -> tuple[dict, str]:
+    """mc_accuracy, mc_accuracy_norm, mc_accuracy_bytes over the records of --choices (data/choices.py), and every
+    choice's log-likelihood (mc_loglikelihoods, record by record) for comparison with other tools."""
+    chat = bool(args.chat)
+    if args.chat is None and STAGES[run.cfg.stage].chat:
+        print0(f"hint: {run.ckpt['path']} is a chat-tuned ({run.cfg.stage}) run; the choices are scored as plain "
+               "text after the question: --chat scores them as its reply to the question as a user turn (what "
+               "lm_eval --apply_chat_template does)")
+    pairs = encode_pairs(records, run.tok, chat, run.gcfg.block_size, args.choices)
+    flat = choice_logprobs(run, pairs, args.batch_size, info)
+    logprobs, at = [], 0
+    for rec in records:
+        logprobs.append(flat[at: at + len(rec.choices)])
+        at += len(rec.choices)
+    figures = {**mc_accuracies(records, logprobs), "mc_records": len(records), "mc_loglikelihoods": logprobs}
+    return figures, f"{args.choices} ({len(records)} records, {'chat' if chat else 'plain'} format)"
+
+
 # ----------------------------------------------------------------------------------------------- the program
 def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
     """Every figure asked for, as one dict (identical on every rank)."""
     info = distributed.init(DistSection(), "cuda" if args.device.startswith("cuda") else args.device)
     device = args.device if args.device.startswith("cuda:") and not info.distributed else str(info.device)
+    choices = load_choices(args.choices) if args.choices else None  # every record checked before model work
     run = load_run(args.checkpoint, device, args.precision)
     if isinstance(run.model, RewardModel):
         return reward_model_result(run, args, info), run, info
@@ -408,6 +515,9 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
     if "preference" in todo:
         figures, result["data"]["preference"] = pref_figures(run, todo["preference"], args, info)
         result.update(figures)
+    if choices is not None:
+        figures, result["data"]["choices"] = choice_figures(run, choices, args, info)
+        result.update(figures)
     if args.prompt:
         result["samples"] = samples(run, args.prompt, args)
     result.update({"device": str(run.device), "precision": run.precision, "world_size": info.world_size,
@@ -418,7 +528,7 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
 def print_table(result: dict) -> None:
     rows = []
     for k, v in result.items():
-        if k in ("samples", "data", "accuracy_by_task"):
+        if k in ("samples", "data", "accuracy_by_task", "mc_loglikelihoods"):
             continue
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
     for k, v in result.get("accuracy_by_task", {}).items():
@@ -449,8 +559,12 @@ def parse_args(argv: list[str] | None):
                    help="instruction data with reference answers (`synthetic`: the built-in tasks)")
     p.add_argument("--preference-data", metavar="SOURCE",
                    help="prompt/chosen/rejected pairs (`synthetic`: the built-in pairs)")
-    p.add_argument("--split", choices=tuple(SPLITS), default="val",
-                   help="which split of each source (default val); --max-tokens/--max-examples apply per split")
+    p.add_argument("--choices", metavar="FILE.jsonl",
+                   help="multiple-choice records (question or context, choices, answer) scored by log-likelihood")
+    p.add_argument("--split", choices=tuple(SPLITS), default=None,
+                   help="which split of each source (default: val of the run's own data and of chat and preference "
+                        "data; all of a text source the run did not train on); --max-tokens/--max-examples apply "
+                        "per split")
     p.add_argument("--text-column", metavar="NAME", help="column of tabular text sources (default: the run's)")
     p.add_argument("--max-tokens", type=float, default=0, metavar="N",
                    help="score at most this many text tokens (0 = all)")
@@ -466,7 +580,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="generate a sample for this prompt (repeatable)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="samples answer the prompt as a user turn (default: for SFT and DPO runs)")
+                   help="samples answer the prompt as a user turn (default: for SFT and DPO runs); --choices scores "
+                        "each choice as the reply to the question as a user turn (default: plain text)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="of the samples; 0 = greedy")
     p.add_argument("--top-k", type=int, default=None)

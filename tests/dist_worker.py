@@ -6,7 +6,8 @@ observation hooks. Not part of the trainer; the hooks only watch.
 
 Each ARGS is a train.py command line, optionally led by `--env NAME=VALUE` items set for that run only (e.g. the
 trainer's own fault-injection hook GPTRAIN_FAULT) and by `--expect-error` (the run must fail with a user error on
-every rank; the next run then starts). `{rank}` in an argument becomes the process's rank: a path per rank stands for
+every rank; the next run then starts), or `--evaluate` and a scripts/evaluate.py command line (named by its --json
+file's name). `{rank}` in an argument becomes the process's rank: a path per rank stands for
 a machine with its own disk. The runs share the processes (and so the start-up cost) and one
 process group: the trainer's teardown is held back until the last run, because destroying a gloo group and creating
 another in the same processes can hang. Each run ends with `rank R: finished NAME in S s`, or with
@@ -146,13 +147,23 @@ def hooks(dump_dir: str | None, name: str, crash_at: int = 0):
         loop.accumulate_gradients, distributed.wrap_reference = real_accumulate, real_wrap_reference
 
 
-def run_name(argv: list[str]) -> str:
+def run_name(argv: list[str], flag: str = "--out") -> str:
     for i, a in enumerate(argv):
-        if a.startswith("--out="):
+        if a.startswith(f"{flag}="):
             return Path(a.split("=", 1)[1]).name
-        if a == "--out":
+        if a == flag:
             return Path(argv[i + 1]).name
-    raise ValueError("every run needs --out")
+    raise ValueError(f"every run needs {flag}")
+
+
+def evaluate_main(argv: list[str]):
+    """scripts/evaluate.py's main (the scripts folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gptrain_script_evaluate", ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -187,12 +198,16 @@ def _run_all(runs: list[list[str]], rank: str, train_main) -> int:
             key, _, value = args[1].partition("=")
             env[key] = value
             args = args[2:]
-        args = [a.replace("{rank}", rank) for a in args]
-        name, t0 = run_name(args), time.perf_counter()
+        evaluate = bool(args) and args[0] == "--evaluate"
+        args = [a.replace("{rank}", rank) for a in args[evaluate:]]
+        name, t0 = run_name(args, "--json" if evaluate else "--out"), time.perf_counter()
         os.environ.update(env)
         try:
-            with hooks(os.environ.get("DIST_TEST_DUMP"), name, int(os.environ.get("DIST_TEST_CRASH", 0))):
-                train_main(args)
+            if evaluate:
+                evaluate_main(args)
+            else:
+                with hooks(os.environ.get("DIST_TEST_DUMP"), name, int(os.environ.get("DIST_TEST_CRASH", 0))):
+                    train_main(args)
         except (ValueError, FileNotFoundError, loop.TrainingError) as e:
             report(rank, name, f"rank {rank}: error: {e} ({name}, {time.perf_counter() - t0:.1f} s)")
             if expect_error:

@@ -31,6 +31,7 @@ from data.tokenizer import Tokenizer
 from model.gpt import GPT, GPTConfig
 from model.losses import token_ce_sum
 from tests import dist_worker
+from tests.choice_records import sum_records, write_jsonl
 from tests.conftest import TINY_ARGS
 from train import main
 from training import checkpoint
@@ -164,6 +165,7 @@ def dist(tmp_path_factory, corpus_dir):
     single("untied", *BASE, "--train.batch_size=8", "--model.tie_embeddings=false", "--train.max_steps=2")
     rm = ["--stage", "rm", "--init-from", str(runs / "untied"), "--data", "synthetic", *RM_ARGS]
     single("rm_ref", *rm, "--out", str(runs / "rm_ref"), "--train.batch_size=4")
+    choices = write_jsonl(root / "choices.jsonl", sum_records(9))  # 34 (record, choice) pairs, uneven over 2 ranks
     sft_dpo = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
                "--train.batch_size=2", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
     plan = [
@@ -186,6 +188,9 @@ def dist(tmp_path_factory, corpus_dir):
         ["--out", str(runs / "fsdp"), "--resume"],
         # fine-tuning stages under torchrun: SFT with DDP, DPO (its reference sharded like the policy) with FSDP
         ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
+        # multiple choice on that run, the pairs split across the ranks (compared with one process below)
+        ["--evaluate", str(runs / "sft"), "--choices", str(choices), "--chat", "--batch-size", "3", "--device", "cpu",
+         "--json", str(root / "mc.json")],
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
         [*rl, "--out", str(runs / "rl"), "--train.batch_size=2"],
@@ -228,7 +233,7 @@ def dist(tmp_path_factory, corpus_dir):
     log = (root / "launch.log").read_text()
     assert "rank 0: finished budget" in log and "rank 1: finished budget" in log, log[-6000:]
     return {"runs": runs, "dump": dump, "cache": cache, "log": log, "rc": proc.returncode, "seconds": seconds,
-            "prepared_hashes": hashes,
+            "prepared_hashes": hashes, "choices": choices, "mc": root / "mc.json",
             "ref": train_losses(runs / "ref"), "ref_grads": torch.load(dump / "ref.grads.rank0.pt")}
 
 
@@ -428,6 +433,21 @@ def test_sft_and_dpo_under_torchrun(dist):
         assert ckpt["step"] == 3 and ckpt["stage"] == stage and ckpt["world_size"] == 2
         assert sorted(train_losses(dist["runs"] / stage)) == [1, 2, 3]
     assert any("train/rewards/margins" in r for r in read_metrics(dist["runs"] / "dpo"))
+
+
+def test_multiple_choice_under_torchrun_equals_one_process(dist):
+    """scripts/evaluate.py --choices in the launch (34 pairs, 17 per rank in batches of 3) gives the single-process
+    log-likelihoods (each pair scored on one rank; batches of other rows and padding) and the same accuracies."""
+    assert "rank 0: finished mc.json" in dist["log"] and "rank 1: finished mc.json" in dist["log"], dist["log"][-3000:]
+    got = json.loads(dist["mc"].read_text())
+    one = dist_worker.evaluate_main([str(dist["runs"] / "sft"), "--choices", str(dist["choices"]), "--chat",
+                                     "--device", "cpu"])
+    assert got["world_size"] == 2 and one["world_size"] == 1
+    assert got["mc_records"] == one["mc_records"] == 9
+    for a, b in zip(got["mc_loglikelihoods"], one["mc_loglikelihoods"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    for key in ("mc_accuracy", "mc_accuracy_norm", "mc_accuracy_bytes"):
+        assert got[key] == one[key], key
 
 
 def test_data_is_prepared_once_from_an_empty_cache(dist):

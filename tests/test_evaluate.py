@@ -116,7 +116,7 @@ def test_bits_per_byte_by_hand(tiny_run, tmp_path):
         (source / split).mkdir(parents=True)
         for name in ("a.txt", "b.txt"):
             (source / split / name).write_text(VAL_TEXT)
-    result = run_eval(tiny_run, "--data", source, "--batch-size", 3)
+    result = run_eval(tiny_run, "--data", source, "--batch-size", 3, "--split", "val")  # the val documents below
     run = load_run(tiny_run, "cpu", "fp32")
     T = run.gcfg.block_size
     ids = (run.tok.encode(VAL_TEXT) + [0]) * 2  # each document and its end-of-text token
@@ -218,3 +218,132 @@ def test_chat_prompts_without_room_to_reply_are_not_scored(tiny_run, tmp_path, c
     result = run_eval(tiny_run, "--chat-data", data)
     assert result["examples"] == 2
     assert "chat: 1 of 3 prompts not scored: 64 tokens or longer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- multiple choice
+def unbatched_logprob(run, context_ids: list[int], choice_ids: list[int]) -> float:
+    """The reference: one unpadded forward of the last block_size + 1 tokens, the choice's targets summed."""
+    T = run.gcfg.block_size
+    ids = (context_ids + choice_ids)[-(T + 1):]
+    with torch.no_grad():
+        logp = torch.log_softmax(run.model(torch.tensor([ids[:-1]])), dim=-1)[0]  # (len(ids) - 1, V)
+    k = len(choice_ids)
+    return sum(logp[len(ids) - 1 - k + j, t].item() for j, t in enumerate(choice_ids))
+
+
+def test_choices_log_likelihoods_and_accuracies_by_hand(sft_run, tmp_path):
+    """Every choice's summed log-prob equals an unpadded forward of the ids the conventions give (plain: " " +
+    choice, a question's trailing space moved into the continuation; chat: the user turn, <|assistant|>, the choice
+    alone), batched 3 rows at a time with a context cut from the left; the accuracies follow from them by hand."""
+    from data.chat import render_prompt
+    from tests.choice_records import sum_records, write_jsonl
+
+    run_dir, _ = sft_run
+    rows = sum_records(12)
+    rows[1] = {"context": rows[1]["question"], "choices": rows[1]["choices"], "answer": rows[1]["answer"]}
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    run = load_run(run_dir, "cpu", "fp32")
+    tok = run.tok
+    for chat in (False, True):
+        result = run_eval(run_dir, "--choices", path, "--batch-size", 3, *(["--chat"] if chat else []))
+        assert list(result["data"]) == ["choices"] and "val_loss" not in result and "accuracy" not in result
+        assert result["data"]["choices"] == f"{path} (12 records, {'chat' if chat else 'plain'} format)"
+        hits = [0, 0, 0]
+        for row, got in zip(rows, result["mc_loglikelihoods"], strict=True):
+            question = row.get("question", row.get("context"))
+            want = []
+            for choice in row["choices"]:
+                if chat:
+                    ids = render_prompt([{"role": "user", "content": question}], tok), tok.encode(choice)
+                else:
+                    q = question.rstrip()  # "What is 1+2? " -> context "What is 1+2?", continuation "  3"
+                    whole = tok.encode(q + question[len(q):] + " " + choice)
+                    ids = tok.encode(q), whole[len(tok.encode(q)):]
+                want.append(unbatched_logprob(run, *ids))
+            assert got == pytest.approx(want, abs=1e-4)
+            for k, per in enumerate((1, len, lambda c: len(c.encode("utf-8")))):
+                scores = [lp / (1 if k == 0 else per(c)) for lp, c in zip(got, row["choices"], strict=True)]
+                hits[k] += scores.index(max(scores)) == row["answer"]  # index(): the first of equal scores
+        assert [result["mc_accuracy"], result["mc_accuracy_norm"], result["mc_accuracy_bytes"]] == \
+            [h / len(rows) for h in hits]
+        assert result["mc_records"] == 12
+    assert len(tok.encode(rows[-1]["question"])) > run.gcfg.block_size  # the last context was cut from the left
+
+
+def test_choice_accuracies_normalise_and_break_ties_like_the_harness():
+    """Log-probs by hand: summed (ties to the first choice), per character (acc_norm), per UTF-8 byte (acc_bytes)."""
+    from data.choices import ChoiceRecord, mc_accuracies
+
+    records = [ChoiceRecord("q", ("a", "b"), 1),  # -2 == -2: a tie goes to choice 0, wrong
+               ChoiceRecord("q", ("a", "bbbb"), 1),  # summed picks 0 (-2 > -4); per char 1 (-1 > -2)
+               ChoiceRecord("q", ("éé", "abc"), 0)]  # per char picks 1 (-1.5 > -1.67); per byte 0 (-1.25 > -1.67)
+    lps = [[-2.0, -2.0], [-2.0, -4.0], [-5.0, -5.0]]
+    assert mc_accuracies(records, lps) == {"mc_accuracy": 1 / 3, "mc_accuracy_norm": 1 / 3,
+                                           "mc_accuracy_bytes": 2 / 3}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q", "choices": [], "answer": 0}', r"record 2 \(line 4\): 'choices' must be a non-empty list"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', r"record 2 \(line 4\): 'answer' must be the index of a "
+                                                               r"choice \(0 to 1\), got 2"),
+    ('{"question": "q", "choices": ["a", ""], "answer": 0}', r"record 2 \(line 4\): choice 1 must be a non-empty"),
+    ('{"question": "q", "choices": ["a", "b"]}', r"record 2 \(line 4\): missing \['answer'\]"),
+    ('{"prompt": "q", "choices": ["a"], "answer": 0}', r"record 2 \(line 4\): missing \['question \(or context\)'\]"),
+    ('{"question": "q", "choices": ["a"], "answer": 0', r"record 2 \(line 4\): not valid JSON"),
+    ('{"question": "q", "choices": ["a"], "answer": true}', r"record 2 \(line 4\): 'answer' must be the index"),
+], ids=["no-choices", "answer-out-of-range", "empty-choice", "missing-answer", "missing-question", "not-json",
+        "bool-answer"])
+def test_bad_choice_records_fail_naming_file_and_record_before_model_work(tmp_path, line, message):
+    """The third record (after a blank line) is bad: the error names the file, the record and its line, and comes
+    before any model work (the run folder given does not even exist)."""
+    good = '{"question": "What is 1+1?", "choices": ["2", "3"], "answer": 0}\n'
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + good + "\n" + line + "\n" + good)
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        run_eval(tmp_path / "no-such-run", "--choices", path)
+
+
+def test_chat_tuned_run_without_chat_gets_a_hint(sft_run, tmp_path, capsys):
+    from tests.choice_records import sum_records, write_jsonl
+
+    run_dir, _ = sft_run
+    path = write_jsonl(tmp_path / "mc.jsonl", sum_records(3))
+    run_eval(run_dir, "--choices", path)
+    assert "--chat scores them as its reply" in capsys.readouterr().out
+    for flag in ("--chat", "--no-chat"):
+        run_eval(run_dir, "--choices", path, flag)
+        assert "hint:" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- which split
+def test_a_source_the_run_did_not_train_on_is_scored_whole(tiny_run, tmp_path):
+    """--data on a file the run never saw: scored whole by default (train+val parts, the label says so), not only
+    its held-out 1%; --split val and --split train narrow it on purpose."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(VAL_TEXT for _ in range(40)))  # its last 1%: more than one block
+    default = run_eval(tiny_run, "--data", held_out)
+    parts = {split: run_eval(tiny_run, "--data", held_out, "--split", split) for split in ("train", "val", "all")}
+    assert default["data"]["text"] == f"{held_out} (whole (train+val splits); not the run's data)"
+    assert parts["val"]["data"]["text"] == f"{held_out} (val split; not the run's data)"
+    assert default["tokens"] == parts["all"]["tokens"] == parts["train"]["tokens"] + parts["val"]["tokens"]
+    assert parts["val"]["tokens"] > 0 and parts["train"]["tokens"] > 10 * parts["val"]["tokens"]
+    assert default["val_loss"] == parts["all"]["val_loss"]
+
+
+def test_the_runs_own_data_is_its_validation_split_by_hash(tiny_run, corpus_dir, tmp_path):
+    """The run's own source (by name, or a prepared folder of the same data hash) is scored on its validation split;
+    a prepared folder of other data (a document cap: another hash) is not the run's data and is scored whole."""
+    from data.prepare import prepare
+
+    run = load_run(tiny_run, "cpu")
+    d = run.cfg.data
+    same, capped = tmp_path / "same", tmp_path / "capped"
+    for out, max_docs in ((same, d.max_docs), (capped, 15)):
+        prepare(str(corpus_dir), run.tok, out, text_column=d.text_column, val_fraction=d.val_fraction,
+                max_tokens=d.max_tokens, max_docs=max_docs, chunk_tokens=d.chunk_tokens, workers=1, verbose=False)
+    by_name = run_eval(tiny_run, "--data", corpus_dir, "--max-tokens", 2048)
+    assert by_name["data"]["text"] == f"{corpus_dir} (val split, first 2048 tokens)"
+    assert run_eval(tiny_run, "--data", same, "--max-tokens", 2048)["data"]["text"] == \
+        f"{same} (val split, first 2048 tokens)"
+    other = run_eval(tiny_run, "--data", capped)
+    assert other["data"]["text"] == f"{capped} (whole (train+val splits); not the run's data)"
