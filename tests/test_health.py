@@ -1,14 +1,37 @@
 """Training health said in words (training/health.py): each watch fed sequences of numbers by hand (when it fires,
-how it re-arms) and the `[health]` options."""
+how it re-arms), the `[health]` options, and short real runs made to show each warning -- on the console, as
+TensorBoard text read back from the event file, counted in the run summary -- and a healthy run of the default
+pre-training recipe that raises none."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
+import tomllib
+import torch
 
+from tests.conftest import TINY_ARGS
+from train import main
+from training import checkpoint
 from training.config import parse_args
-from training.health import ExplodingWatch, HealthWatch, OverfittingWatch, UpdateRatioWatch, VanishingWatch
+from training.health import (
+    KINDS,
+    ExplodingWatch,
+    HealthWatch,
+    OverfittingWatch,
+    UpdateRatioWatch,
+    VanishingWatch,
+    lr_scales,
+    update_ratios,
+)
+
+# The tiny shape of TINY_ARGS without its optimizer settings: with these alone a run follows the default recipe.
+TINY_SHAPE = ["--model.vocab_size=384", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=4",
+              "--model.block_size=64", "--data.num_proc=1", "--eval.sample_tokens=4"]
 
 
 def fired_steps(watch_observe, values) -> list[int]:
@@ -55,8 +78,8 @@ def test_vanishing_compares_each_group_with_the_median_and_rearms_when_it_recove
 
 def test_update_ratio_band_follows_the_learning_rate_schedule():
     watch = UpdateRatioWatch(low=1e-6, high=0.3)
-    # warmup at lr/peak 0.02: the band is [2e-8, 6e-3]; AdamW's first step on std-0.02 weights at the default
-    # lr 3e-3 is 3e-3 / 0.02 x 0.02 = 3e-3 per step: inside, though 0.15 of the peak-lr band's reach
+    # warmup at lr/peak 0.02: the band is [2e-8, 6e-3]. AdamW's first step moves each weight by about its lr: the
+    # default peak lr 3e-3 x 0.02 = 6e-5 moves std-0.02 weights by 6e-5 / 0.02 = 3e-3 of their norm: inside
     assert watch.observe(1, {"matrices": 3e-3}, {"matrices": 0.02}) == []
     # the same ratio at the peak lr is inside too; 0.31 at the peak is above
     assert watch.observe(2, {"matrices": 3e-3}, {"matrices": 1.0}) == []
@@ -76,6 +99,20 @@ def test_update_ratio_band_follows_the_learning_rate_schedule():
     # groups are watched separately; 0 switches a side off
     free = UpdateRatioWatch(low=0.0, high=0.0)
     assert free.observe(1, {"a": 0.0, "b": 1e9}, {"a": 1.0, "b": 1.0}) == []
+
+
+def test_the_band_scale_is_each_groups_scheduled_lr_over_its_peak():
+    """lr_scales names the groups as update_ratios does and reads the schedule's factor off each group (Muon's
+    peak 0.01, AdamW's 3e-3: one factor)."""
+    from model import GPT, GPTConfig
+    from training.optim import build_optimizer, set_lr
+
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    opt = build_optimizer(model, parse_args([]).train, "cpu")  # the default recipe: muon
+    set_lr(opt, 0.25)
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    assert lr_scales(opt) == {"muon": 0.25, "matrices": 0.25, "vectors": 0.25}
+    assert set(update_ratios(opt, before)) == set(lr_scales(opt))
 
 
 def overfit_run(watch: OverfittingWatch, evaluations) -> list[int]:
@@ -126,3 +163,133 @@ def test_health_options_are_checked_and_named():
         parse_args(["--health.vanish_ratio=-1"])
     with pytest.raises(ValueError, match=r"unknown option --health\.explode_step \(did you mean 'health\.explode_steps'"):
         parse_args(["--health.explode_step=3"])
+
+
+# ----------------------------------------------------------------------------------------------- real runs
+def health_texts(run: Path) -> dict[str, list[tuple[int, str]]]:
+    """TensorBoard text entries under health/ in the run's event files: tag -> [(step, text)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"] if tag.startswith("health/")}
+
+
+def warning_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("health warning")]
+
+
+def counts(**nonzero) -> dict[str, int]:
+    return {kind: nonzero.get(kind, 0) for kind in KINDS}
+
+
+def assert_said_everywhere(run: Path, summary: dict, out: str, kind: str, n: int) -> list[str]:
+    """n warnings of `kind`, and only those: console lines, TensorBoard text (same lines), the run summary."""
+    lines = warning_lines(out)
+    assert len(lines) == n and all(f"health warning ({kind})" in line for line in lines), lines
+    assert summary["health_warnings"] == counts(**{kind: n})
+    assert f"health: {n} warning(s): {kind} {n}" in out
+    texts = health_texts(run)
+    assert list(texts) == [f"health/{kind}/text_summary"], texts
+    assert sorted(texts[f"health/{kind}/text_summary"]) == sorted(
+        (int(line.split(" at step ")[1].split(":")[0]), f"```\n{line}\n```") for line in lines)
+    return lines
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_huge_init_std_explodes(tmp_path, corpus_dir, capsys, one_thread):
+    """init std 3 instead of 0.02: pre-clip norms of 40-240 against a clip of 1 (threshold 10) from the first step;
+    the warning comes once, at the 20th step in a row, though every one of the 25 is above."""
+    out = tmp_path / "explode"
+    summary = main(["--data", str(corpus_dir), "--out", str(out), *TINY_ARGS, "--train.max_steps=25",
+                    "--model.init_std=3.0", "--eval.interval=0", "--log.interval=1"])
+    norms = [r["train/grad_norm"] for r in metrics(out) if "train/grad_norm" in r]
+    assert len(norms) == 25 and min(norms) > 10.0
+    [line] = assert_said_everywhere(out, summary, capsys.readouterr().out, "exploding", 1)
+    assert line.startswith(f"health warning (exploding) at step 20: the pre-clip gradient norm has stayed above 10 "
+                           f"for 20 steps in a row (now {norms[19]:.4g})")
+
+
+def test_a_tiny_training_set_over_many_epochs_overfits(tmp_path, corpus_dir, capsys, one_thread):
+    """One 4 KB file (colorsys, ~2,200 tokens: two steps an epoch) for 70 steps, validated every 10 on the usual
+    validation files: val loss falls, then rises while the train loss keeps falling. The warning comes at the first
+    evaluation ending 3 rises in a row, read off the logged losses."""
+    corpus = tmp_path / "small"
+    (corpus / "train").mkdir(parents=True)
+    shutil.copy(corpus_dir / "train" / "colorsys.txt", corpus / "train")
+    shutil.copytree(corpus_dir / "val", corpus / "val")
+    out = tmp_path / "overfit"
+    summary = main(["--data", str(corpus), "--out", str(out), *TINY_ARGS, "--train.max_steps=70",
+                    "--eval.interval=10", "--log.interval=1", "--log.health_interval=0"])
+    rows = metrics(out)
+    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r and 0 < r["step"] < 70}
+    train = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    steps = sorted(val)
+    # the first evaluation whose loss is the 3rd rise in a row, the mean train loss lower than at the rise's start
+    expected = next(s for i, s in enumerate(steps) if i >= 3 and all(val[steps[j]] > val[steps[j - 1]]
+                                                                     for j in range(i - 2, i + 1))
+                    and sum(train[t] for t in range(s - 9, s + 1)) < sum(train[t] for t in range(steps[i - 3] - 9,
+                                                                                                  steps[i - 3] + 1)))
+    [line] = assert_said_everywhere(out, summary, capsys.readouterr().out, "overfitting", 1)
+    assert line.startswith(f"health warning (overfitting) at step {expected}: val/loss has risen 3 evaluations in a "
+                           f"row, from {val[expected - 30]:.4f} at step {expected - 30} to {val[expected]:.4f}")
+
+
+@pytest.mark.parametrize("lr, side", [(1e-9, "below"), (1.0, "above")])
+def test_a_learning_rate_far_off_leaves_the_update_ratio_band(tmp_path, corpus_dir, capsys, one_thread, lr, side):
+    """AdamW's first steps move each weight by about lr: at lr 1e-9 the std-0.02 matrices by ~5e-8 of their norm
+    (x lr / peak), below the band [1e-6, 0.3] x lr / peak, the norms (weights of 1) by ~1e-9; at lr 1 by ~50 and ~1,
+    above it. Each group warns once in 5 steps measured every step, naming the logged ratio."""
+    out = tmp_path / side
+    summary = main(["--data", str(corpus_dir), "--out", str(out), *TINY_ARGS, "--train.max_steps=5",
+                    f"--train.lr={lr}", "--log.health_interval=1", "--eval.interval=0", "--log.interval=1"])
+    lines = assert_said_everywhere(out, summary, capsys.readouterr().out, "update_ratio", 2)
+    first = next(r for r in metrics(out) if "update_ratio/matrices" in r)
+    assert first["step"] == 1
+    assert sorted(line.split(": ")[1].split(",")[0] for line in lines) == [
+        f"update_ratio/{g} is {first[f'update_ratio/{g}']:.3g}" for g in ("matrices", "vectors")]
+    assert all(f", {side} the healthy band [" in line for line in lines)
+    assert all("x lr / peak lr 0.25)" in line for line in lines)  # step 1 of warmup over 4 (max_steps - 1) steps
+
+
+def test_a_dead_block_is_said_to_vanish(tmp_path, tiny_run, corpus_dir, capsys, one_thread):
+    """A copy of the tiny run with every weight of block 1 set to zero (a dead block: its output is 0 whatever its
+    input, so no gradient reaches any of its weights, and none ever will), trained on for 3 steps: grad_norm/block_1
+    is exactly 0, and the warning names it once."""
+    start = tmp_path / "dead"
+    shutil.copytree(tiny_run, start, ignore=shutil.ignore_patterns("events.out.tfevents.*"))
+    path = checkpoint.latest(start)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, tensor in state["model"].items():
+        if name.startswith("blocks.1."):
+            tensor.zero_()
+    torch.save(state, path)
+    out = tmp_path / "vanish"
+    summary = main(["--init-from", str(start), "--data", str(corpus_dir), "--out", str(out), *TINY_ARGS,
+                    "--train.max_steps=3",
+                    "--log.health_interval=1", "--eval.interval=0", "--log.interval=1"])
+    logged = [r for r in metrics(out) if "grad_norm/block_1" in r]
+    assert [r["grad_norm/block_1"] for r in logged] == [0.0, 0.0, 0.0] and min(r["grad_norm/block_0"] for r in logged) > 0
+    [line] = assert_said_everywhere(out, summary, capsys.readouterr().out, "vanishing", 1)
+    assert line.startswith("health warning (vanishing) at step 1: grad_norm/block_1 is 0, below 0.001 x the median")
+
+
+def test_a_healthy_default_recipe_run_raises_no_warning(tmp_path, corpus_dir, capsys, one_thread):
+    """The default pre-training recipe (Muon at 0.01 for the blocks' matrices, AdamW at 3e-3, batch 8, warmup 50,
+    warmup-stable-decay, clip 1) on the tiny shape for 100 steps -- warmup, stable and decay -- with every step's
+    health measured and validation every 20: no warning, the summary counts none, no health text in TensorBoard."""
+    out = tmp_path / "healthy"
+    summary = main(["--data", str(corpus_dir), "--out", str(out), *TINY_SHAPE, "--train.max_steps=100",
+                    "--log.health_interval=1", "--eval.interval=20", "--eval.max_tokens=4096"])
+    text = capsys.readouterr().out
+    t = tomllib.loads((out / "config.toml").read_text())["train"]  # the run's own resolved config
+    assert (t["optimizer"], t["lr"], t["muon_lr"], t["batch_size"], t["warmup_steps"]) == ("muon", 3e-3, 0.01, 8, 50)
+    rows = metrics(out)
+    assert sum("update_ratio/muon" in r for r in rows) == 100 and sum("val/loss" in r for r in rows) == 6
+    assert warning_lines(text) == [] and "health: no warnings" in text
+    assert summary["health_warnings"] == counts()
+    assert health_texts(out) == {}

@@ -244,3 +244,10 @@ class HealthWatch:
         for w in fired:
             self.counts[w.kind] += 1
         return fired
+
+    def summary(self) -> str:
+        """The run's last console line about its health: `health: no warnings`, or the counts per kind."""
+        total = sum(self.counts.values())
+        if total == 0:
+            return "health: no warnings"
+        return f"health: {total} warning(s): " + ", ".join(f"{k} {n}" for k, n in self.counts.items() if n)
