@@ -13,12 +13,14 @@ HealthWatch says in words what those curves show (the `[health]` options of trai
     update_ratio  a group's update/weight ratio outside [health.ratio_low, health.ratio_high] x lr / peak lr, the
                   band following the schedule, so warmup and decay stay inside it (a group at lr 0 is not checked)
     overfitting   the periodic validation loss rose health.overfit_evals times in a row while the mean training
-                  loss since the evaluation before that rise fell
+                  loss since the evaluation before that rise fell (not the final validation: it scores the whole
+                  split, the periodic ones its first eval.max_tokens, so the two do not compare)
 
 vanishing and update_ratio are checked when the figures are measured (every log.health_interval steps). Each warning
 fires once per episode: it re-arms when its figure is healthy again (the norm back under the threshold, the group
 back above it or inside the band, the validation loss falling). The watch only reads figures that are the same on
 every rank (synchronised gradients, reduced losses), so it holds the same state everywhere and adds no collective.
+The watches are not saved with checkpoints: a resumed run watches afresh (and counts its own warnings).
 """
 
 from __future__ import annotations
