@@ -182,9 +182,11 @@ def dist(tmp_path_factory, corpus_dir):
         # 1 process -> 2 processes, and a 2-process checkpoint for the other way round
         ["--out", str(runs / "r12"), "--resume", "--train.batch_size=4"],
         [*data, "--out", str(runs / "r21"), *BASE, "--train.batch_size=4", "--train.stop_after_steps=5"],
-        # FSDP2: 5 steps (validation on 9 blocks, uneven over 2 ranks; health and histograms gather), then resume
+        # FSDP2: 5 steps (validation on 9 blocks, uneven over 2 ranks; health and histograms gather), then resume;
+        # an update/weight band that every update leaves, so each group warns (rank 0 alone says it)
         [*data, "--out", str(runs / "fsdp"), *BASE, "--train.batch_size=4", "--dist.strategy=fsdp",
-         "--train.stop_after_steps=5", "--eval.interval=2", "--log.health_interval=2", "--log.hist_interval=3"],
+         "--train.stop_after_steps=5", "--eval.interval=2", "--log.health_interval=2", "--log.hist_interval=3",
+         "--health.ratio_low=0", "--health.ratio_high=1e-9"],
         ["--out", str(runs / "fsdp"), "--resume"],
         # fine-tuning stages under torchrun: SFT with DDP, DPO (its reference sharded like the policy) with FSDP
         ["--stage", "sft", "--init-from", str(runs / "ref"), "--out", str(runs / "sft"), *sft_dpo],
@@ -272,6 +274,17 @@ def test_fsdp_trains_like_one_process_and_resumes(dist):
     metrics = read_metrics(dist["runs"] / "fsdp")
     assert [r["step"] for r in metrics if "val/loss" in r] == [0, 2, 4, 6, 8, 10]  # uneven validation: no hang
     assert any("grad_norm/block_0" in r for r in metrics)
+
+
+def test_health_warnings_are_said_once_under_torchrun(dist):
+    """Both ranks watch the (synchronised) figures without a collective of their own; rank 0 alone prints: each
+    group's warning once at the first measured step of the FSDP2 run (2) and of its resumption (6, the watch starts
+    afresh), and each part's summary line once."""
+    log = dist["log"]
+    for step in (2, 6):
+        for group in ("matrices", "vectors"):
+            assert log.count(f"health warning (update_ratio) at step {step}: update_ratio/{group} is ") == 1, log[-6000:]
+    assert log.count("health: 2 warning(s): update_ratio 2") == 2
 
 
 def test_fsdp_accumulation_reduce_scatters_on_the_last_micro_step_only(dist):

@@ -145,6 +145,22 @@ class LogSection:
 
 
 @dataclass
+class HealthSection:
+    """warnings in words (console, TensorBoard text health/KIND, counted in the run summary); training/health.py"""
+
+    # Defaults measured on default runs (README): pre-training's pre-clip norm peaks near 2 x train.grad_clip, SFT's
+    # first steps near 7 x; a group's norm is at least 1/70 of the median (the final norm's, a few hundred weights).
+    explode_factor: float = option(10.0, "exploding: the pre-clip gradient norm above this x train.grad_clip ...")
+    explode_steps: int = option(20, "... for this many steps in a row (0 = off; off when train.grad_clip is 0)")
+    vanish_ratio: float = option(1e-3, "vanishing: a group's gradient norm below this x the median group's (0 = off)")
+    # Per-step ratios / (lr / peak lr) of default runs span 4e-5 (DPO's norms and biases) to 0.15 (AdamW's first,
+    # sign-like step on weights of std 0.02: lr / 0.02); below 1e-6 the weights move < 1% in 10,000 steps.
+    ratio_low: float = option(1e-6, "update/weight ratio per step below this x lr / peak lr: lr too low (0 = off)")
+    ratio_high: float = option(0.3, "update/weight ratio per step above this x lr / peak lr: lr too high (0 = off)")
+    overfit_evals: int = option(3, "overfitting: val loss rose this many evaluations in a row, train loss fell (0 = off)")
+
+
+@dataclass
 class CkptSection:
     """checkpoints in the run folder"""
 
@@ -210,6 +226,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
+    health: HealthSection = field(default_factory=HealthSection)
     ckpt: CkptSection = field(default_factory=CkptSection)
     dist: DistSection = field(default_factory=DistSection)
     dpo: DPOSection = field(default_factory=DPOSection)
@@ -419,6 +436,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
+    check_health(cfg.health)
     r = cfg.rl
     if r.num_generations < 2:
         raise ValueError(f"rl.num_generations={r.num_generations} must be at least 2: group-relative advantages "
@@ -432,6 +450,14 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"rl.beta={r.beta} must be >= 0 and rl.clip_eps={r.clip_eps} positive")
     if stage_table()[cfg.stage].fine_tunes and not cfg.init_from and not cfg.resume:
         raise ValueError(f"--stage {cfg.stage} fine-tunes a checkpoint: give --init-from RUN_DIR")
+
+
+def check_health(h: HealthSection) -> None:
+    for key in ("explode_factor", "explode_steps", "vanish_ratio", "ratio_low", "ratio_high", "overfit_evals"):
+        if getattr(h, key) < 0:
+            raise ValueError(f"health.{key}={getattr(h, key)} must be >= 0")
+    if 0 < h.ratio_high <= h.ratio_low:
+        raise ValueError(f"health.ratio_high={h.ratio_high} must exceed health.ratio_low={h.ratio_low} (a band)")
 
 
 USAGE = """usage: train.py [--config FILE.toml] [--stage NAME] [--data SOURCE] [--out RUN_DIR]
@@ -581,7 +607,7 @@ def parse_args(argv: list[str]) -> Config:
 # train.batch_size may change with the number of processes; the loop then requires batch_size x world size to stay.
 RESUMABLE_CHANGES = ("out", "resume", "init_from", "train.stop_after_steps", "train.max_steps", "train.time_budget_min",
                      "train.compile", "train.device", "train.peak_flops", "train.batch_size", "data.num_proc",
-                     "data.cache_dir", "eval.", "log.", "ckpt.", "dist.")
+                     "data.cache_dir", "eval.", "log.", "health.", "ckpt.", "dist.")
 
 
 def check_resume_compatible(saved: Config, new: Config) -> None:

@@ -31,7 +31,7 @@ from training.budget import TimeBudget
 from training.config import Config, check_resume_compatible, from_dict, to_dict, to_toml
 from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.faults import FaultInjection, StopSignal
-from training.health import activation_hooks, block_grad_norms, update_ratios
+from training.health import HealthWarning, HealthWatch, activation_hooks, block_grad_norms, lr_scales, update_ratios
 from training.monitor import Monitor, Throughput, fmt_duration, print0
 from training.optim import build_optimizer, lr_factor, set_lr
 from training.precision import autocast_ctx, resolve_precision
@@ -72,6 +72,7 @@ class Run:
     init_ckpt: str | None  # the exact checkpoint file the run started from
     params: list[torch.Tensor] | None = None  # the trained parameters (FSDP2: the sharded ones), collected once
     monitor: Monitor | None = None
+    health: HealthWatch | None = None  # the warnings in words (training/health.py)
     fault: FaultInjection | None = None
     stop: StopSignal | None = None
 
@@ -227,6 +228,7 @@ def setup(cfg: Config, info: DistInfo, stop: StopSignal, inputs: Inputs) -> tupl
     write_run_files(cfg, tok, info)
     run.monitor = Monitor(cfg.out, enabled=info.is_main, tensorboard=cfg.log.tensorboard)
     run.monitor.text("config", to_toml(cfg), state.step)
+    run.health = HealthWatch.from_config(cfg.health, t.grad_clip)
     return run, state
 
 
@@ -322,7 +324,7 @@ def train_step(run: Run, state: RunState, batches: list[dict], count: torch.Tens
     count_skip(state, skipped_now, run.scaler, cfg.out)
     state.step += 1
     if health:
-        log_health(run, state.step, block_norms, update_ratios(run.optimizer, before))
+        log_health(run, state.step, block_norms, update_ratios(run.optimizer, before), skipped_now)
     return result
 
 
@@ -348,10 +350,22 @@ def count_skip(state: RunState, skipped_now: bool, scaler, out: str) -> None:
                             f"the run has diverged; the last good checkpoint in {out} is intact")
 
 
-def log_health(run: Run, step: int, block_norms: dict, ratios: dict) -> None:
+def log_health(run: Run, step: int, block_norms: dict, ratios: dict, skipped: bool) -> None:
     if run.info.is_main:
         run.monitor.scalars(step, {**{f"grad_norm/{k}": v for k, v in block_norms.items()},
                                    **{f"update_ratio/{k}": v for k, v in ratios.items()}})
+    # Every rank watches (the figures are synchronised, so the watches agree). An fp16-skipped step overflowed
+    # (inf norms) and updated nothing: nothing to judge.
+    if not skipped:
+        warn(run, [*run.health.vanishing.observe(step, block_norms),
+                   *run.health.update_ratio.observe(step, ratios, lr_scales(run.optimizer))])
+
+
+def warn(run: Run, warnings: list[HealthWarning | None]) -> None:
+    """Say each warning on the console and as TensorBoard text health/<kind>, and count it (rank 0 writes)."""
+    for w in run.health.count(warnings):
+        print0(w.line())
+        run.monitor.text(f"health/{w.kind}", w.line(), w.step)
 
 
 def log_histograms(run: Run, step: int) -> None:
@@ -455,6 +469,8 @@ def train(run: Run, state: RunState) -> dict:
         factor = lr_factor(state.sched_step, state.max_steps if state.max_steps is not None else 10**9, t)
         set_lr(run.optimizer, factor)
         result = train_step(run, state, batches, count)
+        warn(run, [run.health.exploding.observe(state.step, result.grad_norm)])
+        run.health.overfitting.observe_train(result.loss)
         # Tokens and model FLOPs actually processed: SFT/DPO rows are padded to the global batch's longest example,
         # not block_size (every rank pads to the same length, so this rank's count times the world size is global).
         step_tokens = sum(stage.batch_tokens(b) for b in batches) * info.world_size
@@ -470,6 +486,7 @@ def train(run: Run, state: RunState) -> dict:
         done = state.max_steps is not None and state.sched_step >= state.max_steps
         if every(cfg.eval.interval, state.step) and not done:
             val = validate(run, state, budget)
+            warn(run, [run.health.overfitting.observe_val(state.step, val["loss"]) if "loss" in val else None])
             throughput.reset()
         if every(cfg.eval.sample_interval, state.step) and not done:
             sample(run, state)
@@ -482,9 +499,10 @@ def train(run: Run, state: RunState) -> dict:
             throughput.reset()
     else:
         val = end_of_run(run, state, budget)
+    print0(run.health.summary())
     run.monitor.close()
     return {"out": cfg.out, "step": state.step, "max_steps": state.max_steps, "val": val, "first_val": first_val,
-            "skipped_steps": state.skipped}
+            "skipped_steps": state.skipped, "health_warnings": dict(run.health.counts)}
 
 
 def run(cfg: Config) -> dict:
