@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def refuse_non_chat_run(run: LoadedRun) -> None:
     """Only stages trained on the chat format (training/stages: `chat = True`) can answer a turn."""
-    refuse_reward_model(run, "chatting")
+    refuse_reward_model(run, "chatting", needs="SFT, DPO or RL")
     stage = run.cfg.stage
     if not STAGES[stage].chat:
         where = run.run_dir or run.ckpt["path"]

@@ -76,12 +76,12 @@ class LoadedRun:
         return self.tok.decode(new[: new.index(EOT_ID)] if EOT_ID in new else new)
 
 
-def refuse_reward_model(run: LoadedRun, what: str) -> None:
+def refuse_reward_model(run: LoadedRun, what: str, needs: str = "pre-training, SFT, DPO or RL") -> None:
     """A script that needs a policy (text generation, language-model figures, a causal-LM export) refuses an RM run
-    clearly, instead of serving its untrained-for-text LM head."""
+    clearly, instead of serving its untrained-for-text LM head; `needs` names the runs it takes."""
     if isinstance(run.model, RewardModel):
         raise ValueError(f"{run.ckpt['path']} is a reward model (stage {run.ckpt.get('stage')!r}, with a score head): "
-                         f"{what} needs a policy run (pre-training, SFT or DPO)")
+                         f"{what} needs a policy run ({needs})")
 
 
 def run_dir_of(path: str | os.PathLike) -> Path | None:
