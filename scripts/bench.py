@@ -5,6 +5,8 @@
     python scripts/bench.py --preset tiny --no-compile --no-loop --json quick.json
     python scripts/bench.py --prepare --no-eager --no-compile --no-loop --no-data --json prepare.json  # data at scale
     python scripts/bench.py --rl runs/sft --no-eager --no-compile --no-loop --no-data --json rl.json  # the RL step
+    python scripts/bench.py --scaling --no-compile --json scaling.json   # how cost grows (+ scaling.md, the table)
+    python scripts/bench.py --preset gpt2 --device cuda --no-eager --profile 3 --json g.json  # + top GPU kernels
 
 What it measures, on the device it is given:
   peak      dense matmul FLOP/s of the device for each precision (square matmuls in a timed loop), measured before
@@ -14,7 +16,17 @@ What it measures, on the device it is given:
             the "MFU" columns and train/mfu) and 6N + 6 L d T (causal, as the kernels compute it; "causal"
             columns) -- MFU against the measured peak and the vendor peak where known,
             the step split into forward / backward / optimizer, and peak memory (RSS on CPU,
-            torch.cuda.max_memory_allocated on GPU); eager and torch.compile
+            torch.cuda.max_memory_allocated on GPU); eager and torch.compile; --profile N: the top kernels (GPU) or
+            ops (CPU) by self time over N more steps under torch.profiler
+  scaling   (--scaling, alone) how cost grows: training steps (forward, backward, optimizer; the device's default
+            precision, eager and compiled unless --no-eager / --no-compile) of the tiny preset's architecture with
+            4 layers, head size 32 and 2048 tokens per step (batch = 2048 / context) at widths 128/256/384/768
+            (context 256) and contexts 256/512/1024 (width 256): tokens/s, model FLOP/s and MFU (6N + 12 L d T, as
+            `step`) against the matmul peak read before and after each row (and the vendor peak where known), peak
+            memory (GPU: torch.cuda.max_memory_allocated; CPU: the growth of the peak RSS over the row, VmHWM reset
+            through /proc/self/clear_refs -- tracemalloc does not see torch's tensors), and for each row below
+            --profile-below (0.5) of the measured peak the profiler's top kernels/ops. JSON, and a markdown table
+            (--markdown, default beside --json). The --scaling-* options change the sweep (tests use tiny shapes)
   loop      the real train.py loop on the built-in corpus for a few steps (tokens/s from its metrics.jsonl), so
             any overhead of data loading, logging or syncs shows against the bare step
   data      tokenizer training time, tokenization MB/s of the built-in corpus, and the loader's batches/s
@@ -77,9 +89,76 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def profile_ops(step, device: torch.device, steps: int, top: int = 8) -> dict:
+    """Where a step's time goes: ``steps`` calls of ``step`` under torch.profiler, and the ``top`` entries with the
+    most self time -- on CUDA the GPU kernels (self device time), on CPU the aten ops (self CPU time) -- with their
+    milliseconds per step and their share of the summed self time of all kernels (ops)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_s = time.perf_counter() - t0
+
+    def self_us(e) -> float:  # microseconds over all profiled steps
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    # kernels only on CUDA: an aten op's device time is that of the kernels it launched, counted twice otherwise
+    events = [e for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == cuda and self_us(e) > 0]
+    total = sum(self_us(e) for e in events)
+    events.sort(key=self_us, reverse=True)
+    return {"steps": steps, "what": "GPU kernels, self device time" if cuda else "CPU ops, self CPU time",
+            "wall_ms_per_step": 1000 * wall_s / steps, "self_ms_per_step": total / 1000 / steps,
+            "top": [{"name": e.key[:160], "ms_per_step": self_us(e) / 1000 / steps, "share": self_us(e) / total,
+                     "calls_per_step": e.count / steps} for e in events[:top]]}
+
+
+# ---- how host memory is measured on CPU ----------------------------------------------------------------------
+# tracemalloc sees only Python's allocations, not torch's tensors, and ru_maxrss is the process's peak since it
+# started. Instead: give freed heap memory back to the kernel (glibc's malloc_trim, since train.py's malloc tuning
+# keeps it), reset the kernel's peak-RSS mark (writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS),
+# run the measurement, and report VmHWM minus the RSS before it: the resident memory the measurement added at its peak.
+CPU_MEMORY_MEASURE = ("peak RSS growth: /proc/self/status VmHWM after the row minus VmRSS before it (heap trimmed "
+                      "with malloc_trim, VmHWM reset through /proc/self/clear_refs)")
+CUDA_MEMORY_MEASURE = "torch.cuda.max_memory_allocated (reset before the row; model, optimizer and activations)"
+
+
+def proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])  # "VmHWM:   123456 kB"
+    raise KeyError(key)
+
+
+def reset_host_peak() -> int | None:
+    """Trim the heap, reset VmHWM and return the RSS in kB it now starts from; None where /proc cannot do it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the RSS simply starts higher
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return proc_status_kb("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
 def bench_step(preset: str, device: torch.device, precision: str, compile_: bool, batch_size: int, steps: int,
-               warmup: int, overrides: dict, optimizer: str = "adamw") -> dict:
-    """Time the training step: forward, backward, optimizer, each synchronised, then whole steps unsynchronised."""
+               warmup: int, overrides: dict, optimizer: str = "adamw", profile_steps: int = 0) -> dict:
+    """Time the training step: forward, backward, optimizer, each synchronised, then whole steps unsynchronised;
+    with profile_steps, then that many steps under torch.profiler (``profile_ops``: where the time goes)."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(preset, **overrides)
     raw = GPT(cfg).to(device)
@@ -96,13 +175,16 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):  # includes compilation
+    def step() -> None:  # one whole step as the loop runs it
         accumulate_gradients(model, objective, [batch], count, 1, autocast, scaler, "ddp")
         unscale_gradients(opt, scaler)
         clip_gradients(params, 1.0)
         apply_update(opt, scaler)
         opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # includes compilation
+        step()
     sync(device)
     warmup_s = time.perf_counter() - t0
 
@@ -131,14 +213,11 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     sync(device)
     a = time.perf_counter()
     for _ in range(steps):
-        accumulate_gradients(model, objective, [batch], count, 1, autocast, scaler, "ddp")
-        unscale_gradients(opt, scaler)
-        clip_gradients(params, 1.0)
-        apply_update(opt, scaler)
-        opt.zero_grad(set_to_none=True)
+        step()
     sync(device)
     step_s = (time.perf_counter() - a) / steps
     tokens = batch_size * cfg.block_size
+    profile = profile_ops(step, device, profile_steps) if profile_steps else None
     return {
         "preset": preset, "precision": precision, "compile": compile_, "batch_size": batch_size, "optimizer": optimizer,
         "block_size": cfg.block_size, "params": raw.num_params(), "flops_per_token": raw.flops_per_token(),
@@ -147,8 +226,120 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
         "achieved_tflops": raw.flops_per_token() * tokens / step_s / 1e12,
         "achieved_tflops_causal": raw.flops_per_token(causal=True) * tokens / step_s / 1e12,
         "forward_ms": 1000 * fwd / steps, "backward_ms": 1000 * bwd / steps, "optimizer_ms": 1000 * upd / steps,
-        "warmup_s": warmup_s, "peak_memory_mb": peak_memory_mb(device),
+        "warmup_s": warmup_s, "peak_memory_mb": peak_memory_mb(device), "profile": profile,
     }
+
+
+# ---- how cost grows (--scaling) -------------------------------------------------------------------------------
+SCALING_WIDTHS = (128, 256, 384, 768)  # swept at context SCALING_AT_CONTEXT
+SCALING_CONTEXTS = (256, 512, 1024)  # swept at width SCALING_AT_WIDTH
+SCALING_AT_CONTEXT = SCALING_AT_WIDTH = 256
+SCALING_LAYERS, SCALING_HEAD_SIZE, SCALING_TOKENS = 4, 32, 2048  # tokens per step: batch = tokens / context
+
+
+def scaling_shapes(widths, contexts, at_width: int, at_context: int) -> list[dict]:
+    """The sweep's (width, context) points in order, each once, with the sweeps it belongs to."""
+    points: dict[tuple[int, int], list[str]] = {}
+    for w in widths:
+        points.setdefault((w, at_context), []).append("width")
+    for c in contexts:
+        points.setdefault((at_width, c), []).append("context")
+    return [{"n_embd": w, "block_size": c, "sweeps": sweeps} for (w, c), sweeps in points.items()]
+
+
+def check_scaling_shape(width: int, context: int, head_size: int, tokens: int) -> None:
+    if width % head_size:
+        raise ValueError(f"--scaling width {width} is not a multiple of the head size {head_size}")
+    if tokens % context:
+        raise ValueError(f"--scaling-tokens {tokens} is not a multiple of the context {context}")
+
+
+def bench_scaling(args, device: torch.device, precision: str, modes: list[bool], overrides: dict) -> dict:
+    """Training steps (forward, backward, optimizer) over the widths and contexts of the sweep: tokens/s, model
+    FLOP/s, MFU against the matmul peak measured before and after each row, peak memory; rows below
+    --profile-below of that peak get a profiler summary (``profile_ops``)."""
+    shapes = scaling_shapes(args.scaling_widths, args.scaling_contexts, args.scaling_at_width, args.scaling_at_context)
+    for shape in shapes:
+        check_scaling_shape(shape["n_embd"], shape["block_size"], args.scaling_head_size, args.scaling_tokens)
+    dtype, vp = DTYPES[precision], vendor_peak(device, precision)
+    # one throw-away step first, so that one-time costs (libraries loading, thread pools) fall in no row's memory
+    bench_step("tiny", device, precision, False, 1, 1, 0, scaling_model(args, shapes[0], overrides), args.optimizer)
+    readings = [matmul_peak(device, dtype, n=args.peak_n, seconds=args.peak_seconds)]
+    rows = []
+    for shape in shapes:
+        for compile_ in modes:
+            row = scaling_row(args, device, precision, compile_, shape, overrides)
+            readings.append(matmul_peak(device, dtype, n=args.peak_n, seconds=args.peak_seconds))
+            peak = (readings[-2] + readings[-1]) / 2
+            row.update(peak_before_after_flops=readings[-2:], peak_flops=peak,
+                       mfu_measured_peak=row["achieved_flops"] / peak,
+                       mfu_vendor_peak=row["achieved_flops"] / vp if vp else None)
+            row["profile"] = (profile_row(args, device, precision, compile_, shape, overrides)
+                              if row["mfu_measured_peak"] < args.profile_below else None)
+            rows.append(row)
+            print(f"scaling: width {row['n_embd']:4d} context {row['block_size']:5d} "
+                  f"{'compiled' if compile_ else 'eager'}: {row['tokens_per_sec']:,.0f} tok/s, "
+                  f"{row['achieved_flops'] / 1e9:,.1f} GFLOP/s, MFU {100 * row['mfu_measured_peak']:.1f}% of measured "
+                  f"peak, {row['peak_memory_mb']:,.0f} MB", flush=True)
+    return {"precision": precision, "n_layer": args.scaling_layers, "head_size": args.scaling_head_size,
+            "tokens_per_step": args.scaling_tokens, "steps": args.scaling_steps, "warmup": args.scaling_warmup,
+            "optimizer": args.optimizer, "matmul_n": args.peak_n, "peak_readings_flops": readings,
+            "vendor_peak_flops": vp, "profile_below": args.profile_below,
+            "flop_convention": "6N + 12 L d T per token (model/gpt.py flops_per_token: full attention, the PaLM / "
+                               "nanoGPT convention, as train/mfu); N = the matmul weights, embedding lookups excluded",
+            "memory_measure": CUDA_MEMORY_MEASURE if device.type == "cuda" else CPU_MEMORY_MEASURE, "rows": rows}
+
+
+def scaling_model(args, shape: dict, overrides: dict) -> dict:
+    return {**overrides, "n_layer": args.scaling_layers, "n_embd": shape["n_embd"],
+            "n_head": shape["n_embd"] // args.scaling_head_size, "block_size": shape["block_size"]}
+
+
+def scaling_row(args, device: torch.device, precision: str, compile_: bool, shape: dict, overrides: dict) -> dict:
+    """One point of the sweep: bench_step on the tiny preset's architecture at this shape, its memory measured."""
+    start_kb = reset_host_peak() if device.type == "cpu" else None
+    r = bench_step("tiny", device, precision, compile_, args.scaling_tokens // shape["block_size"],
+                   args.scaling_steps, args.scaling_warmup, scaling_model(args, shape, overrides), args.optimizer)
+    if device.type == "cpu":
+        r["peak_memory_mb"] = (proc_status_kb("VmHWM") - start_kb) / 1024 if start_kb is not None else None
+    r.update(sweeps=shape["sweeps"], n_embd=shape["n_embd"], n_layer=args.scaling_layers,
+             n_head=shape["n_embd"] // args.scaling_head_size, tokens_per_step=r["batch_size"] * r["block_size"],
+             achieved_flops=r["flops_per_token"] * r["tokens_per_sec"],
+             achieved_flops_causal=r["flops_per_token_causal"] * r["tokens_per_sec"])
+    return r
+
+
+def profile_row(args, device: torch.device, precision: str, compile_: bool, shape: dict, overrides: dict) -> dict:
+    """The profiler's summary of a row (a fresh model: one warm-up step, then --profile-steps profiled steps)."""
+    r = bench_step("tiny", device, precision, compile_, args.scaling_tokens // shape["block_size"], 1, 1,
+                   scaling_model(args, shape, overrides), args.optimizer, profile_steps=args.profile_steps)
+    return r["profile"]
+
+
+def scaling_markdown(results: dict) -> str:
+    """The sweep as a markdown table, with the machine, precision, FLOP convention and peak above it."""
+    sc, m = results["scaling"], results["machine"]
+    peak = ", ".join(f"{x / 1e9:,.0f}" for x in sc["peak_readings_flops"])
+    vendor = f"; vendor peak {sc['vendor_peak_flops'] / 1e12:.0f} TFLOP/s" if sc["vendor_peak_flops"] else ""
+    lines = [f"Machine: {m['gpu'] or m['processor'] or platform.machine()}, {m['cpu_count']} cores, "
+             f"{m['torch_threads']} torch threads, torch {m['torch']}. {sc['precision']}, {sc['n_layer']} layers, "
+             f"head size {sc['head_size']}, {sc['tokens_per_step']} tokens per step (batch = tokens / context), "
+             f"{sc['optimizer']}, {sc['steps']} timed steps after {sc['warmup']} warm-up.",
+             f"FLOPs: {sc['flop_convention']}. Matmul peak ({sc['matmul_n']}^3, before and after each row): {peak} "
+             f"GFLOP/s{vendor}. Memory: {sc['memory_measure']}.", "",
+             "| sweep | width | context | batch | mode | params | tok/s | GFLOP/s | MFU (measured peak) | MFU (vendor) "
+             "| peak MB | where the time goes (top 3, self time) |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sc["rows"]:
+        top = "; ".join(f"{t['name'][:40]} {100 * t['share']:.0f}%" for t in r["profile"]["top"][:3]) \
+            if r["profile"] else ""
+        vendor = f"{100 * r['mfu_vendor_peak']:.1f}%" if r["mfu_vendor_peak"] else "-"
+        mem = f"{r['peak_memory_mb']:,.0f}" if r["peak_memory_mb"] is not None else "-"
+        lines.append(f"| {'+'.join(r['sweeps'])} | {r['n_embd']} | {r['block_size']} | {r['batch_size']} | "
+                     f"{'compiled' if r['compile'] else 'eager'} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['tokens_per_sec']:,.0f} | {r['achieved_flops'] / 1e9:,.1f} | "
+                     f"{100 * r['mfu_measured_peak']:.1f}% | {vendor} | {mem} | {top} |")
+    return "\n".join(lines) + "\n"
 
 
 def bench_loop(preset: str, device: torch.device, batch_size: int, steps: int, overrides: dict, cache: str,
@@ -515,6 +706,25 @@ def main(argv: list[str] | None = None) -> dict:
                     help="--prepare: readings of each measurement, interleaved; the fastest is reported")
     ap.add_argument("--rl", default=None, metavar="RUN_DIR", help="also measure the RL step split, from this SFT run")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. n_layer=6")
+    ap.add_argument("--peak-n", type=int, default=None, help="size of the peak's square matmuls (8192 GPU, 2048 CPU)")
+    ap.add_argument("--peak-seconds", type=float, default=2.0, help="seconds of each matmul peak reading")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after each step measurement, profile this many steps (torch.profiler): the top kernels/ops")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only the sweep of `scaling` above (eager and compiled unless --no-eager / --no-compile)")
+    ap.add_argument("--scaling-widths", type=int, nargs="+", default=list(SCALING_WIDTHS))
+    ap.add_argument("--scaling-contexts", type=int, nargs="+", default=list(SCALING_CONTEXTS))
+    ap.add_argument("--scaling-at-width", type=int, default=SCALING_AT_WIDTH, help="the width of the context sweep")
+    ap.add_argument("--scaling-at-context", type=int, default=SCALING_AT_CONTEXT, help="the context of the width sweep")
+    ap.add_argument("--scaling-layers", type=int, default=SCALING_LAYERS)
+    ap.add_argument("--scaling-head-size", type=int, default=SCALING_HEAD_SIZE)
+    ap.add_argument("--scaling-tokens", type=int, default=SCALING_TOKENS, help="tokens per step")
+    ap.add_argument("--scaling-steps", type=int, default=10, help="timed steps per row (twice: split, then whole)")
+    ap.add_argument("--scaling-warmup", type=int, default=2)
+    ap.add_argument("--profile-below", type=float, default=0.5,
+                    help="--scaling: profile the rows whose MFU is below this share of the measured matmul peak")
+    ap.add_argument("--profile-steps", type=int, default=3, help="--scaling: steps of each row's profile")
+    ap.add_argument("--markdown", default=None, help="--scaling: write the table here (default: the --json path, .md)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -531,27 +741,30 @@ def main(argv: list[str] | None = None) -> dict:
             v.lower() in ("1", "true")
     batch_size = args.batch_size or (stage_defaults("pretrain")["train.batch_size"] if device.type == "cpu" else
                                      16 if args.preset in ("gpt2", "medium") else 32)
-    cache = tempfile.mkdtemp(prefix="gptrain-bench-cache-")
+    args.peak_n = args.peak_n or (8192 if device.type == "cuda" else 2048)
     env = environment_info()
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "gpu": env["gpu"], "torch": env["packages"]["torch"], "python": env["python"],
                            "git_revision": env["git_revision"], "host_malloc_tuned": host_malloc_tuned},
                "peak": {}, "step": [], "loop": None, "data": None, "prepare": None, "rl": None}
+    if args.scaling:
+        return run_scaling(args, device, precisions, overrides, results)
+    cache = tempfile.mkdtemp(prefix="gptrain-bench-cache-")
 
     for prec in precisions:
         dtype = DTYPES[prec]
-        n = 8192 if device.type == "cuda" else 2048
+        n = args.peak_n
         # The peak is measured before and after each step measurement: on a shared machine whose speed drifts, MFU
         # is taken against the mean of the two readings around it, and both are kept.
-        measured = matmul_peak(device, dtype, n=n, seconds=2.0)
+        measured = matmul_peak(device, dtype, n=n, seconds=args.peak_seconds)
         readings = [measured]
         results["peak"][prec] = {"measured_tflops": measured / 1e12, "vendor_tflops": (vendor_peak(device, prec) or 0)
                                  / 1e12 or None, "matmul_n": n}
         for compile_ in [c for c, skip in ((False, args.no_eager), (True, args.no_compile)) if not skip]:
             r = bench_step(args.preset, device, prec, compile_, batch_size, args.steps, args.warmup, overrides,
-                           args.optimizer)
-            after = matmul_peak(device, dtype, n=n, seconds=2.0)
+                           args.optimizer, args.profile)
+            after = matmul_peak(device, dtype, n=n, seconds=args.peak_seconds)
             r["peak_before_after_tflops"] = [readings[-1] / 1e12, after / 1e12]
             vp = vendor_peak(device, prec)
             for suffix in ("", "_causal"):  # 6N + 12LdT (train/mfu's convention), 6N + 6LdT
@@ -605,6 +818,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
+    return results
+
+
+def run_scaling(args, device: torch.device, precisions: list[str], overrides: dict, results: dict) -> dict:
+    """--scaling: the sweep in the first precision asked (default: the device's), printed and written."""
+    modes = [c for c, skip in ((False, args.no_eager), (True, args.no_compile)) if not skip]
+    if not modes:
+        raise ValueError("--scaling with both --no-eager and --no-compile: no step to measure")
+    del results["step"], results["loop"], results["data"], results["prepare"], results["rl"], results["peak"]
+    results["scaling"] = bench_scaling(args, device, precisions[0], modes, overrides)
+    table = scaling_markdown(results)
+    print("\n" + table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    markdown = args.markdown or (str(Path(args.json).with_suffix(".md")) if args.json else None)
+    if markdown:
+        Path(markdown).write_text(table)
+        print(f"wrote {markdown}")
     return results
 
 
