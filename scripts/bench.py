@@ -804,6 +804,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['tokens_per_sec']:10,.0f} {r['achieved_tflops'] * 1000:9.1f} {100 * r['mfu_measured_peak']:8.1f}% "
               f"{mv:>9s} {100 * r['mfu_measured_peak_causal']:11.1f}% {cv:>12s} {r['forward_ms']:8.1f} "
               f"{r['backward_ms']:8.1f} {r['optimizer_ms']:8.1f} {r['peak_memory_mb']:8.0f}")
+    for r in results["step"]:
+        if r["profile"]:
+            print(f"profile {r['precision']} {'compiled' if r['compile'] else 'eager'} ({r['profile']['what']}): "
+                  + "; ".join(f"{t['name'][:60]} {100 * t['share']:.0f}%" for t in r["profile"]["top"][:5]))
     if results["loop"]:
         print(f"train.py loop: {results['loop']['tokens_per_sec']:,.0f} tok/s")
     if results["data"]:
