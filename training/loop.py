@@ -33,7 +33,7 @@ from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.faults import FaultInjection, StopSignal
 from training.health import HealthWarning, HealthWatch, activation_hooks, block_grad_norms, lr_scales, update_ratios
 from training.monitor import Monitor, Throughput, fmt_duration, print0
-from training.optim import build_optimizer, lr_factor, set_lr
+from training.optim import build_optimizer, lr_factor, set_lr, weight_decay_factor
 from training.precision import autocast_ctx, resolve_precision
 from training.run_folder import check_global_batch, check_run_dir, config_summary, write_run_files
 from training.run_state import RunState, build_checkpoint
@@ -105,6 +105,9 @@ def check_settings(cfg: Config, info: DistInfo, precision: str) -> None:
         raise ValueError("--train.optimizer=muon needs whole gradient matrices; it is not supported with "
                          "--dist.strategy=fsdp: pass --train.optimizer=adamw (muon is the pre-training default, the "
                          "CPU speedrun's optimizer) or use --dist.strategy=ddp")
+    if cfg.train.cautious_decay and cfg.dist.strategy == "fsdp" and info.distributed:
+        raise ValueError("--train.cautious_decay=true is not supported with --dist.strategy=fsdp (its "
+                         "optimizer has not been checked on sharded parameters): use --dist.strategy=ddp")
 
 
 def starting_points(cfg: Config, info: DistInfo) -> tuple[dict | None, dict | None]:
@@ -466,8 +469,9 @@ def train(run: Run, state: RunState) -> dict:
         torch.manual_seed(step_seed(t.seed, state.step, info.rank))
         batches, count = step_batches(run, state)
         # Until a time budget has been turned into max_steps, the schedule is in its warmup/stable part.
-        factor = lr_factor(state.sched_step, state.max_steps if state.max_steps is not None else 10**9, t)
-        set_lr(run.optimizer, factor)
+        max_steps = state.max_steps if state.max_steps is not None else 10**9
+        factor = lr_factor(state.sched_step, max_steps, t)
+        set_lr(run.optimizer, factor, weight_decay_factor(state.sched_step, max_steps, t))
         result = train_step(run, state, batches, count)
         warn(run, [run.health.exploding.observe(state.step, result.grad_norm)])
         run.health.overfitting.observe_train(result.loss)
