@@ -191,3 +191,35 @@ def test_exact_resume_with_the_options_on(tmp_path, corpus_dir, options):
     states = ckpt["optimizer"]["state"].values()
     normuon = "--train.normuon=true" in options
     assert any("row_mean_square" in s for s in states) == normuon  # NorMuon ran in the loop, and its state is saved
+
+
+# ----------------------------------------------------------------------------------------------- batch-size ramp
+def test_accumulation_ramp_by_hand():
+    from training.optim import accum_steps
+
+    t = TrainSection(grad_accum=3, accum_ramp_steps=4)
+    assert [accum_steps(s, t) for s in range(7)] == [1, 1, 2, 2, 3, 3, 3]  # 1 + 2 s // 4 until step 4
+    assert [accum_steps(s, TrainSection(grad_accum=3)) for s in range(3)] == [3, 3, 3]  # off: the default
+
+
+def test_accumulation_ramp_counts_its_tokens_and_resumes_exactly(tmp_path, corpus_dir, capsys):
+    """6 updates of micro-batches of 4 x 64 tokens ramping 1, 1, 2, 2, 3, 3: train/tokens_seen adds 256 per
+    micro-step actually run; stopped after 3 (inside the ramp) and resumed, the run is the uninterrupted one."""
+    import json
+
+    options = ["--train.optimizer=muon", "--train.grad_accum=3", "--train.accum_ramp_steps=4"]
+    whole = assert_resumes_exactly(lambda out, *a: main(run_args(corpus_dir, out, *a)), tmp_path, options, 3)
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    seen = {r["step"]: r["train/tokens_seen"] for r in rows if "train/tokens_seen" in r}
+    assert seen == {1: 256, 2: 512, 3: 1024, 4: 1536, 5: 2304, 6: 3072}
+    assert "(from 1 micro-step, ramped over 4 updates)" in capsys.readouterr().out
+
+
+def test_accumulation_ramp_refuses_a_time_budget_and_a_ramp_to_nowhere():
+    with pytest.raises(ValueError, match=r"train.accum_ramp_steps=4 needs a step count.*--train.max_steps"):
+        parse_args(["--train.grad_accum=2", "--train.accum_ramp_steps=4"])  # pretrain's 10-minute budget
+    parse_args(["--train.grad_accum=2", "--train.accum_ramp_steps=4", "--train.max_steps=10"])
+    with pytest.raises(ValueError, match="set train.grad_accum to at least 2"):
+        parse_args(["--train.accum_ramp_steps=4", "--train.max_steps=10"])
+    with pytest.raises(ValueError, match=r"train.accum_ramp_steps=-1 must be >= 0"):
+        parse_args(["--train.accum_ramp_steps=-1"])

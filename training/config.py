@@ -94,6 +94,9 @@ class TrainSection:
     time_budget_min: float = option(0.0, "loop wall-clock minutes, planned into max_steps (re-planned under wsd); 0 = off")
     batch_size: int = option(32, "sequences per process per micro-step")
     grad_accum: int = option(1, "micro-steps per optimizer step")
+    # A batch-size schedule: update s (0-based) accumulates 1 + (grad_accum - 1) x s // N micro-steps while s < N.
+    # Step-based, so a time budget (which plans from the time a step takes) is refused with it.
+    accum_ramp_steps: int = option(0, "micro-steps ramp from 1 to grad_accum over the first N updates (0 = off)")
     lr: float = option(3e-3, "peak learning rate (with muon: of the parameters AdamW updates)")
     min_lr_ratio: float = option(0.1, "the schedule ends at lr x min_lr_ratio")
     warmup_steps: int = option(50, "linear warmup from 0, in steps")
@@ -447,6 +450,7 @@ def validate(cfg: Config) -> None:
     if not 0 < t.decay_frac <= 1:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
     check_optimizer_options(t)
+    check_accum_ramp(t)
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
     check_health(cfg.health)
@@ -477,6 +481,19 @@ def check_optimizer_options(t: TrainSection) -> None:
     if t.weight_decay < 0 or t.muon_weight_decay < 0:
         raise ValueError(f"train.weight_decay={t.weight_decay} and train.muon_weight_decay={t.muon_weight_decay} "
                          "must be >= 0")
+
+
+def check_accum_ramp(t: TrainSection) -> None:
+    if t.accum_ramp_steps < 0:
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} must be >= 0 (0 = off)")
+    if t.accum_ramp_steps and t.grad_accum < 2:
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} ramps the micro-steps up to train.grad_accum, "
+                         f"which is {t.grad_accum}: set train.grad_accum to at least 2")
+    if t.accum_ramp_steps and t.time_budget_min > 0:
+        # The budget turns the first steps' time into a step count; ramped steps grow dearer, so it would overrun.
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} needs a step count: the time budget "
+                         f"(train.time_budget_min={t.time_budget_min:g}) plans from the time of steps that the ramp "
+                         "makes dearer later; give --train.max_steps (which turns the budget off)")
 
 
 def check_health(h: HealthSection) -> None:

@@ -85,6 +85,14 @@ def weight_decay_factor(step: int, max_steps: int, t: TrainSection) -> float:
     return max(1.0 - (step + 1) / max(max_steps, 1), 0.0)
 
 
+def accum_steps(step: int, t: TrainSection) -> int:
+    """Micro-steps of the update after `step` applied ones (0-based): train.grad_accum, or during the batch-size
+    ramp (train.accum_ramp_steps = N) 1 + (grad_accum - 1) x step // N, from 1 up to grad_accum at step N."""
+    if step >= t.accum_ramp_steps:
+        return t.grad_accum
+    return 1 + (t.grad_accum - 1) * step // t.accum_ramp_steps
+
+
 def set_lr(optimizer: torch.optim.Optimizer, factor: float, wd_factor: float = 1.0) -> None:
     """Apply the schedule: every group runs at factor x its own peak learning rate and wd_factor x its own peak
     weight decay (a group without a recorded peak, from a checkpoint older than the weight-decay schedule, keeps
