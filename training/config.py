@@ -94,6 +94,9 @@ class TrainSection:
     time_budget_min: float = option(0.0, "loop wall-clock minutes, planned into max_steps (re-planned under wsd); 0 = off")
     batch_size: int = option(32, "sequences per process per micro-step")
     grad_accum: int = option(1, "micro-steps per optimizer step")
+    # A batch-size schedule: update s (0-based) accumulates 1 + (grad_accum - 1) x s // N micro-steps while s < N.
+    # Step-based, so a time budget (which plans from the time a step takes) is refused with it.
+    accum_ramp_steps: int = option(0, "micro-steps ramp from 1 to grad_accum over the first N updates (0 = off)")
     lr: float = option(3e-3, "peak learning rate (with muon: of the parameters AdamW updates)")
     min_lr_ratio: float = option(0.1, "the schedule ends at lr x min_lr_ratio")
     warmup_steps: int = option(50, "linear warmup from 0, in steps")
@@ -104,12 +107,24 @@ class TrainSection:
                             ("adamw", "muon"))
     muon_lr: float = option(0.02, "peak learning rate of the Muon matrices")
     muon_momentum: float = option(0.95, "momentum of the Muon matrices")
+    # NorMuon (Li et al. 2025): v <- beta2 v + (1 - beta2) mean over a row of O^2, per row (output neuron) of the
+    # orthogonalised update O, beta2 being train.beta2; O / (sqrt(v) + eps) is rescaled to O's own Frobenius norm
+    # (the paper scales to 0.2 sqrt(rows x cols) lr instead), so train.muon_lr keeps its meaning.
+    normuon: bool = option(False, "with muon: NorMuon, each row of the orthogonalised update over its running RMS")
+    muon_weight_decay: float = option(0.0, "decoupled weight decay of the Muon matrices (w *= 1 - muon lr x this)")
+    # Cautious weight decay (Chen et al. 2025): w -= lr (u + wd 1[u w >= 0] w), u the update's direction (w moves
+    # by -lr u): the decay is applied only where it pulls the same way as the update.
+    cautious_decay: bool = option(False, "weight decay only where the update and the weight share a sign")
+    wd_schedule: str = option("constant", "linear: the weight decays fall linearly to 0 at the last update",
+                              ("constant", "linear"))
     # w *= 1 - lr x weight_decay per step, lr being the group's scheduled lr. With adamw: every 2-D weight (the
     # blocks' linear layers, the token embedding = the tied head, gpt2's position embedding, an untied head); with
-    # muon: only those embeddings and an untied head (at train.lr) -- the blocks' Muon matrices get none.
+    # muon: only those embeddings and an untied head (at train.lr) -- the blocks' Muon matrices get
+    # train.muon_weight_decay instead (0 by default). Under train.wd_schedule=linear, both are multiplied by
+    # 1 - (step + 1) / max_steps (step 0-based): 0 at the last update.
     weight_decay: float = option(0.1, "decoupled, on the 2-D weights AdamW updates (never norms, biases or Muon's matrices)")
     beta1: float = option(0.9, "AdamW's first-moment decay")
-    beta2: float = option(0.95, "AdamW's second-moment decay")
+    beta2: float = option(0.95, "AdamW's second-moment decay (and NorMuon's per-row one)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off); the pre-clip norm is logged")
     seed: int = option(1337, "seed of the initialisation, data order, dropout and samples")
     precision: str = option("auto", "auto: bf16 on CUDA that supports it, else fp32", PRECISIONS)
@@ -434,6 +449,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if not 0 < t.decay_frac <= 1:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
+    check_optimizer_options(t)
+    check_accum_ramp(t)
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
     check_health(cfg.health)
@@ -450,6 +467,33 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"rl.beta={r.beta} must be >= 0 and rl.clip_eps={r.clip_eps} positive")
     if stage_table()[cfg.stage].fine_tunes and not cfg.init_from and not cfg.resume:
         raise ValueError(f"--stage {cfg.stage} fine-tunes a checkpoint: give --init-from RUN_DIR")
+
+
+def check_optimizer_options(t: TrainSection) -> None:
+    """The Muon-only options need train.optimizer=muon: with adamw they would silently do nothing."""
+    if t.optimizer != "muon":
+        for key, value, off in (("normuon", t.normuon, False), ("muon_weight_decay", t.muon_weight_decay, 0.0)):
+            if value != off:
+                raise ValueError(f"train.{key}={value!r} applies to the Muon matrices: it needs "
+                                 f"train.optimizer=muon (train.optimizer is {t.optimizer!r})")
+    if not 0 <= t.beta2 < 1:  # AdamW's second moment, and NorMuon's per-row one
+        raise ValueError(f"train.beta2={t.beta2} must be in [0, 1)")
+    if t.weight_decay < 0 or t.muon_weight_decay < 0:
+        raise ValueError(f"train.weight_decay={t.weight_decay} and train.muon_weight_decay={t.muon_weight_decay} "
+                         "must be >= 0")
+
+
+def check_accum_ramp(t: TrainSection) -> None:
+    if t.accum_ramp_steps < 0:
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} must be >= 0 (0 = off)")
+    if t.accum_ramp_steps and t.grad_accum < 2:
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} ramps the micro-steps up to train.grad_accum, "
+                         f"which is {t.grad_accum}: set train.grad_accum to at least 2")
+    if t.accum_ramp_steps and t.time_budget_min > 0:
+        # The budget turns the first steps' time into a step count; ramped steps grow dearer, so it would overrun.
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} needs a step count: the time budget "
+                         f"(train.time_budget_min={t.time_budget_min:g}) plans from the time of steps that the ramp "
+                         "makes dearer later; give --train.max_steps (which turns the budget off)")
 
 
 def check_health(h: HealthSection) -> None:

@@ -33,7 +33,7 @@ from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.faults import FaultInjection, StopSignal
 from training.health import HealthWarning, HealthWatch, activation_hooks, block_grad_norms, lr_scales, update_ratios
 from training.monitor import Monitor, Throughput, fmt_duration, print0
-from training.optim import build_optimizer, lr_factor, set_lr
+from training.optim import accum_steps, build_optimizer, lr_factor, set_lr, weight_decay_factor
 from training.precision import autocast_ctx, resolve_precision
 from training.run_folder import check_global_batch, check_run_dir, config_summary, write_run_files
 from training.run_state import RunState, build_checkpoint
@@ -105,6 +105,9 @@ def check_settings(cfg: Config, info: DistInfo, precision: str) -> None:
         raise ValueError("--train.optimizer=muon needs whole gradient matrices; it is not supported with "
                          "--dist.strategy=fsdp: pass --train.optimizer=adamw (muon is the pre-training default, the "
                          "CPU speedrun's optimizer) or use --dist.strategy=ddp")
+    if cfg.train.cautious_decay and cfg.dist.strategy == "fsdp" and info.distributed:
+        raise ValueError("--train.cautious_decay=true is not supported with --dist.strategy=fsdp (its "
+                         "optimizer has not been checked on sharded parameters): use --dist.strategy=ddp")
 
 
 def starting_points(cfg: Config, info: DistInfo) -> tuple[dict | None, dict | None]:
@@ -429,7 +432,7 @@ def log_step(run: Run, state: RunState, r: StepResult, lr: float, count: float, 
 def step_batches(run: Run, state: RunState) -> tuple[list[dict], torch.Tensor]:
     """The step's micro-batches from the stage (given the policy: a stage may generate them), then their
     normalisation count summed over micro-batches and ranks: the step's one divisor."""
-    batches = run.stage.train_batches(run.eval_model, run.cfg.train.grad_accum)
+    batches = run.stage.train_batches(run.eval_model, accum_steps(state.sched_step, run.cfg.train))
     count = sum(run.stage.objective.count(b) for b in batches).to(device=run.info.device, dtype=torch.float32)
     return batches, all_reduce(count)
 
@@ -452,7 +455,8 @@ def train(run: Run, state: RunState) -> dict:
     peak = t.peak_flops or measure_peak_flops(info.device, run.precision)
     print0(f"world size {info.world_size} ({info.backend or 'single process'}), per-device batch {t.batch_size} x "
            f"{run.gcfg.block_size} tokens, accumulation {t.grad_accum}, global batch "
-           f"{stage.tokens_per_micro_batch * t.grad_accum * info.world_size} tokens/step")
+           f"{stage.tokens_per_micro_batch * t.grad_accum * info.world_size} tokens/step"
+           + (f" (from 1 micro-step, ramped over {t.accum_ramp_steps} updates)" if t.accum_ramp_steps else ""))
     budget = TimeBudget(t, cfg.eval.interval) if t.time_budget_min > 0 else None
     state.start_clock()
     start_step = state.step
@@ -466,8 +470,9 @@ def train(run: Run, state: RunState) -> dict:
         torch.manual_seed(step_seed(t.seed, state.step, info.rank))
         batches, count = step_batches(run, state)
         # Until a time budget has been turned into max_steps, the schedule is in its warmup/stable part.
-        factor = lr_factor(state.sched_step, state.max_steps if state.max_steps is not None else 10**9, t)
-        set_lr(run.optimizer, factor)
+        max_steps = state.max_steps if state.max_steps is not None else 10**9
+        factor = lr_factor(state.sched_step, max_steps, t)
+        set_lr(run.optimizer, factor, weight_decay_factor(state.sched_step, max_steps, t))
         result = train_step(run, state, batches, count)
         warn(run, [run.health.exploding.observe(state.step, result.grad_norm)])
         run.health.overfitting.observe_train(result.loss)

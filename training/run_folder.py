@@ -83,8 +83,12 @@ def _shape_line(cfg: Config, gcfg) -> str:
 
 def _optimizer_line(t) -> str:
     adamw = f"adamw lr {t.lr:g} (betas {t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g}"
-    opt = f"muon lr {t.muon_lr:g} (momentum {t.muon_momentum:g}) on the blocks' matrices, {adamw} on the rest" \
-        if t.optimizer == "muon" else adamw
+    muon = f"{'normuon' if t.normuon else 'muon'} lr {t.muon_lr:g} (momentum {t.muon_momentum:g})" + \
+        (f", weight decay {t.muon_weight_decay:g}" if t.muon_weight_decay else "")
+    opt = f"{muon} on the blocks' matrices, {adamw} on the rest" if t.optimizer == "muon" else adamw
+    decay = [word for word, on in (("cautious", t.cautious_decay), ("falling linearly to 0", t.wd_schedule == "linear"))
+             if on]
+    opt += f" (weight decay {', '.join(decay)})" if decay else ""
     clip = f"gradient norm clipped at {t.grad_clip:g}" if t.grad_clip > 0 else "no gradient clipping"
     return f"{opt}; {clip}"
 
