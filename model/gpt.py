@@ -293,7 +293,8 @@ class Attention(nn.Module):
             q, k = qkv[:, : cfg.n_head], qkv[:, cfg.n_head : cfg.n_head + cfg.n_kv_head]
         v = qkv[:, cfg.n_head + cfg.n_kv_head :]  # (B, K, T, D)
         if ve is not None:  # the value embedding (B, T, K D) of these tokens, weighted per kv head
-            v = v + self.ve_gate[:, None, None] * ve.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+            ve = self.ve_gate[:, None, None] * ve.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+            v = v + ve.to(v.dtype)  # (B, K, T, D) in the projections' dtype (bf16 under autocast), as k
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D), S = cached + T
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves H/K query heads
