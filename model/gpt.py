@@ -19,7 +19,28 @@ T = the sequence length of the batch (block_size in pre-training, the padded len
 Per token and layer a forward pass spends 2 x d x T on the scores q k^T and 2 x d x T on weighting the values
 (4 L d T; half of it, 2 L d T, when causal), and 2N on the matmuls; training (forward + backward, the backward
 twice the forward) is 3x the forward. A forward pass alone (the live DPO reference) is therefore a third of the
-training figure: 2N + 4 L d T (full) or 2N + 2 L d T (causal).
+training figure: 2N + 4 L d T (full) or 2N + 2 L d T (causal). Elementwise work (norms, activations, the options'
+scalars, gates and tanh) is not counted; the options' lookup tables are embeddings, outside N like the token one.
+
+Candidate options (the speedrun v2 ablations; each off by default, and then the model is exactly the plain one):
+  qk_norm           RMSNorm with a learnable (D,) weight on each head's queries and keys, before RoPE (Qwen3's
+                    q_norm / k_norm; modern only). Exports to Qwen3ForCausalLM.
+  relu_squared      MLP down(relu(up(x))^2) instead of SwiGLU (modern only). The width stays mlp_hidden, so the MLP
+                    has 2 C h weights, 2/3 of SwiGLU's 3 C h at the same mlp_ratio; mlp_ratio x 1.5 matches SwiGLU's
+                    parameter count and FLOPs. Exports to ArceeForCausalLM (Llama with this MLP).
+  logit_softcap     logits = cap * tanh(logits / cap), in fp32, in forward, so in every loss, evaluation and
+                    generation alike (there is no other path from hidden states to logits).
+  residual_scalars  block l reads lambda_l * x + mu_l * x0 instead of x, x0 the embedding output (after dropout);
+                    blocks.l.resid_lambda (1,) starts at 1 and blocks.l.x0_lambda (1,) at 0.
+  value_embeds      k tables value_embeds.j (V, K D): table j is looked up by token and added to the values of layers
+                    j and n_layer - k + j (the first k and the last k layers; 2 k <= n_layer), times a per-kv-head
+                    gate blocks.l.attn.ve_gate (K,) initialised to 1; the tables start at zero.
+  bigram_buckets    B rows of a table bigram_embed (B, C), row ((36313 prev) xor (27191 token)) mod B added to the
+                    token embedding; starts at zero. A token with no previous token in its sequence gets none: the
+                    first of a row (counting the KV cache, which keeps the last token), the first of a packed
+                    document (doc_ids), and one after left padding (pad_mask).
+Each new scalar and gate is a 1-D parameter, so the optimizers' vector groups take them (no weight decay,
+never Muon); the new tables are 2-D and outside the blocks: AdamW with weight decay, like the token embedding.
 """
 
 from __future__ import annotations
@@ -51,6 +72,13 @@ class GPTConfig:
     norm_eps: float = 1e-5  # epsilon of RMSNorm / LayerNorm
     init_std: float = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 n_layer)
     zero_init_residual: bool = False  # residual output projections start at zero (each block starts as identity)
+    # The candidate options (module docstring); every default keeps the plain model.
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3; modern only)
+    relu_squared: bool = False  # MLP down(relu(up(x))^2), width mlp_hidden, instead of SwiGLU (modern only)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
+    residual_scalars: bool = False  # block l reads lambda_l * x + mu_l * x0, x0 the embedding output (init 1, 0)
+    value_embeds: int = 0  # k value-embedding tables for the first k and last k layers; 0 = off
+    bigram_buckets: int = 0  # rows of the hashed bigram embedding added to the token embedding; 0 = off
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -68,6 +96,28 @@ class GPTConfig:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        for name in ("qk_norm", "relu_squared"):
+            if getattr(self, name) and self.arch != "modern":
+                raise ValueError(f"model.{name}=true needs arch=modern (got arch={self.arch!r})")
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap={self.logit_softcap} must be >= 0 (0 = off)")
+        if self.bigram_buckets < 0:
+            raise ValueError(f"model.bigram_buckets={self.bigram_buckets} must be >= 0 (0 = off)")
+        if not 0 <= 2 * self.value_embeds <= self.n_layer:
+            raise ValueError(f"model.value_embeds={self.value_embeds}: the first and the last value_embeds layers get "
+                             f"a table each, so it must be in [0, n_layer / 2] (n_layer={self.n_layer})")
+
+    def value_embed_table(self, layer: int) -> int | None:
+        """The value-embedding table feeding `layer`: j for layers j and n_layer - k + j (j < k), else None."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        if layer >= self.n_layer - k:
+            return layer - (self.n_layer - k)
+        return None
 
     @property
     def head_dim(self) -> int:
@@ -124,6 +174,7 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * cfg.n_layer
         self.pos = 0  # tokens already stored
         self.max_len = max_len
+        self.last_token: torch.Tensor | None = None  # (B,) the last token stored: the bigram embedding's previous
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) after the cached ones; return all keys/values so far (B, K, pos+T, D)."""
@@ -169,6 +220,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+def bigram_bucket(prev: torch.Tensor, token: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The hashed bigram's row: ((36313 prev) xor (27191 token)) mod buckets, int64 (part of the model's definition:
+    a trained table is only valid under this hash). The odd multipliers spread a bigram's bits before the xor."""
+    return torch.bitwise_xor(prev * 36313, token * 27191) % buckets
+
+
+def previous_tokens(idx: torch.Tensor, kv_cache: KVCache | None, doc_ids: torch.Tensor | None,
+                    pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's previous token (B, T) and whether it has one (B, T) bool: not for the first token of the
+    sequence (the cache's last token precedes the new ones), nor for a packed document's first token, nor for a
+    token after padding (pad_mask (B, S) covers the cached keys and the new ones)."""
+    b, t = idx.shape
+    past = kv_cache.pos if kv_cache is not None else 0
+    first = kv_cache.last_token if past > 0 else torch.zeros(b, dtype=idx.dtype, device=idx.device)
+    prev = torch.cat([first[:, None], idx[:, :-1]], dim=1)  # (B, T)
+    has_prev = torch.ones(b, t, dtype=torch.bool, device=idx.device)
+    has_prev[:, 0] = past > 0
+    if doc_ids is not None:
+        has_prev[:, 1:] &= doc_ids[:, 1:] == doc_ids[:, :-1]
+    if pad_mask is not None:  # the key before new token j is column past + j - 1 (none before column 0)
+        before = pad_mask[:, max(past - 1, 0) : past + t - 1]  # (B, T), or (B, T - 1) when past == 0
+        has_prev[:, t - before.shape[1] :] &= before
+    return prev, has_prev
+
+
 def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
     """Concatenate weights (or biases) along the output dimension; None when the layers have no bias."""
     return None if tensors[0] is None else torch.cat(tensors, dim=0)
@@ -181,7 +257,7 @@ def _norm(cfg: GPTConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         kv_dim = cfg.n_kv_head * cfg.head_dim
@@ -191,8 +267,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.o_proj.residual = True  # scaled init
         self.resid_drop = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:  # over each head's D features, one weight shared by the heads (Qwen3)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        # The value embedding's weight in this layer's values, one per kv head; 1 at init (reset_parameters).
+        self.ve_gate = nn.Parameter(torch.ones(cfg.n_kv_head)) if value_embed else None
 
-    def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, ve: torch.Tensor | None = None
+                ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
         # One matmul for q, k and v (three small ones run well below the CPU's matmul peak); the weights stay three
@@ -200,12 +282,19 @@ class Attention(nn.Module):
         qkv = F.linear(x, _cat(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
                        _cat(self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))  # (B, T, (H + 2K) D)
         qkv = qkv.view(b, t, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, H + 2K, T, D)
-        if rope is not None:  # rotate q and k together
+        if cfg.qk_norm:  # normalise each head's q and k, then rotate them
+            q = self.q_norm(qkv[:, : cfg.n_head])  # (B, H, T, D)
+            k = self.k_norm(qkv[:, cfg.n_head : cfg.n_head + cfg.n_kv_head])  # (B, K, T, D)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        elif rope is not None:  # rotate q and k together
             qk = apply_rope(qkv[:, : cfg.n_head + cfg.n_kv_head], *rope)
             q, k = qk.split([cfg.n_head, cfg.n_kv_head], dim=1)  # (B, H, T, D), (B, K, T, D)
         else:
             q, k = qkv[:, : cfg.n_head], qkv[:, cfg.n_head : cfg.n_head + cfg.n_kv_head]
         v = qkv[:, cfg.n_head + cfg.n_kv_head :]  # (B, K, T, D)
+        if ve is not None:  # the value embedding (B, T, K D) of these tokens, weighted per kv head
+            ve = self.ve_gate[:, None, None] * ve.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+            v = v + ve.to(v.dtype)  # (B, K, T, D) in the projections' dtype (bf16 under autocast), as k
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D), S = cached + T
         if cfg.n_kv_head != cfg.n_head:  # grouped-query attention: each kv head serves H/K query heads
@@ -223,7 +312,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.gated = cfg.arch == "modern"
+        self.gated = cfg.arch == "modern" and not cfg.relu_squared
+        self.relu_squared = cfg.relu_squared
         h = cfg.mlp_hidden
         if self.gated:  # SwiGLU: down(silu(gate(x)) * up(x))
             self.gate_proj = nn.Linear(cfg.n_embd, h, bias=cfg.bias)
@@ -237,21 +327,28 @@ class MLP(nn.Module):
             gate, up = F.linear(x, _cat(self.gate_proj.weight, self.up_proj.weight),
                                 _cat(self.gate_proj.bias, self.up_proj.bias)).chunk(2, dim=-1)  # one matmul
             h = F.silu(gate) * up
+        elif self.relu_squared:
+            h = F.relu(self.up_proj(x)).square()  # (B, T, h)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")
         return self.drop(self.down_proj(h))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = _norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, value_embed=cfg.value_embed_table(layer) is not None)
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
+        # residual_scalars: this block reads resid_lambda * x + x0_lambda * x0; 1 and 0 at init (reset_parameters)
+        self.resid_lambda = nn.Parameter(torch.ones(1)) if cfg.residual_scalars else None
+        self.x0_lambda = nn.Parameter(torch.zeros(1)) if cfg.residual_scalars else None
 
-    def forward(self, x, rope, mask, kv_cache, layer) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask, kv_cache, layer)
+    def forward(self, x, rope, mask, kv_cache, layer, x0=None, ve=None) -> torch.Tensor:
+        if self.resid_lambda is not None:  # x, x0 (B, T, C)
+            x = self.resid_lambda * x + self.x0_lambda * x0
+        x = x + self.attn(self.norm1(x), rope, mask, kv_cache, layer, ve)
         return x + self.mlp(self.norm2(x))
 
 
@@ -262,11 +359,22 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # The options' tables start at zero (reset_parameters). nn.Embedding draws an init when built: forking the
+        # random state keeps those draws out of the stream reset_parameters draws the plain weights from, so a model
+        # with the tables starts with the plain model's weights from the same seed (and computes the same function).
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        with torch.random.fork_rng(devices=[]):
+            self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_dim) for _ in range(cfg.value_embeds)) \
+                if cfg.value_embeds else None
+            self.bigram_embed = nn.Embedding(cfg.bigram_buckets, cfg.n_embd) if cfg.bigram_buckets else None
+        for table in [*(self.value_embeds or []), self.bigram_embed]:
+            if table is not None:
+                table.zero_init = True
         if cfg.arch == "modern":
             cos, sin = rope_tables(cfg, cfg.block_size)
             # Not part of the state dict: derived from the config.
@@ -288,10 +396,18 @@ class GPT(nn.Module):
                     nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if residual else std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding) and getattr(m, "zero_init", False):  # the options' tables
+                nn.init.zeros_(m.weight)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 m.reset_parameters()
+        for block in self.blocks:
+            if block.attn.ve_gate is not None:
+                nn.init.ones_(block.attn.ve_gate)
+            if block.resid_lambda is not None:
+                nn.init.ones_(block.resid_lambda)
+                nn.init.zeros_(block.x0_lambda)
         if self.cfg.arch == "modern":
             cos, sin = rope_tables(self.cfg, self.cfg.block_size)
             self.rope_cos.copy_(cos)
@@ -313,7 +429,11 @@ class GPT(nn.Module):
         pad_mask (B, S) bool, S = cached + T: True on real tokens; no query attends to a padding key (left-padded
             batched generation, model/generation.py; give the per-row positions with it).
         """
-        return self.lm_head(self.hidden_states(idx, positions, doc_ids, kv_cache, pad_mask))  # (B, T, V)
+        logits = self.lm_head(self.hidden_states(idx, positions, doc_ids, kv_cache, pad_mask))  # (B, T, V)
+        cap = self.cfg.logit_softcap
+        if cap:  # in fp32: under bf16 the tanh would round the capped logits to 8 bits
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def hidden_states(
         self,
@@ -330,6 +450,10 @@ class GPT(nn.Module):
         if positions is None and past + t > self.cfg.block_size:
             raise ValueError(f"sequence of {past + t} tokens exceeds block_size={self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, C)
+        if self.bigram_embed is not None:
+            prev, has_prev = previous_tokens(idx, kv_cache, doc_ids, pad_mask)  # (B, T) each
+            bigram = self.bigram_embed(bigram_bucket(prev, idx, self.cfg.bigram_buckets))  # (B, T, C)
+            x = x + bigram * has_prev[..., None].to(bigram.dtype)
 
         # Positions: either a plain range (fast path: slice the tables) or per-token positions (gather).
         if positions is None:
@@ -342,6 +466,8 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, D/2)
         x = self.drop(x)
+        x0 = x if self.cfg.residual_scalars else None  # (B, T, C) what every block's x0 scalar weighs
+        ves = [table(idx) for table in self.value_embeds] if self.value_embeds is not None else []  # (B, T, K D)
 
         # Attention mask. SDPA's is_causal aligns the triangle to the top-left, right only when queries and keys
         # start at the same position; with a cache the T queries come after `past` keys (lower-right alignment).
@@ -362,9 +488,11 @@ class GPT(nn.Module):
             mask = torch.ones(t, s, dtype=torch.bool, device=idx.device).tril(diagonal=past)  # (T, S)
 
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, kv_cache, i)
+            j = self.cfg.value_embed_table(i)
+            x = block(x, rope, mask, kv_cache, i, x0, None if j is None else ves[j])
         if kv_cache is not None:
             kv_cache.pos += t
+            kv_cache.last_token = idx[:, -1]
         return self.norm_f(x)  # (B, T, C)
 
     # ---------------------------------------------------------------- generation
@@ -409,12 +537,12 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- accounting
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters; non_embedding leaves out the token and position embeddings (and so a tied head)."""
+        """Unique parameters; non_embedding leaves out every lookup table: the token and position embeddings (and so a
+        tied head), and the value and bigram embeddings."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel()
-            if self.wpe is not None:
-                n -= self.wpe.weight.numel()
+            tables = [self.wte, self.wpe, *(self.value_embeds or []), self.bigram_embed]
+            n -= sum(m.weight.numel() for m in tables if m is not None)
         return n
 
     def flops_per_token(self, seq_len: int | None = None, causal: bool = False, forward_only: bool = False) -> int:
@@ -425,7 +553,7 @@ class GPT(nn.Module):
         T = cfg.block_size if seq_len is None else seq_len
         kv = cfg.n_kv_head * cfg.head_dim
         attn = cfg.n_embd * (2 * cfg.n_embd + 2 * kv)  # q, o and k, v projections
-        mlp = (3 if cfg.arch == "modern" else 2) * cfg.n_embd * cfg.mlp_hidden
+        mlp = (3 if cfg.arch == "modern" and not cfg.relu_squared else 2) * cfg.n_embd * cfg.mlp_hidden
         matmul_weights = cfg.n_layer * (attn + mlp) + cfg.n_embd * cfg.vocab_size
         scores_and_values = (2 if causal else 4) * cfg.n_layer * cfg.n_embd * T  # forward; causal: half the keys
         passes = 1 if forward_only else 3  # the backward costs twice the forward

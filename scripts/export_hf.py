@@ -7,10 +7,12 @@
 
 RUN_DIR is a run folder (its newest checkpoint) or a checkpoint file. The folder gets config.json, model.safetensors
 (fp32), generation_config.json (stops at <|endoftext|> and <|end|>) and the tokenizer as transformers saves it, with
-the special tokens and data.chat's chat template. The modern architecture becomes LlamaForCausalLM and gpt2
-GPT2LMHeadModel (training/hf.py); a config with no exact equivalent is refused, naming the setting. A reward model
-(--stage rm) becomes LlamaForSequenceClassification / GPT2ForSequenceClassification (num_labels=1, pad_token_id
-<|pad|>), which TRL and others load with AutoModelForSequenceClassification; its scores are what is verified.
+the special tokens and data.chat's chat template. The modern architecture becomes LlamaForCausalLM (with
+model.qk_norm Qwen3ForCausalLM, with model.relu_squared ArceeForCausalLM) and gpt2 GPT2LMHeadModel (training/hf.py); a
+config with no exact equivalent is refused, naming the setting (model.logit_softcap, model.residual_scalars,
+model.value_embeds, model.bigram_buckets, qk_norm with relu_squared, ...). A reward model (--stage rm) becomes the
+same family's ForSequenceClassification class (num_labels=1, pad_token_id <|pad|>), which TRL and others load with
+AutoModelForSequenceClassification; its scores are what is verified.
 
 Before the folder appears, the saved model is loaded back with AutoModelForCausalLM and its logits compared with the
 native model's (fp32): EXPORT_DIR is written completely and verified, or not at all. An existing non-empty

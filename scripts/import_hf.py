@@ -1,10 +1,11 @@
-"""Import a Llama or GPT-2 checkpoint from a Hugging Face folder as a gptrain run, ready for SFT or DPO.
+"""Import a Llama, Qwen3, Arcee or GPT-2 checkpoint from a Hugging Face folder as a gptrain run, ready for SFT or DPO.
 
     python scripts/import_hf.py exports/sft runs/imported
     python train.py --stage sft --init-from runs/imported --out runs/imported-sft
 
 HF_DIR is a local folder as `save_pretrained` writes it (config.json, safetensors or .bin weights, tokenizer.json):
-an export of scripts/export_hf.py, or a compatible LlamaForCausalLM / GPT2LMHeadModel. Its tokenizer must hold
+an export of scripts/export_hf.py, or a compatible LlamaForCausalLM / Qwen3ForCausalLM (gptrain's model.qk_norm) /
+ArceeForCausalLM (model.relu_squared) / GPT2LMHeadModel. Its tokenizer must hold
 gptrain's six special tokens at ids 0..5 (<|endoftext|>, <|pad|>, <|system|>, <|user|>, <|assistant|>, <|end|>),
 which the chat format and the data pipeline rely on; a tokenizer without them is refused. Settings gptrain cannot
 express (rope scaling, another activation, ...) are refused with a message naming them.

@@ -55,6 +55,10 @@ RL_ARGS = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=6
            "--data.num_proc=1"]
 RM_ARGS = ["--train.max_steps=3", "--eval.interval=3", "--data.synthetic_train=32", "--data.synthetic_val=6",
            "--train.precision=fp32", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
+# Every candidate model option of model/gpt.py (they add parameters, no collective), 3 steps
+MODEL_OPTIONS = ["--model.qk_norm=true", "--model.relu_squared=true", "--model.logit_softcap=10",
+                 "--model.residual_scalars=true", "--model.value_embeds=1", "--model.bigram_buckets=512",
+                 "--train.max_steps=3"]
 LONG_ANSWER = "The answer is long: for each item in the list, if the item is not None, return its value."
 
 
@@ -155,6 +159,7 @@ def dist(tmp_path_factory, corpus_dir):
     prepare(str(tiny), tok, root / "small1", workers=1, verbose=False)
     (root / "small0").symlink_to(root / "prep0")
     single("r12", *BASE, "--train.batch_size=8", "--train.stop_after_steps=5")  # resumed by 2 processes below
+    single("options_ref", *BASE, *MODEL_OPTIONS, "--train.batch_size=8")
     sft_data = ["--init-from", str(runs / "ref"), "--data", str(uneven_sft_data(root / "sft-uneven"))]
     single("sft_uneven_ref", *sft_data, *SFT_UNEVEN, "--train.batch_size=4")
 
@@ -177,6 +182,9 @@ def dist(tmp_path_factory, corpus_dir):
         # FSDP2 accumulation over 4 micro-steps of batch 1 (no reduce-scatter before the last), 4 steps
         [*data, "--out", str(runs / "accum4_fsdp"), *BASE, "--train.batch_size=1", "--train.grad_accum=4",
          "--dist.strategy=fsdp", "--train.stop_after_steps=4"],
+        # FSDP2 with every model option: their (1,)-shaped scalars and gates sharded over 2 ranks like the rest
+        [*data, "--out", str(runs / "options_fsdp"), *BASE, *MODEL_OPTIONS, "--train.batch_size=4",
+         "--dist.strategy=fsdp"],
         # SFT parity with very different supervised-token counts on the two ranks
         [*sft_data, "--out", str(runs / "sft_uneven"), *SFT_UNEVEN, "--train.batch_size=2"],
         # 1 process -> 2 processes, and a 2-process checkpoint for the other way round
@@ -285,6 +293,17 @@ def test_health_warnings_are_said_once_under_torchrun(dist):
         for group in ("matrices", "vectors"):
             assert log.count(f"health warning (update_ratio) at step {step}: update_ratio/{group} is ") == 1, log[-6000:]
     assert log.count("health: 2 warning(s): update_ratio 2") == 2
+
+
+def test_fsdp_with_every_model_option_matches_one_process(dist):
+    """The model options add parameters and no collective: FSDP2 over 2 ranks gives the single process's gradients
+    (each option's parameters among them) and losses."""
+    ref = torch.load(dist["dump"] / "options_ref.grads.rank0.pt")
+    assert {"bigram_embed.weight", "value_embeds.0.weight", "blocks.1.x0_lambda", "blocks.0.attn.q_norm.weight",
+            "blocks.1.attn.ve_gate"} <= set(ref)
+    for rank in (0, 1):
+        assert_grads_match(torch.load(dist["dump"] / f"options_fsdp.grads.rank{rank}.pt"), ref, f"options rank {rank}")
+    assert_losses_match(dist["runs"] / "options_fsdp", train_losses(dist["runs"] / "options_ref"), steps=range(1, 4))
 
 
 def test_fsdp_accumulation_reduce_scatters_on_the_last_micro_step_only(dist):

@@ -69,18 +69,29 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     return export_hf.main([str(tiny_run), str(tmp_path_factory.mktemp("exports") / "tiny")])
 
 
+def hf_class_of(shape: dict) -> str:
+    """The stock class each gptrain shape exports to (training/hf.py)."""
+    if shape["arch"] == "gpt2":
+        return "GPT2LMHeadModel"
+    return "Qwen3ForCausalLM" if shape.get("qk_norm") else "ArceeForCausalLM" if shape.get("relu_squared") \
+        else "LlamaForCausalLM"
+
+
 @pytest.mark.parametrize("shape", [
     dict(arch="modern", n_kv_head=2, bias=True, tie_embeddings=False),  # GQA, every bias, separate head
     dict(arch="gpt2", bias=False),  # exported with zero biases
     dict(arch="gpt2", bias=True, tie_embeddings=False),
-], ids=["modern-gqa-bias-untied", "gpt2-nobias-tied", "gpt2-bias-untied"])
+    dict(arch="modern", n_kv_head=2, qk_norm=True),  # Qwen3: q_norm / k_norm before RoPE
+    dict(arch="modern", relu_squared=True, bias=True, tie_embeddings=False),  # Arcee: relu2 MLP, biases
+], ids=["modern-gqa-bias-untied", "gpt2-nobias-tied", "gpt2-bias-untied", "qk_norm-gqa-tied",
+        "relu_squared-bias-untied"])
 def test_export_logits_match_native(tiny_run, tmp_path, shape):
     model = random_run(tmp_path / "run", load_run(tiny_run, "cpu").tok, **shape)
     out = export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-    assert type(hf).__name__ == {"modern": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[shape["arch"]]
+    assert type(hf).__name__ == hf_class_of(shape)
     ids = torch.randint(0, model.cfg.vocab_size, (3, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         native, theirs = model(ids), hf(ids).logits
@@ -132,12 +143,13 @@ def test_exported_tokenizer_and_chat_template(tiny_run, tiny_export):
     assert gen["eos_token_id"] == [EOT_ID, END_ID]
 
 
-@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+@pytest.mark.parametrize("arch", ["modern", "gpt2", "qk_norm", "relu_squared"])
 def test_import_round_trip(arch, tiny_run, tiny_export, gpt2_run, tmp_path):
     if arch == "modern":
         src, folder = tiny_run, tiny_export
-    else:  # a bias-free GPT-2 comes back bias-free (its exported biases are all zero)
-        random_run(tmp_path / "src", load_run(tiny_run, "cpu").tok, arch="gpt2", bias=False)
+    else:  # a bias-free GPT-2 comes back bias-free (its exported biases are all zero); Qwen3 and Arcee as options
+        shape = dict(arch="gpt2", bias=False) if arch == "gpt2" else {arch: True, "n_kv_head": 2}
+        random_run(tmp_path / "src", load_run(tiny_run, "cpu").tok, **shape)
         src, folder = tmp_path / "src", export_hf.main([str(tmp_path / "src"), str(tmp_path / "hf")])
     out = import_hf.main([str(folder), str(tmp_path / "imported")])
     a, b = load_run(src, "cpu", "fp32"), load_run(out, "cpu", "fp32")
@@ -162,6 +174,30 @@ def test_imported_run_fine_tunes(tiny_export, tmp_path):
     assert evaluate.main([str(run), "--data", "synthetic", "--max-examples", "4", "--device", "cpu"])["examples"] == 4
 
 
+@pytest.mark.parametrize("option", ["qk_norm", "relu_squared"])
+def test_reward_model_with_an_option_exports_as_its_sequence_classifier(tiny_run, tmp_path, option):
+    """A reward model with QK-norm / ReLU-squared becomes Qwen3 / Arcee ForSequenceClassification; the export's own
+    check (verify_scores: padded rows read at their last real token) compares the scores with the native ones."""
+    from model.reward import RewardModel
+
+    tok = load_run(tiny_run, "cpu").tok
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32, **{option: True})
+    torch.manual_seed(0)
+    rm = RewardModel(cfg).eval()
+    with torch.no_grad():
+        for p in rm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        rm.score.weight.normal_(0.0, 1.0)  # scores well away from 0
+    folder = export_hf.export(save_run(tmp_path / "rm", rm.state_dict(), cfg, tok, stage="rm"), tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert type(hf).__name__ == {"qk_norm": "Qwen3", "relu_squared": "Arcee"}[option] + "ForSequenceClassification"
+    ids = torch.randint(6, tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = rm.scores(ids, torch.tensor([15, 15])), hf(ids).logits[:, 0]
+    assert ours.abs().min() > 1e-3
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
@@ -173,6 +209,26 @@ def test_export_refuses_unsupported_config(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="n_kv_head=2"):
         export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
     assert _siblings(tmp_path / "hf") == before  # no folder, no temporary left
+
+
+@pytest.mark.parametrize("option", [
+    dict(logit_softcap=15.0), dict(residual_scalars=True), dict(value_embeds=1), dict(bigram_buckets=64),
+    dict(qk_norm=True, relu_squared=True), dict(qk_norm=True, bias=True),
+], ids=["logit_softcap", "residual_scalars", "value_embeds", "bigram_buckets", "qk_norm+relu_squared",
+        "qk_norm+bias"])
+def test_export_refuses_each_option_no_stock_class_computes(tiny_run, tmp_path, option):
+    """Refused by name before anything is written, the reward-model export too; never approximated."""
+    from model.reward import RewardModel
+    from training.hf import to_hf_model
+
+    random_run(tmp_path / "run", load_run(tiny_run, "cpu").tok, **option)
+    name = "model.qk_norm=true with model." if "qk_norm" in option else f"model.{next(iter(option))}="
+    before = _siblings(tmp_path / "hf")
+    with pytest.raises(ValueError, match=name):
+        export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert _siblings(tmp_path / "hf") == before
+    with pytest.raises(ValueError, match=name):
+        to_hf_model(RewardModel(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, **option)))
 
 
 def test_export_refuses_used_folder_and_cleans_up_failures(tiny_run, tmp_path, monkeypatch):
@@ -219,3 +275,19 @@ def test_import_refusals(tiny_export, tmp_path):
         import_hf.main([str(tiny_export), str(tmp_path / "run3")])
     with pytest.raises(FileNotFoundError, match="config.json"):
         import_hf.main([str(tmp_path / "run3"), str(tmp_path / "run4")])
+
+
+def test_import_refuses_what_a_qwen3_config_adds_beyond_qk_norm(tiny_run, tmp_path):
+    """Sliding-window attention and Qwen3's attention-only biases have no gptrain equivalent: refused by name."""
+    random_run(tmp_path / "src", load_run(tiny_run, "cpu").tok, qk_norm=True)
+    folder = export_hf.main([str(tmp_path / "src"), str(tmp_path / "hf")])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "qwen3"
+    for i, (key, value, message) in enumerate([("use_sliding_window", True, "use_sliding_window=True"),
+                                               ("attention_bias", True, "attention_bias=True in a qwen3 config")]):
+        changed = tmp_path / f"changed{i}"
+        shutil.copytree(folder, changed)
+        (changed / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=message):
+            import_hf.main([str(changed), str(tmp_path / f"run{i}")])
+        assert not (tmp_path / f"run{i}").exists()

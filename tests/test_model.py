@@ -12,17 +12,30 @@ ARCH_CFGS = {
     "modern": dict(arch="modern", vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
     "gpt2": dict(arch="gpt2", vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=True),
 }
+# The candidate model options (model/gpt.py), all at once: the parity tests below run with and without them. The
+# cap of 3 is well inside these logits' range, so the tanh bends them; 61 buckets for 97 x 97 bigrams collide.
+OPTIONS = dict(logit_softcap=3.0, residual_scalars=True, value_embeds=1, bigram_buckets=61)
+ARCH_OPTIONS = {"modern": dict(OPTIONS, qk_norm=True, relu_squared=True), "gpt2": OPTIONS}
+# The options' parameters start at values that make them do nothing (tables at zero, gates and lambdas at 1, mu at
+# 0); make() moves them away from there, as the norms, or a parity test could not see them.
+OPTION_PARAMS = ("resid_lambda", "x0_lambda", "ve_gate", "value_embeds", "bigram_embed")
 
 
-def make(arch: str, **kw) -> GPT:
+def make(arch: str, options: bool = False, **kw) -> GPT:
+    """The arch's small model; options: with every candidate option on (ARCH_OPTIONS)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**ARCH_CFGS[arch], **kw})).eval()
+    model = GPT(GPTConfig(**{**ARCH_CFGS[arch], **(ARCH_OPTIONS[arch] if options else {}), **kw})).eval()
     # Non-trivial norm weights and biases, so parity tests also exercise them.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            elif any(part in name for part in OPTION_PARAMS):
+                p.add_(0.5 * torch.randn_like(p))
     return model
+
+
+with_options = pytest.mark.parametrize("options", [False, True], ids=["plain", "options"])
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
@@ -50,9 +63,10 @@ def test_rope_rotates_each_half_split_pair_by_position_times_frequency():
             assert out[0, 0, pos, i + 2].item() == pytest.approx(b * math.cos(angle) + a * math.sin(angle), abs=1e-6)
 
 
+@with_options
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
-def test_causality(arch):
-    model = make(arch)
+def test_causality(arch, options):
+    model = make(arch, options)
     idx = torch.randint(0, 97, (2, 20))
     changed = idx.clone()
     changed[:, 11] = (changed[:, 11] + 1) % 97
@@ -61,9 +75,10 @@ def test_causality(arch):
     assert not torch.allclose(a[:, 11:], b[:, 11:])
 
 
+@with_options
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
-def test_kv_cache_matches_full_forward(arch):
-    model = make(arch)
+def test_kv_cache_matches_full_forward(arch, options):
+    model = make(arch, options)
     idx = torch.randint(0, 97, (2, 24))
     full = model(idx)
     # Chunked prefill (needs the lower-right causal mask), then one token at a time (no mask).
@@ -74,9 +89,10 @@ def test_kv_cache_matches_full_forward(arch):
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
+@with_options
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
-def test_packed_rows_equal_separate_documents(arch):
-    model = make(arch)
+def test_packed_rows_equal_separate_documents(arch, options):
+    model = make(arch, options)
     a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 12))
     packed = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(9), torch.arange(12)])[None]
@@ -133,15 +149,16 @@ def test_param_and_flop_counts_by_hand():
     assert model.flops_per_token(causal=True) == 5088 + 6 * 1 * 8 * 6 == 5376
 
 
+@with_options
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
 @pytest.mark.parametrize("prompt_len", [5, 40])
-def test_generate_with_kv_cache_equals_full_forward_over_its_window(arch, prompt_len, monkeypatch):
+def test_generate_with_kv_cache_equals_full_forward_over_its_window(arch, prompt_len, options, monkeypatch):
     """At every step, the logits generate() samples from (KV cache) equal a full forward without cache over the
     window generate() defines: the tokens since the window's start, the start moving to the last block_size // 2 =
     16 tokens whenever the window holds block_size = 32 (a longer prompt starts at its last 16). 60 tokens after a
     5-token prompt cross three rebuilds (at lengths 32, 48, 64). Sampled at temperature 1, not greedy: at this init
     the greedy continuation is one token repeated, and windows of one repeated token give the same logits."""
-    model = make(arch)
+    model = make(arch, options)
     prompt = torch.randint(0, 97, (1, prompt_len))
     seen = []  # the (1, V) logits of each step, as generate() hands them to sample_next
     from model.gpt import sample_next as real

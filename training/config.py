@@ -61,6 +61,13 @@ class ModelSection:
     rope_theta: float | None = option(None, "rotary base frequency")
     init_std: float | None = option(None, "std of the normal initialisation")
     zero_init_residual: bool | None = option(None, "attention and MLP output projections start at zero")
+    # The candidate options of model/gpt.py's docstring, all off by default.
+    qk_norm: bool | None = option(None, "RMSNorm on each head's queries and keys before RoPE (modern; Qwen3 export)")
+    relu_squared: bool | None = option(None, "MLP down(relu(up(x))^2) instead of SwiGLU (modern; 2/3 the MLP weights)")
+    logit_softcap: float | None = option(None, "logits = cap * tanh(logits / cap); 0 = off")
+    residual_scalars: bool | None = option(None, "block l reads lambda_l x + mu_l x0 (x0: embedding output; init 1, 0)")
+    value_embeds: int | None = option(None, "tables added to the values of the first and last this many layers; 0 = off")
+    bigram_buckets: int | None = option(None, "rows of the hashed bigram embedding (prev, token); 0 = off")
 
 
 @dataclass

@@ -36,7 +36,7 @@ def _group_of(name: str) -> str:
     """Parameter name -> its block: `blocks.3.attn.q_proj.weight` -> `block_3`, `wte.weight` -> `embedding`."""
     if name.startswith("blocks."):
         return f"block_{name.split('.')[1]}"
-    if name.startswith(("wte", "wpe")):
+    if name.startswith(("wte", "wpe", "value_embeds", "bigram_embed")):
         return "embedding"
     if name.startswith("lm_head"):
         return "head"

@@ -5,6 +5,11 @@ Each gptrain architecture equals a standard one, so an export needs no custom co
   modern -> LlamaForCausalLM. Same layout, renamed: RMSNorm pre-norm, SwiGLU (gate/up/down), grouped-query attention,
             rotary embeddings in the half-split convention of transformers' `rotate_half` (pairs (i, i + D/2)), so
             the q/k projections are copied without permutation. `bias` sets both attention_bias and mlp_bias.
+  modern + qk_norm -> Qwen3ForCausalLM: Llama's layout plus q_norm / k_norm, RMSNorms of a (head_dim,) weight on each
+            head's queries and keys before the rotation, with rms_norm_eps, as model.qk_norm. Its MLP has no biases,
+            so bias=true is refused.
+  modern + relu_squared -> ArceeForCausalLM: Llama's layout with a two-matrix MLP down(act(up(x))), hidden_act
+            "relu2" (relu(x)^2), as model.relu_squared.
   reward models (--stage rm) -> LlamaForSequenceClassification / GPT2ForSequenceClassification, num_labels=1,
             pad_token_id <|pad|>: the score head `score` read at the last non-padding token.
   gpt2   -> GPT2LMHeadModel. Conv1D layers store weights as [in, out]: every projection is transposed; q, k, v are
@@ -12,7 +17,9 @@ Each gptrain architecture equals a standard one, so an export needs no custom co
             trained without them is exported with zero biases, an exact equivalent.
 
 A setting with no exact equivalent is refused with a ValueError naming it (see `check_exportable`), as is an
-imported checkpoint using a feature gptrain lacks (see `gpt_config_from_hf`).
+imported checkpoint using a feature gptrain lacks (see `gpt_config_from_hf`). Refused by name, never approximated:
+model.logit_softcap, model.residual_scalars, model.value_embeds, model.bigram_buckets, and qk_norm together with
+relu_squared (no stock class has QK-norm and a two-matrix MLP with these norms).
 """
 
 from __future__ import annotations
@@ -30,6 +37,20 @@ HF_ARCH = {"modern": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 # A reward model (model/reward.py) is its architecture's sequence classifier with one label: the same transformer,
 # and a bias-free `score` layer read at the last non-padding token (with <|pad|> right padding: the closing <|end|>).
 HF_REWARD_ARCH = {"modern": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+# The Llama family's members that express a modern model with one of its options (see hf_family).
+FAMILY_ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "arcee": "ArceeForCausalLM",
+               "gpt2": "GPT2LMHeadModel"}
+FAMILY_REWARD_ARCH = {"llama": "LlamaForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+                      "arcee": "ArceeForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+# Options no stock transformers class computes, and why; check_exportable refuses each by name.
+UNEXPORTABLE = {
+    "logit_softcap": "Gemma2/Gemma3 cap their logits this way but also scale the embeddings by sqrt(hidden_size) and "
+                     "put (1 + weight) norms after each branch around a GELU-gated MLP; NanoChat caps them but has "
+                     "weightless norms, an extra norm after the embedding and QK-norm after RoPE",
+    "residual_scalars": "no stock class weighs a block's input by learned scalars or feeds it the embedding output",
+    "value_embeds": "no stock class adds token-indexed tables to attention's values",
+    "bigram_buckets": "no stock class adds a hashed (previous token, token) embedding to the token embedding",
+}
 # GELU variants that are the tanh approximation (the same function as F.gelu(approximate="tanh")).
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -54,6 +75,35 @@ def check_exportable(gcfg: GPTConfig) -> None:
                          "n_kv_head equal to n_head, or use arch=modern (exported as LlamaForCausalLM)")
     if gcfg.arch not in HF_ARCH:
         raise ValueError(f"model.arch={gcfg.arch!r} has no transformers equivalent")
+    for name, why in UNEXPORTABLE.items():
+        value = getattr(gcfg, name)
+        if value:
+            raise ValueError(f"model.{name}={value}: no stock transformers class computes this model ({why}); "
+                             "it cannot be exported (train without it to export)")
+    if gcfg.qk_norm and gcfg.relu_squared:
+        raise ValueError("model.qk_norm=true with model.relu_squared=true: no stock transformers class has both "
+                         "(Qwen3ForCausalLM has QK-norm and SwiGLU, ArceeForCausalLM ReLU-squared without QK-norm); "
+                         "it cannot be exported")
+    if gcfg.qk_norm and gcfg.bias:
+        raise ValueError("model.qk_norm=true with model.bias=true: Qwen3ForCausalLM, the class with QK-norm, has no "
+                         "MLP biases; it cannot be exported")
+
+
+def hf_family(gcfg: GPTConfig) -> str:
+    """The transformers model_type of the class equal to `gcfg` (after check_exportable): gpt2, llama, or the Llama
+    variants qwen3 (qk_norm) and arcee (relu_squared)."""
+    if gcfg.arch == "gpt2":
+        return "gpt2"
+    return "qwen3" if gcfg.qk_norm else "arcee" if gcfg.relu_squared else "llama"
+
+
+def _hf_class(transformers, name: str):
+    """transformers.<name>, or an ImportError naming the class an older transformers lacks."""
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ImportError(f"transformers {transformers.__version__} has no {name}, which this model's options need: "
+                          "upgrade transformers")
+    return cls
 
 
 def hf_config(gcfg: GPTConfig):
@@ -71,12 +121,17 @@ def hf_config(gcfg: GPTConfig):
             initializer_range=gcfg.init_std, **common)
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": gcfg.rope_theta}} \
         if "rope_parameters" in transformers.LlamaConfig().to_dict() else {"rope_theta": gcfg.rope_theta}
-    return transformers.LlamaConfig(
+    llama_like = dict(
         hidden_size=gcfg.n_embd, intermediate_size=gcfg.mlp_hidden, num_hidden_layers=gcfg.n_layer,
         num_attention_heads=gcfg.n_head, num_key_value_heads=gcfg.n_kv_head, head_dim=gcfg.head_dim,
-        hidden_act="silu", max_position_embeddings=gcfg.block_size, rms_norm_eps=gcfg.norm_eps,
-        attention_bias=gcfg.bias, mlp_bias=gcfg.bias, attention_dropout=gcfg.dropout,
-        initializer_range=gcfg.init_std, **rope, **common)
+        max_position_embeddings=gcfg.block_size, rms_norm_eps=gcfg.norm_eps, attention_bias=gcfg.bias,
+        attention_dropout=gcfg.dropout, initializer_range=gcfg.init_std, **rope, **common)
+    family = hf_family(gcfg)
+    if family == "qwen3":  # no mlp_bias: check_exportable refused bias=true
+        return _hf_class(transformers, "Qwen3Config")(hidden_act="silu", use_sliding_window=False, **llama_like)
+    if family == "arcee":
+        return _hf_class(transformers, "ArceeConfig")(hidden_act="relu2", mlp_bias=gcfg.bias, **llama_like)
+    return transformers.LlamaConfig(hidden_act="silu", mlp_bias=gcfg.bias, **llama_like)
 
 
 def _llama_names(n_layer: int) -> list[tuple[str, str]]:
@@ -87,6 +142,8 @@ def _llama_names(n_layer: int) -> list[tuple[str, str]]:
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         names += [(ours + "norm1.weight", theirs + "input_layernorm.weight"),
                   (ours + "norm2.weight", theirs + "post_attention_layernorm.weight")]
+        # Qwen3's QK-norm weights (absent from, and so skipped in, a plain Llama's state dicts)
+        names += [(f"{ours}attn.{n}.weight", f"{theirs}self_attn.{n}.weight") for n in ("q_norm", "k_norm")]
         for p in ("weight", "bias"):
             names += [(f"{ours}attn.{n}.{p}", f"{theirs}self_attn.{n}.{p}") for n in ("q_proj", "k_proj", "v_proj",
                                                                                      "o_proj")]
@@ -141,7 +198,7 @@ def to_hf_model(model):
     if reward:
         config.num_labels = 1
         config.tie_word_embeddings = False  # no LM head to tie
-    cls = getattr(transformers, (HF_REWARD_ARCH if reward else HF_ARCH)[gcfg.arch])
+    cls = _hf_class(transformers, (FAMILY_REWARD_ARCH if reward else FAMILY_ARCH)[hf_family(gcfg)])
     hf = cls(config)
     sd = to_hf_state_dict(model.state_dict(), gcfg)
     if reward:
@@ -181,46 +238,72 @@ def _mlp_ratio(hidden: int, n_embd: int, setting: str) -> float:
     return ratio
 
 
+# The activation of each Llama-family member's MLP as gptrain computes it: SwiGLU (silu), or arcee's relu(x)^2.
+FAMILY_ACT = {"llama": "silu", "qwen3": "silu", "arcee": "relu2"}
+
+
 def gpt_config_from_hf(config) -> GPTConfig:
-    """The GPTConfig of a transformers Llama or GPT-2 config; ValueError naming any setting gptrain cannot express."""
+    """The GPTConfig of a transformers Llama (Qwen3, Arcee) or GPT-2 config; ValueError naming any setting gptrain
+    cannot express."""
     kind = getattr(config, "model_type", None)
-    if kind == "llama":
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act={config.hidden_act!r}: gptrain's SwiGLU uses silu")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if head_dim * config.num_attention_heads != config.hidden_size:
-            raise ValueError(f"head_dim={head_dim}: gptrain needs head_dim x num_attention_heads == hidden_size "
-                             f"({config.hidden_size})")
-        rope = getattr(config, "rope_parameters", None) or {
-            "rope_type": (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"),
-            "rope_theta": getattr(config, "rope_theta", 10000.0)}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope scaling {rope.get('rope_type')!r}: gptrain implements plain rotary embeddings only")
-        if bool(config.attention_bias) != bool(getattr(config, "mlp_bias", False)):
-            raise ValueError(f"attention_bias={config.attention_bias} with mlp_bias={config.mlp_bias}: gptrain has "
-                             "one bias switch for all linear layers")
-        return GPTConfig(
-            vocab_size=config.vocab_size, block_size=config.max_position_embeddings, n_layer=config.num_hidden_layers,
-            n_head=config.num_attention_heads, n_kv_head=config.num_key_value_heads or config.num_attention_heads,
-            n_embd=config.hidden_size, mlp_ratio=_mlp_ratio(config.intermediate_size, config.hidden_size,
-                                                            "intermediate_size"),
-            tie_embeddings=bool(config.tie_word_embeddings), arch="modern", bias=bool(config.attention_bias),
-            rope_theta=float(rope["rope_theta"]), norm_eps=config.rms_norm_eps, init_std=config.initializer_range)
+    if kind in FAMILY_ACT:
+        return _llama_family_config(config, kind)
     if kind == "gpt2":
-        if config.activation_function not in GELU_TANH:
-            raise ValueError(f"activation_function={config.activation_function!r}: gptrain's GPT-2 MLP uses the tanh "
-                             f"approximation of GELU ({' or '.join(GELU_TANH)})")
-        for name, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("add_cross_attention", False)):
-            if bool(getattr(config, name, want)) != want:
-                raise ValueError(f"{name}={getattr(config, name)}: gptrain's attention needs {name}={want}")
-        hidden = config.n_inner or 4 * config.n_embd
-        return GPTConfig(
-            vocab_size=config.vocab_size, block_size=config.n_positions, n_layer=config.n_layer, n_head=config.n_head,
-            n_embd=config.n_embd, mlp_ratio=_mlp_ratio(hidden, config.n_embd, "n_inner"),
-            tie_embeddings=bool(config.tie_word_embeddings), arch="gpt2", bias=True,
-            norm_eps=config.layer_norm_epsilon, init_std=config.initializer_range)
-    raise ValueError(f"model_type={kind!r}: only Llama (llama) and GPT-2 (gpt2) checkpoints can be imported")
+        return _gpt2_config(config)
+    raise ValueError(f"model_type={kind!r}: only Llama (llama), Qwen3 (qwen3), Arcee (arcee) and GPT-2 (gpt2) "
+                     "checkpoints can be imported")
+
+
+def _llama_family_config(config, kind: str) -> GPTConfig:
+    """llama -> the plain modern model, qwen3 -> qk_norm, arcee -> relu_squared."""
+    if config.hidden_act != FAMILY_ACT[kind]:
+        raise ValueError(f"hidden_act={config.hidden_act!r}: gptrain computes a {kind} MLP with "
+                         f"{FAMILY_ACT[kind]!r}")
+    if kind == "qwen3":
+        if config.attention_bias:
+            raise ValueError("attention_bias=True in a qwen3 config: gptrain's bias switch also gives the MLP biases, "
+                             "which Qwen3 lacks")
+        layer_types = getattr(config, "layer_types", None) or []
+        if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"use_sliding_window={config.use_sliding_window} / layer_types={layer_types}: gptrain "
+                             "attends over the full context in every layer")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise ValueError(f"head_dim={head_dim}: gptrain needs head_dim x num_attention_heads == hidden_size "
+                         f"({config.hidden_size})")
+    rope = getattr(config, "rope_parameters", None) or {
+        "rope_type": (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"),
+        "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {rope.get('rope_type')!r}: gptrain implements plain rotary embeddings only")
+    if kind != "qwen3" and bool(config.attention_bias) != bool(getattr(config, "mlp_bias", False)):
+        raise ValueError(f"attention_bias={config.attention_bias} with mlp_bias={config.mlp_bias}: gptrain has "
+                         "one bias switch for all linear layers")
+    return GPTConfig(
+        vocab_size=config.vocab_size, block_size=config.max_position_embeddings, n_layer=config.num_hidden_layers,
+        n_head=config.num_attention_heads, n_kv_head=config.num_key_value_heads or config.num_attention_heads,
+        n_embd=config.hidden_size, mlp_ratio=_mlp_ratio(config.intermediate_size, config.hidden_size,
+                                                        "intermediate_size"),
+        tie_embeddings=bool(config.tie_word_embeddings), arch="modern", bias=bool(config.attention_bias),
+        rope_theta=float(rope["rope_theta"]), norm_eps=config.rms_norm_eps, init_std=config.initializer_range,
+        qk_norm=kind == "qwen3", relu_squared=kind == "arcee")
+
+
+def _gpt2_config(config) -> GPTConfig:
+    """gpt2 -> arch=gpt2 (biases on; from_hf_state_dict turns them off when all are zero)."""
+    if config.activation_function not in GELU_TANH:
+        raise ValueError(f"activation_function={config.activation_function!r}: gptrain's GPT-2 MLP uses the tanh "
+                         f"approximation of GELU ({' or '.join(GELU_TANH)})")
+    for name, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                       ("add_cross_attention", False)):
+        if bool(getattr(config, name, want)) != want:
+            raise ValueError(f"{name}={getattr(config, name)}: gptrain's attention needs {name}={want}")
+    hidden = config.n_inner or 4 * config.n_embd
+    return GPTConfig(
+        vocab_size=config.vocab_size, block_size=config.n_positions, n_layer=config.n_layer, n_head=config.n_head,
+        n_embd=config.n_embd, mlp_ratio=_mlp_ratio(hidden, config.n_embd, "n_inner"),
+        tie_embeddings=bool(config.tie_word_embeddings), arch="gpt2", bias=True,
+        norm_eps=config.layer_norm_epsilon, init_std=config.initializer_range)
 
 
 def from_hf_state_dict(hsd: dict[str, torch.Tensor], gcfg: GPTConfig) -> tuple[dict[str, torch.Tensor], GPTConfig]:

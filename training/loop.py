@@ -46,7 +46,8 @@ from training.weights import full_state, load_full_state, load_weights
 MAX_CONSECUTIVE_SKIPS = 20
 # Model fields that --init-from never lets the command line change (the weights fix them).
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio", "arch",
-                "tie_embeddings", "bias", "rope_theta")
+                "tie_embeddings", "bias", "rope_theta", "qk_norm", "relu_squared", "logit_softcap", "residual_scalars",
+                "value_embeds", "bigram_buckets")
 
 
 class TrainingError(RuntimeError):
@@ -82,6 +83,7 @@ def model_config(cfg: Config, base: dict | None, vocab_size: int) -> GPTConfig:
     """The model's shape: the preset plus explicit overrides, or (fine-tuning) the starting checkpoint's shape."""
     overrides = {k: v for k, v in to_dict(cfg)["model"].items() if k != "preset" and v is not None}
     if base is not None:
+        base = GPTConfig.from_dict(base).to_dict()  # a checkpoint older than a model option has its default
         for k, v in overrides.items():
             if k in SHAPE_FIELDS and v != base[k]:
                 raise ValueError(f"--model.{k}={v!r}: the starting checkpoint has {k}={base[k]!r}; a model's shape "
