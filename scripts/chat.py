@@ -3,17 +3,26 @@
     python scripts/chat.py runs/sft
     python scripts/chat.py runs/sft --temperature 0                       # greedy
     python scripts/chat.py runs/dpo --temperature 0.7 --top-p 0.9 --max-new-tokens 100 --seed 1
+    python scripts/chat.py runs/imported                                  # scripts/import_hf.py of a chat model
 
 Type a message after the `> ` prompt; the reply is printed token by token as it is generated. Commands:
-/reset forgets the conversation, /quit (or Ctrl-D, end of input) leaves.
+/reset forgets the conversation, /quit (or Ctrl-D, end of input) leaves; another word after "/" is refused as an
+unknown command, and a doubled slash sends the message from its second character ("//etc/hosts" sends "/etc/hosts").
+Ctrl-C during a reply stops it and returns to the prompt: that message and its partial reply are dropped from the
+conversation (the model never finished the reply, and a cut-off answer is no context to build on), so type it again
+or another one. Ctrl-C at the prompt leaves (exit status 130).
 
 Each reply is generated from the whole conversation so far, rendered in the chat format of data/chat.py
 (`<|user|>message<|end|><|assistant|>reply<|end|>...<|user|>message<|end|><|assistant|>`), and stops at <|end|> or
-after --max-new-tokens. The prompt plus --max-new-tokens must fit the model's context (block_size): when the
+after --max-new-tokens (default: sample.py's 128, or half the context when that is shorter than 256 tokens, so a
+message has room). The prompt plus --max-new-tokens must fit the model's context (block_size): when the
 conversation grows past that, its oldest exchanges (a message and its reply) are dropped and a notice says so.
 Sampling as scripts/sample.py: --temperature 0 decodes greedily, otherwise top-k and/or nucleus (top-p) sampling,
 reproducible with --seed (one generator for the session, so the first reply equals sample.py --chat's with the
-same options). A pre-training run, which never saw the chat format, is refused: use sample.py to continue text.
+same options). A pre-training run, which never saw the chat format, is refused: use sample.py to continue text. A run
+written by scripts/import_hf.py is taken with a notice: the import records no training stage (it says "pretrain"), but
+its tokenizer holds the chat format's tokens (the import refuses one without), and a chat-tuned model exported from
+gptrain, or tuned elsewhere on that format, answers in it.
 Notices go to stderr, replies to stdout. Single process.
 """
 
@@ -32,6 +41,7 @@ from training.load import PRECISIONS, LoadedRun, load_run, refuse_reward_model
 from training.stages import STAGES
 
 COMMANDS = {"/reset": "forget the conversation", "/quit": "leave (Ctrl-D too)"}
+DEFAULT_MAX_NEW_TOKENS = 128  # sample.py's default reply length
 # The smallest prompt: <|user|>, one content token, <|end|>, <|assistant|>.
 MIN_PROMPT_TOKENS = 4
 
@@ -41,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("run_dir", help="an SFT, DPO or RL run folder (its newest checkpoint) or a checkpoint file")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest reply in tokens (default: half the model's context)")
+                   help=f"longest reply in tokens (default: {DEFAULT_MAX_NEW_TOKENS}, as sample.py, or half the "
+                        "model's context if that is less)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this mass")
@@ -57,9 +68,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def refuse_non_chat_run(run: LoadedRun) -> None:
-    """Only stages trained on the chat format (training/stages: `chat = True`) can answer a turn."""
+    """Only stages trained on the chat format (training/stages: `chat = True`) can answer a turn; an imported run
+    (its stage unknown) is taken with a notice."""
     refuse_reward_model(run, "chatting", needs="SFT, DPO or RL")
     stage = run.cfg.stage
+    if run.ckpt.get("imported_from") and not STAGES[stage].chat:
+        # Every loaded tokenizer holds the chat tokens at their ids (data/tokenizer.py checks it; import_hf refuses
+        # a tokenizer without them), so the chat format can be rendered; whether the model learnt it is not recorded.
+        say(f"[{run.ckpt['path']} was imported from {run.ckpt['imported_from']}, and an import records no training "
+            f"stage: it is served in the chat format its tokenizer holds. A model never tuned on that format answers "
+            "poorly: continue text with scripts/sample.py instead]")
+        return
     if not STAGES[stage].chat:
         where = run.run_dir or run.ckpt["path"]
         raise ValueError(f"{run.ckpt['path']} is a {stage!r} run: it was never trained on the chat format, so it "
@@ -69,7 +88,7 @@ def refuse_non_chat_run(run: LoadedRun) -> None:
 
 def reply_budget(requested: int | None, block_size: int) -> int:
     """--max-new-tokens, checked against the context: a reply must leave room for at least a one-token message."""
-    n = block_size // 2 if requested is None else requested
+    n = min(DEFAULT_MAX_NEW_TOKENS, block_size // 2) if requested is None else requested
     if not 1 <= n <= block_size - MIN_PROMPT_TOKENS:
         raise ValueError(f"--max-new-tokens={n} must be between 1 and {block_size - MIN_PROMPT_TOKENS}: the model's "
                          f"context is {block_size} tokens and a message needs {MIN_PROMPT_TOKENS} of them at least")
@@ -143,14 +162,26 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def answer(run: LoadedRun, messages: list[dict], args, generator: torch.Generator) -> str:
-    """Print the reply to `messages` as it is generated and return its text."""
+def answer(run: LoadedRun, messages: list[dict], args, generator: torch.Generator) -> str | None:
+    """Print the reply to `messages` as it is generated and return its text; None when Ctrl-C stopped it."""
     decoder = StreamingDecoder(run.tok)
-    for token_id in stream_reply(run, chat.render_prompt(messages, run.tok), args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, generator):
-        print(decoder.push(token_id), end="", flush=True)
+    try:
+        for token_id in stream_reply(run, chat.render_prompt(messages, run.tok), args.max_new_tokens,
+                                     args.temperature, args.top_k, args.top_p, generator):
+            print(decoder.push(token_id), end="", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C during the reply: stop it, not the session
+        print(flush=True)
+        say("[reply stopped: this message and its partial reply are not kept in the conversation]")
+        return None
     print(decoder.finish(), flush=True)
     return decoder.shown
+
+
+def unknown_command(text: str) -> str:
+    """The notice for a message that starts with "/" but is no command: the commands, and how to send it."""
+    commands = ", ".join(f"{c} ({w})" for c, w in COMMANDS.items())
+    return (f"[unknown command {text!r}; commands: {commands}. To send a message starting with \"/\", double the "
+            f"slash: {'/' + text!r} sends {text!r}]")
 
 
 def add_message(messages: list[dict], text: str, tok, block_size: int, max_new_tokens: int) -> bool:
@@ -193,10 +224,15 @@ def main(argv: list[str] | None = None) -> None:
         if text == "/reset":
             messages.clear()
             say("[conversation forgotten]")
-        elif text.startswith("/"):
-            say(f"[unknown command {text!r}; commands: " + ", ".join(f"{c} ({w})" for c, w in COMMANDS.items()) + "]")
-        elif text and add_message(messages, text, run.tok, block_size, args.max_new_tokens):
-            messages.append({"role": "assistant", "content": answer(run, messages, args, generator)})
+        elif text.startswith("/") and not text.startswith("//"):
+            say(unknown_command(text))
+        elif text and add_message(messages, text[1:] if text.startswith("//") else text, run.tok, block_size,
+                                  args.max_new_tokens):
+            reply = answer(run, messages, args, generator)
+            if reply is None:
+                messages.pop()  # the interrupted message goes with its partial reply
+            else:
+                messages.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":
@@ -205,6 +241,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: leave without a traceback
+    except KeyboardInterrupt:  # Ctrl-C at the prompt (or while loading): leave without a traceback
         print(file=sys.stderr)
         sys.exit(130)

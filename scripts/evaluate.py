@@ -4,14 +4,17 @@
     python scripts/evaluate.py runs/tiny --data stdlib --max-tokens 100000  # any text source of the data pipeline
     python scripts/evaluate.py runs/sft --chat-data synthetic --prompt "What is 2+3?" --json eval.json
     python scripts/evaluate.py runs/dpo --preference-data prefs.jsonl --reference runs/sft --tensorboard
-    torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data prepared/fineweb       # a prepared folder (its val)
+    torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data prepared/fineweb --split val  # a prepared folder's val
     python scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 1e7  # streamed, capped
     python scripts/evaluate.py runs/sft --choices sums.jsonl --chat --json mc.json       # multiple choice, chat format
 
 Which part of a source: the validation split of the run's own data (the same source and, for a pre-training run, the
 same prepared-data hash as the run recorded; the run's own preparation in the cache is reused), of chat and of
-preference data; a text source the run did not train on is scored whole (train+val splits). --split val|train|all
-narrows or widens that on purpose. The output's data label says what was scored.
+preference data; a text source the run did not train on is scored whole (train+val splits; a prepared folder: every
+split it holds). A prepared folder is the run's own data only when its data hash is the one the run recorded: any
+other (another run's 10B-token folder, say) is scored whole, so give --split val (or --max-tokens) to score its
+validation split alone. --split val|train|all narrows or widens that on purpose (a split the source does not hold is
+then an error). The output's data label says what was scored.
 
 What is measured:
   text        val_loss (nats per target token), perplexity, bits_per_byte = summed nats of the text targets / (ln 2 x
@@ -39,7 +42,10 @@ What is measured:
                                  whole and split at the length of the encoded context;
                 --chat           the context as a user turn followed by <|assistant|>, the choice scored with no
                                  delimiter and no closing <|end|> (lm_eval --apply_chat_template).
-              A chat-tuned run scored without --chat prints a hint. With --choices alone only multiple choice is
+              A chat-tuned run scored without --chat prints a hint. The parity holds in fp32: lm_eval scores the
+              exported model (float32) in float32, while --precision auto is bf16 autocast on a bf16-capable GPU
+              (log-likelihoods ~1e-2 apart, an accuracy may differ on near ties): give --precision fp32 for the
+              harness's figures (a notice says so otherwise). With --choices alone only multiple choice is
               measured. A bad record (not JSON, a missing key, no choices, an empty choice, an answer index out of
               range) is an error naming the file and the record, before any model work.
 Sources: --data SOURCE is sorted by its fields (`text`-like -> text, chat records -> chat, pairs -> preference;
@@ -169,9 +175,12 @@ def same_source(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def text_splits(split: str | None, own: bool) -> tuple[str, ...]:
-    """--split, or by default the validation split of the run's own data and all of any other source."""
-    return SPLITS[split or ("val" if own else "all")]
+def text_splits(split: str | None, own: bool, held: tuple[str, ...] = SOURCE_SPLITS) -> tuple[str, ...]:
+    """--split, or by default the validation split of the run's own data and all of any other source: all the
+    splits it holds (`held`), as a prepared folder may hold only some (one prepared with --split val, say)."""
+    if split or own:
+        return SPLITS[split or "val"]
+    return tuple(s for s in SOURCE_SPLITS if s in held)
 
 
 def text_data(run: LoadedRun, source: str, args, info) -> tuple[shards.PreparedData, bool]:
@@ -224,7 +233,9 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     """Loss, perplexity, bits per byte over the source's blocks (the trainer's validation, without a token cap)."""
     T = run.gcfg.block_size
     data, own = text_data(run, source, args, info)
-    splits = text_splits(args.split, own)
+    splits = text_splits(args.split, own, data.splits)
+    if not splits:
+        raise ValueError(f"--data {source}: the prepared folder holds no train or val split (it holds {data.splits})")
     parts, n_batches = [], 0
     for split in splits:
         chunks = data.chunks(split)
@@ -243,16 +254,18 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     f = lm_figures(run.model, bar, byte_lengths, run.autocast)
     figures = {"val_loss": f["loss"], "perplexity": f["perplexity"], "bits_per_byte": f["bpb"],
                "tokens": int(f["tokens"]), "bytes": int(f["bytes"])}
-    return figures, f"{source} ({text_label(splits, own, args.max_tokens)})"
+    whole = not own and args.split is None  # by default a source the run did not train on is scored whole
+    return figures, f"{source} ({text_label(splits, own, args.max_tokens, whole)})"
 
 
-def text_label(splits: tuple[str, ...], own: bool, max_tokens: int) -> str:
+def text_label(splits: tuple[str, ...], own: bool, max_tokens: int, whole: bool = False) -> str:
     """What of a text source was scored: "val split", "train+val splits, first 1000 tokens of each", and for a
-    source the run did not train on (scored whole by default) "whole (train+val splits); not the run's data"."""
+    source the run did not train on (scored whole by default) "whole (train+val splits); not the run's data", or
+    "whole (val split)" for a prepared folder that holds only that split."""
     label = f"{'+'.join(splits)} split{'s' if len(splits) > 1 else ''}"
     if max_tokens:
         label += f", first {max_tokens} tokens" + (" of each" if len(splits) > 1 else "")
-    elif not own and splits == SOURCE_SPLITS:
+    elif whole or (not own and splits == SOURCE_SPLITS):
         label = f"whole ({label})"
     return label + ("" if own else "; not the run's data")
 
@@ -481,6 +494,9 @@ def choice_figures(run: LoadedRun, records: list[ChoiceRecord], args, info) -> t
         print0(f"hint: {run.ckpt['path']} is a chat-tuned ({run.cfg.stage}) run; the choices are scored as plain "
                "text after the question: --chat scores them as its reply to the question as a user turn (what "
                "lm_eval --apply_chat_template does)")
+    if run.precision != "fp32":
+        print0(f"note: the choices are scored under {run.precision} autocast, lm_eval scores the exported model in "
+               "fp32: --precision fp32 gives its log-likelihoods")
     pairs = encode_pairs(records, run.tok, chat, run.gcfg.block_size, args.choices)
     flat = choice_logprobs(run, pairs, args.batch_size, info)
     logprobs, at = [], 0
@@ -589,7 +605,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--tensorboard", action="store_true", help="log the figures under eval/ in the run's TensorBoard")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on a bf16-capable GPU, else fp32; fp32 for lm_eval's --choices figures")
     args = p.parse_args(argv)
     args.max_tokens = int(args.max_tokens)
     if args.max_tokens < 0 or args.max_examples < 0 or args.batch_size < 1:

@@ -1,10 +1,12 @@
 """scripts/chat.py, through a real pseudo-terminal: the first greedy reply is sample.py --chat's, a later reply is
 greedy generation on the rendered conversation, /reset forgets it, a conversation that outgrows the context drops its
-oldest exchange (and says so), /quit and Ctrl-D leave with exit code 0, a pre-training or reward-model run is refused.
-Replies stream through a decoder that never prints half a character."""
+oldest exchange (and says so), /quit and Ctrl-D leave with exit code 0, Ctrl-C stops a reply (its exchange dropped)
+and at the prompt leaves, "//" sends a message starting with "/", an imported chat model is served with a notice, a
+pre-training or reward-model run is refused. Replies stream through a decoder that never prints half a character."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import pty
@@ -22,6 +24,7 @@ from data import chat
 from data.tokenizer import END_ID
 from model.gpt import GPTConfig
 from model.reward import RewardModel
+from tests.conftest import optional_import
 from training.load import load_run, save_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,16 +76,23 @@ def greedy_reply(run, messages: list[dict], max_new: int) -> str:
 
 
 class Terminal:
-    """chat.py with a pseudo-terminal as its stdin, stdout and stderr; the test types and reads on the other side.
-    Output post-processing (\\n -> \\r\\n) is turned off so the bytes read are the bytes the script wrote."""
+    """chat.py with a pseudo-terminal as its stdin, stdout and stderr and as its controlling terminal (so a typed
+    Ctrl-C is a SIGINT to it, as in a shell); the test types and reads on the other side. Output post-processing
+    (\\n -> \\r\\n) is turned off so the bytes read are the bytes the script wrote, and so is the flush of unread
+    output at Ctrl-C. `code`: run the script under this `python -c` wrapper (its argv: wrapper_args, the script, the
+    options)."""
 
-    def __init__(self, *argv) -> None:
+    def __init__(self, *argv, code: str | None = None, wrapper_args: list = ()) -> None:
         master, slave = pty.openpty()
         attrs = termios.tcgetattr(slave)
         attrs[1] &= ~termios.OPOST
+        attrs[3] |= termios.NOFLSH
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
-        self.proc = subprocess.Popen([sys.executable, str(CHAT), *map(str, argv)], stdin=slave, stdout=slave,
-                                     stderr=slave, cwd=ROOT, env=ENV, close_fds=True)
+        wrapper = [] if code is None else ["-c", code, *map(str, wrapper_args)]
+        self.proc = subprocess.Popen([sys.executable, *wrapper, str(CHAT), *map(str, argv)], stdin=slave,
+                                     stdout=slave, stderr=slave, cwd=ROOT, env=ENV, close_fds=True,
+                                     start_new_session=True,  # a session of its own, whose terminal is the pty
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(slave)
         self.fd, self.buffer = master, b""
 
@@ -103,6 +113,17 @@ class Terminal:
             self.buffer += chunk
         text, self.buffer = self.buffer.decode(), b""
         return text
+
+    def read_until(self, text: str, timeout: float = 120) -> str:
+        """Read until the output so far holds `text`; return it (the buffer is emptied)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.buffer.decode(errors="replace"):
+            ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise AssertionError(f"no {text!r} within {timeout} s; the terminal shows {self.buffer!r}")
+            self.buffer += os.read(self.fd, 4096)
+        shown, self.buffer = self.buffer.decode(), b""
+        return shown
 
     def send(self, line: str, expected: str) -> str:
         """Type a line; return what the terminal shows until the next prompt, which must be `expected` (the echo
@@ -213,3 +234,89 @@ def test_reward_model_and_bad_options_are_refused(tiny_run, tmp_path):
         chat_cli.reply_budget(61, 64)
     with pytest.raises(ValueError, match="--top-p"):
         chat_cli.parse_args([str(tiny_run), "--top-p", "0"])
+
+
+# A model slow enough to interrupt: the first reply pauses (a sleep Ctrl-C cuts short) after printing 3 tokens,
+# and creates the file named by its first argument once it is paused, so the test knows when to type Ctrl-C.
+PAUSE_AFTER_3_TOKENS = """
+import pathlib, runpy, sys, time
+import model.gpt as gpt
+paused, real, calls = pathlib.Path(sys.argv[1]), gpt.sample_next, [0]
+def sample_next(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 4:
+        paused.touch()
+        time.sleep(120)
+    return real(*args, **kwargs)
+gpt.sample_next = sample_next  # chat.py imports it from model.gpt when it starts
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_stops_a_reply_and_leaves_at_the_prompt_and_a_double_slash_sends(sft_run, tmp_path):
+    """Ctrl-C typed while the first reply is being generated (3 tokens printed) stops it and returns to the prompt;
+    the message and its partial reply are dropped, so the next reply is greedy generation on the next message alone.
+    "/sort" is refused as an unknown command that says how to send it; "//Sort: 9 4 7" sends "/Sort: 9 4 7".
+    Ctrl-C at the prompt leaves, exit status 130."""
+    run = load_run(sft_run, "cpu", "fp32")
+    u1, u2 = "Sort: 9 4 7", "/Sort: 9 4 7"
+    ids = chat.render_prompt([{"role": "user", "content": u1}], run.tok)
+    first = []
+    with torch.no_grad():
+        while len(first) < 4:  # greedy: the first reply's first 4 tokens, none of them <|end|>
+            first.append(run.model(torch.tensor([ids + first]))[0, -1].argmax().item())
+    assert END_ID not in first
+    partial = run.tok.decode(first[:3])
+    a2 = greedy_reply(run, [{"role": "user", "content": u2}], MAX_NEW)
+    kept_partial = [{"role": "user", "content": u1}, {"role": "assistant", "content": partial},
+                    {"role": "user", "content": u2}]
+    assert a2 != greedy_reply(run, kept_partial, MAX_NEW)  # keeping the partial exchange would change the answer
+
+    paused = tmp_path / "paused"
+    term = Terminal(sft_run, "--temperature", 0, "--max-new-tokens", MAX_NEW, "--device", "cpu",
+                    code=PAUSE_AFTER_3_TOKENS, wrapper_args=[paused])
+    term.read_until_prompt()
+    os.write(term.fd, u1.encode() + b"\n")
+    assert term.read_until(f"{u1}\n{partial}") == f"{u1}\n{partial}"
+    deadline = time.monotonic() + 60
+    while not paused.exists():
+        assert time.monotonic() < deadline, "the reply never paused"
+        time.sleep(0.01)
+    os.write(term.fd, b"\x03")  # Ctrl-C
+    assert term.read_until_prompt() == ("^C\n[reply stopped: this message and its partial reply are not kept in the "
+                                        "conversation]\n> ")
+    term.send("/sort", "/sort\n[unknown command '/sort'; commands: /reset (forget the conversation), /quit (leave "
+                       "(Ctrl-D too)). To send a message starting with \"/\", double the slash: '//sort' sends "
+                       "'/sort']\n> ")
+    term.send("/" + u2, exchange("/" + u2, a2))
+    # Typed the instant "> " shows, Ctrl-C can land between input()'s prompt and its read(), where CPython notes the
+    # signal but stays blocked in the read; a person types later than that, and so does this test.
+    time.sleep(0.5)
+    assert term.close(b"\x03") == 130
+
+
+def test_an_imported_chat_model_is_served_with_a_notice(sft_run, tmp_path):
+    """scripts/import_hf.py of the SFT run's export records stage "pretrain" (an import knows no stage): chat.py
+    serves it, saying so, and its first greedy reply is the SFT run's own (the weights made the round trip)."""
+    optional_import("transformers")
+    export_hf, import_hf = load_script("export_hf"), load_script("import_hf")
+    export_hf.main([str(sft_run), str(tmp_path / "export")])
+    imported = import_hf.main([str(tmp_path / "export"), str(tmp_path / "imported")])
+    run = load_run(imported, "cpu", "fp32")
+    assert run.cfg.stage == "pretrain" and run.ckpt["imported_from"] == str((tmp_path / "export").resolve())
+    u1 = "Sort: 9 4 7"
+    (a1,) = sample_cli.main([str(sft_run), "--chat", "--prompt", u1, "--temperature", "0", "--max-new-tokens",
+                             str(MAX_NEW), "--device", "cpu"])
+    term = Terminal(imported, "--temperature", 0, "--max-new-tokens", MAX_NEW, "--device", "cpu")
+    banner = term.read_until_prompt()
+    assert banner.startswith(f"[{run.ckpt['path']} was imported from {run.ckpt['imported_from']}, and an import "
+                             "records no training stage: it is served in the chat format its tokenizer holds.")
+    term.send(u1, exchange(u1, a1))
+    assert term.close(b"/quit\n") == 0
+
+
+def test_the_default_reply_length_is_sample_pys_where_it_fits():
+    """128 tokens (sample.py's default) from a 256-token context up; half the context below, so a message fits."""
+    assert [chat_cli.reply_budget(None, block) for block in (64, 200, 256, 1024, 2048)] == [32, 100, 128, 128, 128]
+    assert chat_cli.reply_budget(300, 1024) == 300

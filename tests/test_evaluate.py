@@ -315,6 +315,24 @@ def test_chat_tuned_run_without_chat_gets_a_hint(sft_run, tmp_path, capsys):
         assert "hint:" not in capsys.readouterr().out
 
 
+def test_choices_under_autocast_say_fp32_gives_the_harness_figures(sft_run, tmp_path, capsys):
+    """lm_eval scores the fp32 export in fp32; evaluate.py's auto precision is bf16 autocast on a capable GPU. Scored
+    under bf16 (asked for here: on CPU auto is fp32) the choices' log-likelihoods move off the fp32 ones, and a notice
+    names --precision fp32; in fp32 there is none."""
+    from tests.choice_records import sum_records, write_jsonl
+
+    run_dir, _ = sft_run
+    path = write_jsonl(tmp_path / "mc.jsonl", sum_records(2))
+    fp32 = run_eval(run_dir, "--choices", path, "--chat", "--precision", "fp32")
+    assert "note:" not in capsys.readouterr().out and fp32["precision"] == "fp32"
+    bf16 = run_eval(run_dir, "--choices", path, "--chat", "--precision", "bf16")
+    assert "note: the choices are scored under bf16 autocast, lm_eval scores the exported model in fp32: " \
+           "--precision fp32 gives its log-likelihoods" in capsys.readouterr().out
+    apart = max(abs(a - b) for x, y in zip(fp32["mc_loglikelihoods"], bf16["mc_loglikelihoods"], strict=True)
+                for a, b in zip(x, y, strict=True))
+    assert apart > 1e-4  # beyond the parity tolerance of tests/test_lm_eval.py
+
+
 # ----------------------------------------------------------------------------------------------- which split
 def test_a_source_the_run_did_not_train_on_is_scored_whole(tiny_run, tmp_path):
     """--data on a file the run never saw: scored whole by default (train+val parts, the label says so), not only
@@ -347,3 +365,24 @@ def test_the_runs_own_data_is_its_validation_split_by_hash(tiny_run, corpus_dir,
         f"{same} (val split, first 2048 tokens)"
     other = run_eval(tiny_run, "--data", capped)
     assert other["data"]["text"] == f"{capped} (whole (train+val splits); not the run's data)"
+
+
+def test_a_foreign_prepared_folder_of_one_split_is_scored_on_the_split_it_holds(tiny_run, corpus_dir, tmp_path):
+    """A prepared folder of other data that holds only a val split (prepared with splits=("val",), as evaluate.py
+    prepares a source for --split val) is scored whole by default -- its val split, the label says so -- instead of
+    failing on the train split it lacks; --split train or all asks for that split on purpose: an error naming it."""
+    from data.prepare import prepare
+
+    run = load_run(tiny_run, "cpu")
+    d = run.cfg.data
+    only_val = tmp_path / "only_val"
+    prepare(str(corpus_dir), run.tok, only_val, splits=("val",), text_column=d.text_column,
+            val_fraction=d.val_fraction, max_docs=15, chunk_tokens=d.chunk_tokens, workers=1, verbose=False)
+    default = run_eval(tiny_run, "--data", only_val)
+    val = run_eval(tiny_run, "--data", only_val, "--split", "val")
+    assert default["data"]["text"] == f"{only_val} (whole (val split); not the run's data)"
+    assert val["data"]["text"] == f"{only_val} (val split; not the run's data)"
+    assert default["tokens"] == val["tokens"] > 0 and default["val_loss"] == val["val_loss"]
+    for split in ("train", "all"):
+        with pytest.raises(ValueError, match=rf"{only_val} holds no train split \(it holds \['val'\]\)"):
+            run_eval(tiny_run, "--data", only_val, "--split", split)

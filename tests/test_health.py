@@ -5,9 +5,12 @@ pre-training recipe that raises none."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -61,23 +64,34 @@ def test_exploding_skips_fp16_overflows_and_is_off_at_zero_steps_or_without_clip
     assert HealthWatch.from_config(h, grad_clip=0.5).exploding.threshold == 10.0 * 0.5
 
 
-def test_vanishing_compares_each_group_with_the_median_and_rearms_when_it_recovers():
+def test_vanishing_compares_each_group_with_the_largest_and_rearms_when_it_recovers():
     watch = VanishingWatch(ratio=1e-3)
-    # median of (1, 0.5, 0.02, 2e-4) = (0.5 + 0.02) / 2 = 0.26; the threshold 2.6e-4: block_2's 2e-4 is below it
+    # the largest norm is block_0's 1.0; the threshold 1e-3: block_2's 2e-4 is below it, the final norm's 0.02 not
     norms = {"block_0": 1.0, "block_1": 0.5, "block_2": 2e-4, "final_norm": 0.02}
     [w] = watch.observe(7, norms)
     assert (w.kind, w.step) == ("vanishing", 7)
-    assert w.message == "grad_norm/block_2 is 0.0002, below 0.001 x the median of the groups' norms (0.26)"
+    assert w.message == "grad_norm/block_2 is 0.0002, below 0.001 x the largest group's, grad_norm/block_0 (1)"
     assert watch.observe(8, norms) == []  # the same episode
     assert watch.observe(9, {**norms, "block_2": 0.01}) == []  # recovered: re-armed
     assert [w.step for w in watch.observe(10, norms)] == [10]
-    # exactly at the threshold is healthy: median of (0.5, 1, 1, 2) = 1, threshold 0.5 x 1
-    assert VanishingWatch(0.5).observe(1, {"a": 2.0, "b": 1.0, "c": 1.0, "d": 0.5}) == []
+    # exactly at the threshold is healthy: the largest 2, threshold 0.5 x 2 = 1
+    assert VanishingWatch(0.5).observe(1, {"a": 2.0, "b": 1.0, "c": 1.0}) == []
     assert VanishingWatch(0.0).observe(1, {"a": 1.0, "b": 0.0, "c": 1.0}) == []  # 0 = off
 
 
+def test_vanishing_fires_when_most_groups_collapse_together():
+    """The classic vanishing gradient: the embedding and the lower blocks (3 groups of 5) collapse at once. Their
+    median is one of them (5e-6), which would hide all three; against the largest (block_3's 0.4, threshold 4e-4)
+    each is named, the two live blocks not."""
+    norms = {"embedding": 1e-6, "block_0": 2e-6, "block_1": 5e-6, "block_2": 0.3, "block_3": 0.4}
+    warnings = VanishingWatch(1e-3).observe(3, norms)
+    assert [w.message.split(" is ")[0] for w in warnings] == ["grad_norm/embedding", "grad_norm/block_0",
+                                                              "grad_norm/block_1"]
+    assert warnings[2].message == "grad_norm/block_1 is 5e-06, below 0.001 x the largest group's, grad_norm/block_3 (0.4)"
+
+
 def test_update_ratio_band_follows_the_learning_rate_schedule():
-    watch = UpdateRatioWatch(low=1e-6, high=0.3)
+    watch = UpdateRatioWatch(low=1e-6, high=0.3)  # a floor set high on purpose; the default's is 1e-8
     # warmup at lr/peak 0.02: the band is [2e-8, 6e-3]. AdamW's first step moves each weight by about its lr: the
     # default peak lr 3e-3 x 0.02 = 6e-5 moves std-0.02 weights by 6e-5 / 0.02 = 3e-3 of their norm: inside
     assert watch.observe(1, {"matrices": 3e-3}, {"matrices": 0.02}) == []
@@ -146,6 +160,26 @@ def test_overfitting_needs_rising_val_loss_while_the_mean_train_loss_falls():
                                       "6.0000, while the mean train/loss fell from 3.0000 to 0.7500")
 
 
+def test_a_rise_from_the_step_0_evaluation_counts_its_train_reference_the_first_mean_after_it():
+    """Step 0's evaluation has no training before it: a rise may start from it, its training reference the mean
+    over the steps up to the next evaluation ((4 + 3) / 2 = 3.5), the latest mean (1.5) compared with that."""
+    watch = OverfittingWatch(evals=2)
+    assert overfit_run(watch, [([], 5.0), ([4.0, 3.0], 5.2), ([2.0, 1.0], 5.4)]) == [20]
+    watch = OverfittingWatch(evals=2)
+    for loss, val, step in (([], 5.0, 0), ([4.0, 3.0], 5.2, 10)):
+        for x in loss:
+            watch.observe_train(x)
+        assert watch.observe_val(step, val) is None
+    watch.observe_train(2.0)
+    watch.observe_train(1.0)
+    assert watch.observe_val(20, 5.4).message.startswith(
+        "val/loss has risen 2 evaluations in a row, from 5.0000 at step 0 to 5.4000, while the mean train/loss fell "
+        "from 3.5000 to 1.5000")
+    # the training mean not below the first one (3.5): not overfitting; a fall after step 0 starts afresh
+    assert overfit_run(OverfittingWatch(2), [([], 5.0), ([4.0, 3.0], 5.2), ([3.0, 4.0], 5.4)]) == []
+    assert overfit_run(OverfittingWatch(2), [([], 5.0), ([4.0, 3.0], 4.0), ([2.0], 4.1), ([1.0], 4.2)]) == [30]
+
+
 def test_rising_val_loss_with_rising_train_loss_is_not_overfitting():
     watch = OverfittingWatch(evals=2)
     # the rise starts from the evaluation at step 0 (train 3.0); at steps 20 and 30 the train loss has risen too (a
@@ -155,10 +189,11 @@ def test_rising_val_loss_with_rising_train_loss_is_not_overfitting():
 
 
 def test_health_options_are_checked_and_named():
-    h = parse_args(["--health.explode_factor=4", "--health.overfit_evals=5"]).health
-    assert (h.explode_factor, h.explode_steps, h.overfit_evals, h.ratio_low, h.ratio_high) == (4.0, 20, 5, 1e-6, 0.3)
-    with pytest.raises(ValueError, match=r"health\.ratio_high=1e-07 must exceed health\.ratio_low=1e-06"):
-        parse_args(["--health.ratio_high=1e-7"])
+    h = parse_args(["--health.explode_factor=4", "--health.vanish_ratio=0.01"]).health
+    assert (h.explode_factor, h.explode_steps, h.vanish_ratio, h.overfit_evals, h.ratio_low, h.ratio_high) == (
+        4.0, 20, 0.01, 2, 1e-8, 0.3)
+    with pytest.raises(ValueError, match=r"health\.ratio_high=1e-09 must exceed health\.ratio_low=1e-08"):
+        parse_args(["--health.ratio_high=1e-9"])
     with pytest.raises(ValueError, match=r"health\.vanish_ratio=-1\.0 must be >= 0"):
         parse_args(["--health.vanish_ratio=-1"])
     with pytest.raises(ValueError, match=r"unknown option --health\.explode_step \(did you mean 'health\.explode_steps'"):
@@ -214,36 +249,78 @@ def test_a_huge_init_std_explodes(tmp_path, corpus_dir, capsys, one_thread):
                            f"for 20 steps in a row (now {norms[19]:.4g})")
 
 
-def test_a_tiny_training_set_over_many_epochs_overfits(tmp_path, corpus_dir, capsys, one_thread):
-    """One 4 KB file (colorsys, ~2,200 tokens: two steps an epoch) for 70 steps, validated every 10 on the usual
-    validation files: val loss falls, then rises while the train loss keeps falling. The warning comes at the first
-    evaluation ending 3 rises in a row, read off the logged losses."""
+def train_means(rows: list[dict], evals: list[int]) -> dict[int, float]:
+    """Each evaluation after the first -> the mean logged train/loss of the steps since the one before (log.interval
+    1: every step is logged)."""
+    train = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {e: statistics.fmean(train[t] for t in range(a + 1, e + 1)) for a, e in itertools.pairwise(evals)}
+
+
+def test_one_small_file_over_many_epochs_overfits_from_the_step_0_evaluation(tmp_path, tiny_run, corpus_dir, capsys,
+                                                                                one_thread):
+    """The tiny run trained on for 30 steps on one 4 KB file (colorsys, ~2,200 tokens: two steps an epoch), validated
+    every 10 on the usual validation files: val loss rises from the step-0 evaluation on (measured: 4.04, 4.22, 4.46),
+    the train loss falls. With the default 2 rises the warning comes at step 20, the rise starting at step 0, its
+    train reference the mean loss of steps 1-10 (no training precedes step 0); step 30's final validation does not
+    count."""
     corpus = tmp_path / "small"
     (corpus / "train").mkdir(parents=True)
     shutil.copy(corpus_dir / "train" / "colorsys.txt", corpus / "train")
     shutil.copytree(corpus_dir / "val", corpus / "val")
     out = tmp_path / "overfit"
-    summary = main(["--data", str(corpus), "--out", str(out), *TINY_ARGS, "--train.max_steps=70",
-                    "--eval.interval=10", "--log.interval=1", "--log.health_interval=0"])
+    summary = main(["--init-from", str(tiny_run), "--data", str(corpus), "--out", str(out), *TINY_ARGS,
+                    "--train.max_steps=30", "--eval.interval=10", "--log.interval=1", "--log.health_interval=0"])
     rows = metrics(out)
-    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r and 0 < r["step"] < 70}
-    train = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-    steps = sorted(val)
-    # the first evaluation whose loss is the 3rd rise in a row, the mean train loss lower than at the rise's start
-    expected = next(s for i, s in enumerate(steps) if i >= 3 and all(val[steps[j]] > val[steps[j - 1]]
-                                                                     for j in range(i - 2, i + 1))
-                    and sum(train[t] for t in range(s - 9, s + 1)) < sum(train[t] for t in range(steps[i - 3] - 9,
-                                                                                                  steps[i - 3] + 1)))
+    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    means = train_means(rows, [0, 10, 20])
+    assert val[0] < val[10] < val[20] and means[20] < means[10]
     [line] = assert_said_everywhere(out, summary, capsys.readouterr().out, "overfitting", 1)
-    assert line.startswith(f"health warning (overfitting) at step {expected}: val/loss has risen 3 evaluations in a "
-                           f"row, from {val[expected - 30]:.4f} at step {expected - 30} to {val[expected]:.4f}")
+    assert line == (f"health warning (overfitting) at step 20: val/loss has risen 2 evaluations in a row, from "
+                    f"{val[0]:.4f} at step 0 to {val[20]:.4f}, while the mean train/loss fell from {means[10]:.4f} "
+                    f"to {means[20]:.4f}: the model memorises its training data (more data, fewer steps or dropout)")
 
 
-@pytest.mark.parametrize("lr, side", [(1e-9, "below"), (1.0, "above")])
+def test_sft_on_four_conversations_over_many_epochs_overfits(tmp_path, tiny_run, capsys, one_thread):
+    """SFT of the tiny run on 4 conversations (a made-up code word for each number: nothing to generalise), one step an
+    epoch for 50 steps, validated every 10 on 16 others: val loss falls while the chat format is learnt, then rises
+    as the answers are memorised (measured: 5.05, 3.67, 3.48, 3.99, 4.42, then the final 4.51). The warning comes at
+    the first periodic evaluation ending 2 rises in a row with the mean train loss below the rise's start."""
+    rng = random.Random(0)
+    words = "red blue green apple river stone cloud tiger lamp seven ocean paper".split()
+
+    def conversation(i: int) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": f"Code word {i}?"},
+                                        {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(4))}]}) + "\n"
+
+    data = tmp_path / "chat"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(conversation(i) for i in range(4)))
+    (data / "validation.jsonl").write_text("".join(conversation(i) for i in range(100, 116)))
+    out = tmp_path / "sft"
+    summary = main(["--stage", "sft", "--init-from", str(tiny_run), "--data", str(data), "--out", str(out),
+                    *TINY_ARGS, "--train.batch_size=4", "--train.max_steps=50", "--eval.interval=10",
+                    "--log.interval=1", "--log.health_interval=0", "--eval.sample_interval=0"])
+    rows = metrics(out)
+    evals = [0, 10, 20, 30, 40]  # the periodic evaluations (50's is the final one)
+    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    means = train_means(rows, evals)
+    means[0] = means[10]  # step 0's train reference: the first mean after it
+    rise = [i for i in range(2, len(evals)) if val[evals[i - 2]] < val[evals[i - 1]] < val[evals[i]]
+            and means[evals[i]] < means[evals[i - 2]]]
+    assert rise, val
+    at, start = evals[rise[0]], evals[rise[0] - 2]
+    [line] = assert_said_everywhere(out, summary, capsys.readouterr().out, "overfitting", 1)
+    assert line.startswith(f"health warning (overfitting) at step {at}: val/loss has risen 2 evaluations in a row, from "
+                           f"{val[start]:.4f} at step {start} to {val[at]:.4f}, while the mean train/loss fell from "
+                           f"{means[start]:.4f} to {means[at]:.4f}")
+
+
+@pytest.mark.parametrize("lr, side", [(1e-10, "below"), (1.0, "above")])
 def test_a_learning_rate_far_off_leaves_the_update_ratio_band(tmp_path, corpus_dir, capsys, one_thread, lr, side):
-    """AdamW's first steps move each weight by about lr: at lr 1e-9 the std-0.02 matrices by ~5e-8 of their norm
-    (x lr / peak), below the band [1e-6, 0.3] x lr / peak, the norms (weights of 1) by ~1e-9; at lr 1 by ~50 and ~1,
-    above it. Each group warns once in 5 steps measured every step, naming the logged ratio."""
+    """AdamW's first steps move each weight by about lr: at lr 1e-10 the std-0.02 matrices by ~5e-9 of their norm
+    (x lr / peak), below the default band [1e-8, 0.3] x lr / peak, the norms (weights of 1) by ~1e-10 (fp32 rounds
+    most such changes away: the weights do not move); at lr 1 by ~50 and ~1, above it. Each group warns once in 5
+    steps measured every step, naming the logged ratio."""
     out = tmp_path / side
     summary = main(["--data", str(corpus_dir), "--out", str(out), *TINY_ARGS, "--train.max_steps=5",
                     f"--train.lr={lr}", "--log.health_interval=1", "--eval.interval=0", "--log.interval=1"])
@@ -254,6 +331,20 @@ def test_a_learning_rate_far_off_leaves_the_update_ratio_band(tmp_path, corpus_d
         f"update_ratio/{g} is {first[f'update_ratio/{g}']:.3g}" for g in ("matrices", "vectors")]
     assert all(f", {side} the healthy band [" in line for line in lines)
     assert all("x lr / peak lr 0.25)" in line for line in lines)  # step 1 of warmup over 4 (max_steps - 1) steps
+
+
+def test_a_small_fine_tuning_lr_is_not_called_too_low(tmp_path, corpus_dir, capsys, one_thread):
+    """lr 1e-6 (a usual DPO lr on a bigger model) is legitimate: the norms' weights (of 1) move by ~lr x lr / peak a
+    step, a ratio / (lr / peak) under 1e-6 (so a floor of 1e-6 would call it too low) but far above the default
+    1e-8. 5 steps measured every step: no warning."""
+    out = tmp_path / "small_lr"
+    summary = main(["--data", str(corpus_dir), "--out", str(out), *TINY_ARGS, "--train.max_steps=5", "--train.lr=1e-6",
+                    "--log.health_interval=1", "--eval.interval=0", "--log.interval=1"])
+    rows = metrics(out)
+    lr = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    scaled = [r["update_ratio/vectors"] / (lr[r["step"]] / 1e-6) for r in rows if "update_ratio/vectors" in r]
+    assert len(scaled) == 5 and 1e-8 < min(scaled) < 1e-6, scaled
+    assert summary["health_warnings"] == counts() and warning_lines(capsys.readouterr().out) == []
 
 
 def test_a_dead_block_is_said_to_vanish(tmp_path, tiny_run, corpus_dir, capsys, one_thread):
@@ -275,7 +366,8 @@ def test_a_dead_block_is_said_to_vanish(tmp_path, tiny_run, corpus_dir, capsys, 
     logged = [r for r in metrics(out) if "grad_norm/block_1" in r]
     assert [r["grad_norm/block_1"] for r in logged] == [0.0, 0.0, 0.0] and min(r["grad_norm/block_0"] for r in logged) > 0
     [line] = assert_said_everywhere(out, summary, capsys.readouterr().out, "vanishing", 1)
-    assert line.startswith("health warning (vanishing) at step 1: grad_norm/block_1 is 0, below 0.001 x the median")
+    assert line.startswith("health warning (vanishing) at step 1: grad_norm/block_1 is 0, below 0.001 x the largest "
+                           "group's, grad_norm/")
 
 
 def test_a_healthy_default_recipe_run_raises_no_warning(tmp_path, corpus_dir, capsys, one_thread):

@@ -1,13 +1,15 @@
 """lm-evaluation-harness (the `eval` extra) on an exported tiny SFT run, offline: a local multiple-choice task (a
 YAML with `dataset_path: json` over a JSONL file this module writes) through the harness's Python API, plain and
 with its chat template, gives every choice the log-likelihood `scripts/evaluate.py --choices` gives it (within
-1e-4) and the same accuracies; and the README's `lm_eval` command line runs as written."""
+1e-4) and the same accuracies; and the README's `lm_eval` command line runs as written. The task YAML and the
+command line are the README's own (tested to appear there verbatim, which needs no harness)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,9 +21,6 @@ import pytest
 from tests.choice_records import sum_records, write_jsonl
 from tests.conftest import optional_import
 
-lm_eval = optional_import("lm_eval")  # the `eval` extra; CI installs it (the `test` extra), so these tests run there
-optional_import("transformers")
-
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("gptrain_script_evaluate", ROOT / "scripts" / "evaluate.py")
 evaluate = importlib.util.module_from_spec(spec)
@@ -30,7 +29,8 @@ spec = importlib.util.spec_from_file_location("gptrain_script_export_hf", ROOT /
 export_hf = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(export_hf)
 
-# The task as the README shows it: its data file relative to the folder lm_eval runs in.
+# The task as the README shows it (test_readme_shows_this_task_and_command_line checks it is the README's): its data
+# file relative to the folder lm_eval runs in.
 TASK_YAML = """\
 task: sums
 dataset_path: json
@@ -47,10 +47,39 @@ metric_list:
   - metric: acc_norm
   - metric: acc_bytes
 """
-# The README's command line, run as written from the folder holding exports/ and tasks/.
+# The README's command line, run as written from the folder holding exports/ and tasks/ (checked as TASK_YAML).
 README_COMMAND = ("lm_eval --model hf --model_args pretrained=exports/sft --tasks sums --include_path tasks "
                   "--apply_chat_template --device cpu --batch_size 8 --output_path results")
 METRICS = {"acc": "mc_accuracy", "acc_norm": "mc_accuracy_norm", "acc_bytes": "mc_accuracy_bytes"}
+README_SECTION = "### lm-evaluation-harness"
+
+
+def readme_blocks(readme: Path, section: str) -> dict[str, list[str]]:
+    """The fenced code blocks of one README section (from its heading to the next heading): language -> texts."""
+    text = readme.read_text(encoding="utf-8")
+    assert section in text, f"{readme} has no section {section!r}"
+    body = re.split(r"\n#{1,6} ", text.split(section, 1)[1], maxsplit=1)[0]  # a fenced "# comment" is no heading
+    blocks: dict[str, list[str]] = {}
+    for chunk in body.split("```")[1::2]:  # the odd chunks are inside fences: "yaml\n...\n"
+        language, _, code = chunk.partition("\n")
+        blocks.setdefault(language.strip(), []).append(code)
+    return blocks
+
+
+def test_readme_shows_this_task_and_command_line():
+    """What this module runs is what the README's lm-evaluation-harness section tells a user: its YAML block is
+    TASK_YAML exactly, its bash block holds README_COMMAND as a line of its own."""
+    blocks = readme_blocks(ROOT / "README.md", README_SECTION)
+    assert blocks.get("yaml") == [TASK_YAML], blocks.get("yaml")
+    assert any(README_COMMAND in code.splitlines() for code in blocks.get("bash", [])), blocks.get("bash")
+
+
+@pytest.fixture(scope="module")
+def lm_eval():
+    """The harness (the `eval` extra) and transformers; CI installs both (the `test` extra), so the tests that need
+    them run there."""
+    optional_import("transformers")
+    return optional_import("lm_eval")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +88,7 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def workdir(tiny_run, tmp_path_factory) -> Path:
+def workdir(lm_eval, tiny_run, tmp_path_factory) -> Path:
     """A folder as a user would have it: runs/sft (tiny_run fine-tuned on the built-in tasks for 60 steps),
     exports/sft (its export), tasks/sums.yaml and tasks/sums.jsonl (40 four-way sums and a context longer than
     the model's 64 tokens)."""
@@ -81,7 +110,7 @@ def ours(workdir: Path, chat: bool) -> dict:
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
-def test_harness_log_likelihoods_equal_evaluate_choices(workdir, chat, monkeypatch):
+def test_harness_log_likelihoods_equal_evaluate_choices(lm_eval, workdir, chat, monkeypatch):
     """Per item and choice, the harness's log-likelihood (log_samples) equals evaluate.py's in the same mode, and
     acc / acc_norm / acc_bytes equal mc_accuracy / _norm / _bytes. The requests show the conventions: plain, the
     question and " " + choice; chat, the user turn rendered by the export's template then the bare choice."""

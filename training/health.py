@@ -9,12 +9,17 @@ HealthWatch says in words what those curves show (the `[health]` options of trai
 
     exploding     the pre-clip gradient norm above health.explode_factor x train.grad_clip for health.explode_steps
                   steps in a row (checked every step; off when clipping is off)
-    vanishing     a group's gradient norm below health.vanish_ratio x the median of all groups' norms
+    vanishing     a group's gradient norm below health.vanish_ratio x the largest group's norm (the largest, not
+                  the median: it stays a live reference when most groups collapse together, as the lower blocks and
+                  the embedding do when the gradient vanishes on its way down)
     update_ratio  a group's update/weight ratio outside [health.ratio_low, health.ratio_high] x lr / peak lr, the
                   band following the schedule, so warmup and decay stay inside it (a group at lr 0 is not checked)
     overfitting   the periodic validation loss rose health.overfit_evals times in a row while the mean training
-                  loss since the evaluation before that rise fell (not the final validation: it scores the whole
-                  split, the periodic ones its first eval.max_tokens, so the two do not compare)
+                  loss since the evaluation before that rise fell. The evaluation at step 0 (before training) counts
+                  as the first periodic one, so a rise can start from it; as no training precedes it, its training
+                  reference is the mean training loss up to the next evaluation. The final validation does not
+                  count: it scores the whole split, the periodic ones its first eval.max_tokens, so the two do not
+                  compare
 
 vanishing and update_ratio are checked when the figures are measured (every log.health_interval steps). Each warning
 fires once per episode: it re-arms when its figure is healthy again (the norm back under the threshold, the group
@@ -26,7 +31,6 @@ The watches are not saved with checkpoints: a resumed run watches afresh (and co
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -134,7 +138,11 @@ class ExplodingWatch:
 
 
 class VanishingWatch:
-    """A group's gradient norm below `ratio` x the median of all groups' norms; re-arms when it is back above."""
+    """A group's gradient norm below `ratio` x the largest group's norm; re-arms when it is back above.
+
+    The largest norm, not the median: when most groups collapse together (the lower blocks and the embedding, the
+    classic vanishing gradient) the median collapses with them and would hide it; the largest is a group still
+    learning. In default runs every group stays within 1/45 of the largest (the final norm, a few hundred weights)."""
 
     def __init__(self, ratio: float) -> None:
         self.ratio = ratio
@@ -143,15 +151,16 @@ class VanishingWatch:
     def observe(self, step: int, norms: dict[str, float]) -> list[HealthWarning]:
         if self.ratio <= 0 or len(norms) < 2:
             return []
-        median = statistics.median(norms.values())
+        largest = max(norms, key=norms.get)
         warnings = []
         for group, norm in norms.items():
-            if norm >= self.ratio * median:
+            if norm >= self.ratio * norms[largest]:
                 self.low.discard(group)
             elif group not in self.low:
                 self.low.add(group)
                 warnings.append(HealthWarning("vanishing", step, f"grad_norm/{group} is {norm:.3g}, below "
-                                              f"{self.ratio:g} x the median of the groups' norms ({median:.3g})"))
+                                              f"{self.ratio:g} x the largest group's, grad_norm/{largest} "
+                                              f"({norms[largest]:.3g})"))
         return warnings
 
 
@@ -189,14 +198,17 @@ class OverfittingWatch:
     """Validation loss rising `evals` evaluations in a row while the training loss falls; re-arms when it falls.
 
     The training loss compared is the mean over the steps between two evaluations (one step's loss is noisy): the
-    mean before the latest evaluation against the mean before the evaluation the rise started from."""
+    mean before the latest evaluation against the mean before the evaluation the rise started from. An evaluation
+    with no training before it (step 0's) is a baseline the rise may start from; its training reference is the mean
+    over the steps after it, up to the next evaluation (the first mean there is)."""
 
     def __init__(self, evals: int) -> None:
         self.evals = evals
         self.train_sum, self.train_steps = 0.0, 0  # training losses since the last evaluation
         self.last_val: float | None = None
         self.rises = 0  # evaluations in a row whose loss rose
-        self.start: tuple[int, float, float] | None = None  # (step, val loss, mean train loss) the rise started from
+        # (step, val loss, mean train loss) the rise started from; the mean is None until known (a step-0 start)
+        self.start: tuple[int, float, float | None] | None = None
         self.fired = False
 
     def observe_train(self, loss: float) -> None:
@@ -204,11 +216,13 @@ class OverfittingWatch:
         self.train_steps += 1
 
     def observe_val(self, step: int, val_loss: float) -> HealthWarning | None:
-        if self.train_steps == 0:  # no training since the last evaluation: nothing to compare
-            self.last_val = val_loss
+        if self.train_steps == 0:  # no training before it (step 0's evaluation): a baseline, its train mean to come
+            self.last_val, self.rises, self.fired, self.start = val_loss, 0, False, (step, val_loss, None)
             return None
         train = self.train_sum / self.train_steps
         self.train_sum, self.train_steps = 0.0, 0
+        if self.start is not None and self.start[2] is None:  # the first mean after the baseline is its reference
+            self.start = (self.start[0], self.start[1], train)
         if self.last_val is None or val_loss <= self.last_val:
             self.rises, self.fired, self.start = 0, False, (step, val_loss, train)
         else:

@@ -464,6 +464,8 @@ def train(run: Run, state: RunState) -> dict:
     start_step = state.step
     val = validate(run, state, budget) if state.step == 0 and cfg.eval.interval > 0 else {}
     first_val = dict(val)
+    # step 0's validation is the overfitting watch's baseline: a rise may start from it (training/health.py)
+    warn(run, [run.health.overfitting.observe_val(state.step, val["loss"]) if "loss" in val else None])
     throughput = Throughput(peak * info.world_size)
     while state.max_steps is None or state.sched_step < state.max_steps:
         if t.stop_after_steps and state.step >= t.stop_after_steps:
