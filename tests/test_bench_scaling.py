@@ -95,3 +95,16 @@ def test_scaling_refuses_a_width_off_the_head_size(tmp_path):
     assert p.returncode != 0
     assert "width 48 is not a multiple of the head size 32" in p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_imports_without_datasets():
+    """bench.py's step mode (--no-data) and the training loop never need `datasets`: importing them must not load it,
+    so that a device where `datasets` fails to import (a missing pyarrow, say) still gets its MFU bench."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('bench', 'scripts/bench.py')\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "import training.loop, training.stages.pretrain, data.sft, data.sources\n"
+            "print(sorted(m for m in sys.modules if m == 'datasets' or m.startswith('datasets.')))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout[:500]
