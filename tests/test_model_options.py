@@ -146,23 +146,29 @@ def test_residual_scalars_weigh_the_stream_and_the_embedding_output():
 
 
 def test_value_embedding_layout_and_values():
-    """value_embeds=1 of 4 layers: table 0 feeds layers 0 and 3; =2: tables 0, 1, 0, 1. Layer 0's cached values
-    are v_proj(norm1(x)) + gate x table[token], per kv head."""
+    """value_embeds=1 of 4 layers: table 0 feeds layers 0 and 3; =2: tables 0, 1, 0, 1. The cached values of layer 0
+    and of layer 3 (the last, reusing table 0 under its own gate) are v_proj(norm1(x)) + gate x table[token], per kv
+    head, x the layer's input."""
     assert [GPTConfig(**SMALL, value_embeds=1).value_embed_table(i) for i in range(4)] == [0, None, None, 0]
     assert [GPTConfig(**SMALL, value_embeds=2).value_embed_table(i) for i in range(4)] == [0, 1, 0, 1]
     model = perturbed(build(value_embeds=1), 0.1)
     assert [b.attn.ve_gate is not None for b in model.blocks] == [True, False, False, True]
     assert len(model.value_embeds) == 1 and model.value_embeds[0].weight.shape == (97, 2 * 8)
+    gates = {0: torch.tensor([0.5, -2.0]), 3: torch.tensor([1.5, 0.25])}  # per kv head, distinct per layer
     with torch.no_grad():
-        model.blocks[0].attn.ve_gate.copy_(torch.tensor([0.5, -2.0]))
+        for layer, gate in gates.items():
+            model.blocks[layer].attn.ve_gate.copy_(gate)
     idx = torch.randint(0, 97, (2, 10))
+    inputs = block_inputs(model, idx)  # (B, T, C) per block
     cache = KVCache(model.cfg, 2, 32, "cpu", torch.float32)
     with torch.no_grad():
         model(idx, kv_cache=cache)
-        v = model.blocks[0].norm1(model.wte(idx)) @ model.blocks[0].attn.v_proj.weight.T  # (B, T, K D)
-        ve = model.value_embeds[0](idx)  # (B, T, K D)
-        want = v.view(2, 10, 2, 8) + torch.tensor([0.5, -2.0])[:, None] * ve.view(2, 10, 2, 8)
-    torch.testing.assert_close(cache.v[0][:, :, :10], want.transpose(1, 2), atol=1e-6, rtol=0)
+        ve = model.value_embeds[0](idx).view(2, 10, 2, 8)  # (B, T, K, D): the one table, looked up once
+        for layer, gate in gates.items():
+            attn = model.blocks[layer].attn
+            v = model.blocks[layer].norm1(inputs[layer]) @ attn.v_proj.weight.T  # (B, T, K D)
+            want = v.view(2, 10, 2, 8) + gate[:, None] * ve
+            torch.testing.assert_close(cache.v[layer][:, :, :10], want.transpose(1, 2), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="model.value_embeds=3"):
         GPTConfig(**SMALL, value_embeds=3)
 

@@ -157,12 +157,15 @@ def test_options_that_need_muon_or_a_range_are_refused():
         assert words in str(e.value), (flags, str(e.value))
 
 
-@pytest.mark.parametrize("flags, refused", [(["--train.optimizer=muon", "--train.normuon=true"], "optimizer=muon"),
+@pytest.mark.parametrize("flags, refused", [(["--train.optimizer=muon", "--train.normuon=true"],
+                                             "whole gradient matrices (and --train.normuon=true whole rows"),
+                                            (["--train.optimizer=muon"], "muon needs whole gradient matrices;"),
                                             (["--train.optimizer=adamw", "--train.cautious_decay=true"],
                                              "cautious_decay=true")])
 def test_fsdp_refuses_normuon_and_cautious_decay(flags, refused):
     """Under FSDP2 the parameters are shards (DTensors): Muon cannot orthogonalise a shard, NorMuon's row statistics
-    would be a shard's, and cautious decay's optimizer has not been run on DTensors. One process is not refused."""
+    would be a shard's, and cautious decay's optimizer has not been run on DTensors. One process is not refused.
+    NorMuon runs only inside Muon (the config refuses it with adamw), so its refusal is Muon's, naming it."""
     cfg = parse_args(["--dist.strategy=fsdp", *flags])
     check_settings(cfg, DistInfo(world_size=1), "fp32")
     with pytest.raises(ValueError, match="not supported with --dist.strategy=fsdp") as e:

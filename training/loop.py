@@ -104,7 +104,9 @@ def check_settings(cfg: Config, info: DistInfo, precision: str) -> None:
     if precision == "fp16" and cfg.dist.strategy == "fsdp":
         raise ValueError("--train.precision=fp16 is not supported with --dist.strategy=fsdp (use bf16)")
     if cfg.train.optimizer == "muon" and cfg.dist.strategy == "fsdp" and info.distributed:
-        raise ValueError("--train.optimizer=muon needs whole gradient matrices; it is not supported with "
+        # NorMuon exists only on top of Muon (config refuses train.normuon with adamw): this is its refusal too
+        normuon = " (and --train.normuon=true whole rows for its statistics)" if cfg.train.normuon else ""
+        raise ValueError(f"--train.optimizer=muon needs whole gradient matrices{normuon}; it is not supported with "
                          "--dist.strategy=fsdp: pass --train.optimizer=adamw (muon is the pre-training default, the "
                          "CPU speedrun's optimizer) or use --dist.strategy=ddp")
     if cfg.train.cautious_decay and cfg.dist.strategy == "fsdp" and info.distributed:
