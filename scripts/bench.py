@@ -826,7 +826,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_scaling(args, device: torch.device, precisions: list[str], overrides: dict, results: dict) -> dict:
-    """--scaling: the sweep in the first precision asked (default: the device's), printed and written."""
+    """--scaling: the sweep in the precision asked (default: the device's), printed and written."""
+    if len(precisions) != 1:
+        raise ValueError(f"--scaling measures one precision per run, not --precision {' '.join(precisions)}: run "
+                         "the sweep once for each")
     modes = [c for c, skip in ((False, args.no_eager), (True, args.no_compile)) if not skip]
     if not modes:
         raise ValueError("--scaling with both --no-eager and --no-compile: no step to measure")

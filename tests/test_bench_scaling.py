@@ -111,3 +111,11 @@ def test_bench_imports_without_datasets():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]", p.stdout[:500]
+
+
+def test_scaling_refuses_two_precisions(tmp_path):
+    """One sweep is one precision's table: a second precision would be dropped without a word, so it is refused."""
+    p = bench(*TINY_SWEEP, "--precision", "fp32", "bf16", "--json", str(tmp_path / "x.json"))
+    assert p.returncode != 0
+    assert "--scaling measures one precision per run, not --precision fp32 bf16" in p.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -314,3 +314,15 @@ def test_import_refuses_what_a_qwen3_config_adds_beyond_qk_norm(tiny_run, tmp_pa
         with pytest.raises(ValueError, match=message):
             import_hf.main([str(changed), str(tmp_path / f"run{i}")])
         assert not (tmp_path / f"run{i}").exists()
+
+
+def test_import_refuses_another_activation_naming_the_family(tiny_run, tmp_path):
+    """An Arcee config with SwiGLU's activation is not gptrain's ReLU-squared MLP: refused, naming both."""
+    skip_without_family("relu_squared")
+    random_run(tmp_path / "src", load_run(tiny_run, "cpu").tok, relu_squared=True)
+    folder = export_hf.main([str(tmp_path / "src"), str(tmp_path / "hf")])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "silu"}))
+    with pytest.raises(ValueError, match="hidden_act='silu': gptrain computes an Arcee MLP with 'relu2'"):
+        import_hf.main([str(folder), str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -289,7 +289,7 @@ def test_model_options_from_the_command_line_and_refused_when_fine_tuning():
     # fine-tuning keeps the checkpoint's options; one saved before the options existed has them off
     old = {k: v for k, v in GPTConfig(vocab_size=2048).to_dict().items() if k not in ("qk_norm", "bigram_buckets")}
     assert model_config(parse_args(["--stage", "sft", "--init-from", "x"]), old, 2048).qk_norm is False
-    with pytest.raises(ValueError, match="--model.qk_norm=True: the starting checkpoint has qk_norm=False"):
+    with pytest.raises(ValueError, match="--model.qk_norm=true: the starting checkpoint has qk_norm=false;"):
         model_config(parse_args(["--stage", "sft", "--init-from", "x", "--model.qk_norm=true"]), old, 2048)
 
 

@@ -226,3 +226,7 @@ def test_accumulation_ramp_refuses_a_time_budget_and_a_ramp_to_nowhere():
         parse_args(["--train.accum_ramp_steps=4", "--train.max_steps=10"])
     with pytest.raises(ValueError, match=r"train.accum_ramp_steps=-1 must be >= 0"):
         parse_args(["--train.accum_ramp_steps=-1"])
+    for ramp in (10, 12):  # a ramp as long as the run never reaches train.grad_accum
+        with pytest.raises(ValueError, match=rf"train.accum_ramp_steps={ramp} is not shorter .*\(train.max_steps=10\)"):
+            parse_args(["--train.grad_accum=2", f"--train.accum_ramp_steps={ramp}", "--train.max_steps=10"])
+    parse_args(["--train.grad_accum=2", "--train.accum_ramp_steps=9", "--train.max_steps=10"])  # step 10 at 2
