@@ -119,3 +119,28 @@ def test_scaling_refuses_two_precisions(tmp_path):
     assert p.returncode != 0
     assert "--scaling measures one precision per run, not --precision fp32 bf16" in p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_scaling_profiles_the_rows_own_model(tmp_path):
+    """A profiled row reuses the model it was timed on (under torch.compile a second model would compile again):
+    one model per row, plus the one throw-away step before the sweep. Every row is profiled here (--profile-below 2)."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('bench', 'scripts/bench.py')\n"
+            "bench = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(bench)\n"
+            "built = []\n"
+            "class CountedGPT(bench.GPT):\n"
+            "    def __init__(self, cfg):\n"
+            "        built.append((cfg.n_embd, cfg.block_size))\n"
+            "        super().__init__(cfg)\n"
+            "bench.GPT = CountedGPT\n"
+            "bench.main(['--scaling', *sys.argv[1:]])\n"
+            "print('built', built)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code, *TINY_SWEEP, "--profile-below", "2.0", "--json",
+                        str(tmp_path / "s.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["scaling"]["rows"]
+    assert all(r["profile"] is not None for r in rows)
+    built = p.stdout.strip().splitlines()[-1]
+    assert built == "built [(32, 16), (32, 16), (64, 16), (32, 32)]", built
