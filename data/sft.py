@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import datasets
 import numpy as np
 import torch
 
@@ -52,6 +51,7 @@ from data.sources import (
     RECORD_FORMATS,
     Source,
     dataset_split_names,
+    datasets_module,
     find_bad_json,
     local_files,
     normalize_split,
@@ -124,6 +124,7 @@ def _record_builder(path: Path, suffix: str, what: str = "") -> str:
 def _read_record_splits(src: Source, cache_dir: str | None):
     """All splits of a hub, file or folder source as a ``datasets.DatasetDict``; clear errors for bad files."""
     files: list[Path] = []  # the local files read, to name a malformed line if datasets fails
+    datasets = datasets_module()
     try:
         if src.kind == "hub":
             return datasets.load_dataset(src.name, src.config, cache_dir=cache_dir)

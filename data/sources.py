@@ -67,11 +67,14 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 from data.encode import doc_hash
+
+if TYPE_CHECKING:  # `datasets` itself is imported where it reads (datasets_module): bench.py and the loop never need it
+    import datasets
 
 STDLIB = "stdlib"
 SYNTHETIC = "synthetic"
@@ -518,9 +521,17 @@ def _file_pass(label: str, split: str | None, files: list[Path], builder: str | 
     return ReadPass(label, split, tuple(map(str, files)), builder, text_column=text_column, size_bytes=size)
 
 
+def datasets_module():
+    """`datasets`, imported on first use: it pulls in pyarrow, pandas and fsspec (a second of start-up, and a failure
+    on a machine where one of them is broken), which only reading raw sources needs."""
+    import datasets
+
+    return datasets
+
+
 def _hub_passes(src: Source, splits: tuple[str, ...], text_column: str, cache_dir: str | None) -> list[ReadPass]:
     try:  # streaming: nothing is downloaded here but the list of files
-        names = list(datasets.load_dataset(src.name, src.config, streaming=True, cache_dir=cache_dir))
+        names = list(datasets_module().load_dataset(src.name, src.config, streaming=True, cache_dir=cache_dir))
     except Exception as e:
         # "BuilderConfig 'x' not found. Available: [...]", "Config name is missing. Please pick one among ...": the
         # dataset was found, the configuration is the problem (the message lists the valid ones)
@@ -540,9 +551,10 @@ def _hub_passes(src: Source, splits: tuple[str, ...], text_column: str, cache_di
 
 def _open_stream(rp: ReadPass, cache_dir: str | None) -> datasets.IterableDataset:
     if rp.hub is not None:
-        return datasets.load_dataset(rp.hub, rp.config, split=rp.hub_split, streaming=True, cache_dir=cache_dir)
-    return datasets.load_dataset(rp.builder, data_files=list(rp.files), split="train", streaming=True,
-                                 cache_dir=cache_dir)
+        return datasets_module().load_dataset(rp.hub, rp.config, split=rp.hub_split, streaming=True,
+                                              cache_dir=cache_dir)
+    return datasets_module().load_dataset(rp.builder, data_files=list(rp.files), split="train", streaming=True,
+                                          cache_dir=cache_dir)
 
 
 def iter_texts(rp: ReadPass, batch_docs: int = 1024, skip: int = 0,
@@ -606,7 +618,7 @@ def _pass_files(rp: ReadPass, cache_dir: str | None) -> tuple[tuple[str, ...], s
     if rp.files or rp.hub is None or not Path(rp.hub).is_dir():
         return rp.files, rp.builder
     try:
-        resolved = datasets.load_dataset_builder(rp.hub, rp.config, cache_dir=cache_dir).config.data_files
+        resolved = datasets_module().load_dataset_builder(rp.hub, rp.config, cache_dir=cache_dir).config.data_files
         files = tuple(str(f) for f in resolved[rp.hub_split])
     except Exception:  # the read error is reported all the same, only without the file
         return (), None

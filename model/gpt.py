@@ -35,10 +35,11 @@ Candidate options (the speedrun v2 ablations; each off by default, and then the 
   value_embeds      k tables value_embeds.j (V, K D): table j is looked up by token and added to the values of layers
                     j and n_layer - k + j (the first k and the last k layers; 2 k <= n_layer), times a per-kv-head
                     gate blocks.l.attn.ve_gate (K,) initialised to 1; the tables start at zero.
-  bigram_buckets    B rows of a table bigram_embed (B, C), row ((36313 prev) xor (27191 token)) mod B added to the
-                    token embedding; starts at zero. A token with no previous token in its sequence gets none: the
-                    first of a row (counting the KV cache, which keeps the last token), the first of a packed
-                    document (doc_ids), and one after left padding (pad_mask).
+  bigram_buckets    B rows of a table bigram_embed (B, C), row bigram_bucket(prev, token, B) (a mixed hash of
+                    (36313 prev) xor (27191 token), mod B) added to the token embedding; starts at zero. A token
+                    with no previous token in its sequence gets none: the first of a row (counting the KV cache,
+                    which keeps the last token), the first of a packed document (doc_ids), and one after left
+                    padding (pad_mask).
 Each new scalar and gate is a 1-D parameter, so the optimizers' vector groups take them (no weight decay,
 never Muon); the new tables are 2-D and outside the blocks: AdamW with weight decay, like the token embedding.
 """
@@ -220,10 +221,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+_LOW32 = 0xFFFFFFFF
+_MIX32 = 0x45D9F3B  # odd, < 2^27: a 32-bit value times it stays below 2^59, no int64 overflow
+
+
 def bigram_bucket(prev: torch.Tensor, token: torch.Tensor, buckets: int) -> torch.Tensor:
-    """The hashed bigram's row: ((36313 prev) xor (27191 token)) mod buckets, int64 (part of the model's definition:
-    a trained table is only valid under this hash). The odd multipliers spread a bigram's bits before the xor."""
-    return torch.bitwise_xor(prev * 36313, token * 27191) % buckets
+    """The hashed bigram's row, int64 (part of the model's definition: a trained table is only valid under this hash):
+    h = (36313 prev) xor (27191 token), folded to 32 bits (h xor h >> 32, low 32 bits), then mixed
+    (h ^= h >> 16; h = h * 0x45D9F3B mod 2^32, twice; h ^= h >> 16) and taken mod buckets.
+
+    Why the mixing: multiplying by an odd number only carries bits upwards, so without it the low k bits of h depend
+    only on the low k bits of prev and token, and with buckets = 2^k the tokens p and p + 2^k would share every row.
+    The multiply-then-shift-down steps make every output bit depend on every input bit."""
+    h = torch.bitwise_xor(prev * 36313, token * 27191)  # (B, T), non-negative
+    h = torch.bitwise_xor(h, h >> 32) & _LOW32
+    for _ in range(2):
+        h = torch.bitwise_xor(h, h >> 16)
+        h = (h * _MIX32) & _LOW32
+    return torch.bitwise_xor(h, h >> 16) % buckets
 
 
 def previous_tokens(idx: torch.Tensor, kv_cache: KVCache | None, doc_ids: torch.Tensor | None,

@@ -156,9 +156,11 @@ def reset_host_peak() -> int | None:
 
 
 def bench_step(preset: str, device: torch.device, precision: str, compile_: bool, batch_size: int, steps: int,
-               warmup: int, overrides: dict, optimizer: str = "adamw", profile_steps: int = 0) -> dict:
+               warmup: int, overrides: dict, optimizer: str = "adamw", profile_steps: int = 0,
+               keep_step: bool = False) -> dict:
     """Time the training step: forward, backward, optimizer, each synchronised, then whole steps unsynchronised;
-    with profile_steps, then that many steps under torch.profiler (``profile_ops``: where the time goes)."""
+    with profile_steps, then that many steps under torch.profiler (``profile_ops``: where the time goes).
+    keep_step: the result's "step" is the step function itself (its model warm, compiled once), to profile later."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(preset, **overrides)
     raw = GPT(cfg).to(device)
@@ -227,6 +229,7 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
         "achieved_tflops_causal": raw.flops_per_token(causal=True) * tokens / step_s / 1e12,
         "forward_ms": 1000 * fwd / steps, "backward_ms": 1000 * bwd / steps, "optimizer_ms": 1000 * upd / steps,
         "warmup_s": warmup_s, "peak_memory_mb": peak_memory_mb(device), "profile": profile,
+        **({"step": step} if keep_step else {}),
     }
 
 
@@ -268,14 +271,16 @@ def bench_scaling(args, device: torch.device, precision: str, modes: list[bool],
     rows = []
     for shape in shapes:
         for compile_ in modes:
-            row = scaling_row(args, device, precision, compile_, shape, overrides)
+            row, step = scaling_row(args, device, precision, compile_, shape, overrides)
             readings.append(matmul_peak(device, dtype, n=args.peak_n, seconds=args.peak_seconds))
             peak = (readings[-2] + readings[-1]) / 2
             row.update(peak_before_after_flops=readings[-2:], peak_flops=peak,
                        mfu_measured_peak=row["achieved_flops"] / peak,
                        mfu_vendor_peak=row["achieved_flops"] / vp if vp else None)
-            row["profile"] = (profile_row(args, device, precision, compile_, shape, overrides)
+            # the row's own model, warm (and compiled once): a fresh one would compile again
+            row["profile"] = (profile_ops(step, device, args.profile_steps)
                               if row["mfu_measured_peak"] < args.profile_below else None)
+            del step  # the next row's memory is measured from here: this model freed first
             rows.append(row)
             print(f"scaling: width {row['n_embd']:4d} context {row['block_size']:5d} "
                   f"{'compiled' if compile_ else 'eager'}: {row['tokens_per_sec']:,.0f} tok/s, "
@@ -295,25 +300,22 @@ def scaling_model(args, shape: dict, overrides: dict) -> dict:
             "n_head": shape["n_embd"] // args.scaling_head_size, "block_size": shape["block_size"]}
 
 
-def scaling_row(args, device: torch.device, precision: str, compile_: bool, shape: dict, overrides: dict) -> dict:
-    """One point of the sweep: bench_step on the tiny preset's architecture at this shape, its memory measured."""
+def scaling_row(args, device: torch.device, precision: str, compile_: bool, shape: dict,
+                overrides: dict) -> tuple[dict, object]:
+    """One point of the sweep: bench_step on the tiny preset's architecture at this shape, its memory measured;
+    returns the row and its step function (for the profiler)."""
     start_kb = reset_host_peak() if device.type == "cpu" else None
     r = bench_step("tiny", device, precision, compile_, args.scaling_tokens // shape["block_size"],
-                   args.scaling_steps, args.scaling_warmup, scaling_model(args, shape, overrides), args.optimizer)
+                   args.scaling_steps, args.scaling_warmup, scaling_model(args, shape, overrides), args.optimizer,
+                   keep_step=True)
+    step = r.pop("step")
     if device.type == "cpu":
         r["peak_memory_mb"] = (proc_status_kb("VmHWM") - start_kb) / 1024 if start_kb is not None else None
     r.update(sweeps=shape["sweeps"], n_embd=shape["n_embd"], n_layer=args.scaling_layers,
              n_head=shape["n_embd"] // args.scaling_head_size, tokens_per_step=r["batch_size"] * r["block_size"],
              achieved_flops=r["flops_per_token"] * r["tokens_per_sec"],
              achieved_flops_causal=r["flops_per_token_causal"] * r["tokens_per_sec"])
-    return r
-
-
-def profile_row(args, device: torch.device, precision: str, compile_: bool, shape: dict, overrides: dict) -> dict:
-    """The profiler's summary of a row (a fresh model: one warm-up step, then --profile-steps profiled steps)."""
-    r = bench_step("tiny", device, precision, compile_, args.scaling_tokens // shape["block_size"], 1, 1,
-                   scaling_model(args, shape, overrides), args.optimizer, profile_steps=args.profile_steps)
-    return r["profile"]
+    return r, step
 
 
 def scaling_markdown(results: dict) -> str:
@@ -826,7 +828,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_scaling(args, device: torch.device, precisions: list[str], overrides: dict, results: dict) -> dict:
-    """--scaling: the sweep in the first precision asked (default: the device's), printed and written."""
+    """--scaling: the sweep in the precision asked (default: the device's), printed and written."""
+    if len(precisions) != 1:
+        raise ValueError(f"--scaling measures one precision per run, not --precision {' '.join(precisions)}: run "
+                         "the sweep once for each")
     modes = [c for c, skip in ((False, args.no_eager), (True, args.no_compile)) if not skip]
     if not modes:
         raise ValueError("--scaling with both --no-eager and --no-compile: no step to measure")

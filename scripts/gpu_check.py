@@ -3,6 +3,7 @@
     python scripts/gpu_check.py corpus DIR --max-mb 6          # train.jsonl + val.jsonl from this Python's stdlib
     python scripts/gpu_check.py stamp FILE --stage NAME --rc 0 --seconds 12.3 --timeout 150
     python scripts/gpu_check.py run RUN_DIR FILE --stage NAME --rc 0 --seconds 40 --timeout 120
+    python scripts/gpu_check.py checkpoint RUN_DIR    # prints the run's newest checkpoint; exit 1 when it has none
     python scripts/gpu_check.py summary OUT_DIR --mode gpu --seconds 250
 
 Every stage's JSON carries a "gpu_check" entry: {stage, status (ok | failed | timeout | skipped), rc, seconds,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +37,7 @@ STAGE_FILES = {
 SUMMARY_FILE, LOG_FILE = "gpu_check.json", "gpu_check.log"
 MFU_TARGET = 0.45  # issue 16: gpt2 bf16 compiled, against the vendor's dense bf16 peak
 VAL_EVERY = 20  # one standard-library module in 20 is validation text
+STEP_FILE = re.compile(r"step_(\d+)\.pt")  # training/checkpoint.py's complete checkpoints (a .tmp never counts)
 PACKAGES = ("torch", "numpy", "tokenizers", "datasets", "dill", "multiprocess", "pyarrow", "fsspec", "tensorboard")
 
 
@@ -106,6 +109,15 @@ def run_figures(run: Path) -> dict:
         "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")),
         "gpu": env.get("gpu"), "packages": env.get("packages"),
     }
+
+
+def newest_checkpoint(run: Path) -> Path | None:
+    """The run's checkpoint of the highest step, as training/checkpoint.py's `latest` finds it (without importing
+    torch: seconds on a small CPU), or None. A stage that timed out may have saved one: what follows can start."""
+    folder = run / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.fullmatch(p.name)) and p.is_file()] \
+        if folder.is_dir() else []
+    return max(found)[1] if found else None
 
 
 # ---- the summary -----------------------------------------------------------------------------------------------
@@ -186,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--rc", type=int, required=True)
         p.add_argument("--seconds", type=float, required=True)
         p.add_argument("--timeout", type=float, required=True)
+    k = sub.add_parser("checkpoint")
+    k.add_argument("run_dir", type=Path)
     s = sub.add_parser("summary")
     s.add_argument("out", type=Path)
     s.add_argument("--mode", required=True, choices=("gpu", "cpu-smoke"))
@@ -198,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.file, {**read_json(args.file), "gpu_check": stage_entry(args)})
     elif args.cmd == "run":
         write_json(args.file, {**run_figures(args.run_dir), "gpu_check": stage_entry(args)})
+    elif args.cmd == "checkpoint":
+        newest = newest_checkpoint(args.run_dir)
+        if newest is None:
+            sys.exit(f"gpu_check: {args.run_dir} holds no checkpoint ({args.run_dir / 'checkpoints' / 'step_*.pt'})")
+        print(newest)
     else:
         summary = write_summary(args.out, args.mode, args.seconds)
         for st in summary["stages"]:

@@ -4,14 +4,23 @@
 #   bash scripts/gpu_check.sh               # on the GPU machine: under 5 minutes of work (GPU_CHECK_BUDGET_S, 280)
 #   bash scripts/gpu_check.sh --cpu-smoke   # the same stages on CPU with tiny shapes, in well under a minute
 #
-# Stages (each under its own `timeout`, all within the budget; a stage is skipped when the budget is spent or what
-# it builds on failed; each writes its JSON into $OUT as it finishes, scripts/gpu_check.py stamps it):
+# The device invocation (the device tool; 15 minutes of device time in all, so one run of at most 400 s leaves room
+# for a retry): first, here, `bash scripts/gpu_wheels.sh` (fills .whl/), then
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=400)
+# and give the machine back unless rerunning at once. The 8 files come back under the reply's files_at.
+#
+# Stages (each under its own `timeout`, their limits summing to less than the budget; a stage is skipped when the
+# budget is spent or what it builds on left no checkpoint; each writes its JSON into $OUT as it finishes,
+# scripts/gpu_check.py stamps it). Worst case: the budget, plus one stage's kill grace (20 s), plus the wheels' install
+# and the package report before the clock starts: under the 400 s above.
 #   01_bench_bf16_compiled.json  bench.py, gpt2 preset, bf16, torch.compile: tokens/s, MFU against the vendor's
 #                                989 TFLOP/s and the device's measured matmul peak (8192^3 bf16), profiler top kernels
 #   02_bench_eager.json          bench.py, gpt2 preset, eager bf16 and fp16 (fp16 with the GradScaler)
 #   03_pretrain.json             torchrun --nproc_per_node=1 train.py --config configs/gpt2.toml, 30 steps, on a corpus
-#                                made here from the Python standard library (no download)
-#   04_sft.json, 05_dpo.json     a few SFT steps on that run, then a few DPO steps on the SFT run (built-in tasks)
+#                                made here from the Python standard library (no download); a checkpoint every 10
+#                                steps, and on timeout's SIGTERM (20 s to write it before the SIGKILL)
+#   04_sft.json, 05_dpo.json     a few SFT steps on that run's newest checkpoint (even one of a run that timed out),
+#                                then a few DPO steps on the SFT run (built-in tasks)
 #   06_evaluate.json             evaluate.py on the DPO run: text bits per byte, chat accuracy, preferences
 #   gpu_check.json               every stage's status and seconds, and the headline figures; gpu_check.log: all output
 # That is 8 files, what the device tool brings back. Batch: the gpt2 preset's 16 x 1024 tokens per micro-step in
@@ -45,10 +54,13 @@ if [[ $MODE == gpu ]]; then
   COMPILED=(--no-eager)  # stage 1: compiled only
   MODEL=()
   CORPUS_MB=6
-  PRETRAIN=(--train.max_steps=30 --train.warmup_steps=10 --log.interval=5 --eval.interval=15)
+  PRETRAIN=(--train.max_steps=30 --train.warmup_steps=10 --log.interval=5 --eval.interval=15 --ckpt.interval=10)
   FINETUNE=(--data.synthetic_train=512 --data.synthetic_val=32 --train.max_steps=8 --train.warmup_steps=2)
   EVAL=(--max-tokens 65536 --max-examples 32)
-  T_BENCH=130 T_EAGER=50 T_PRETRAIN=110 T_SFT=40 T_DPO=40 T_EVAL=30
+  # seconds per stage: 265 in all, 15 under the budget (the stamps, the summary); the compiled bench (torch.compile of
+  # the gpt2 preset, a minute cold) and the compiled pre-training run take the most (a pre-training run that times
+  # out still leaves its checkpoints to SFT); SFT and DPO run eager
+  T_BENCH=100 T_EAGER=35 T_PRETRAIN=75 T_SFT=20 T_DPO=20 T_EVAL=15
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "gpu_check: installing .whl/ failed"
@@ -65,23 +77,27 @@ else
   CORPUS_MB=0.05
   # a fixed peak for MFU: measuring the CPU's (2048^3 matmuls) would cost each run seconds
   PRETRAIN=(--train.max_steps=3 --train.warmup_steps=1 --log.interval=1 --eval.interval=2 --eval.max_tokens=1024
-            --eval.sample_tokens=8 --train.peak_flops=1e11)
+            --eval.sample_tokens=8 --train.peak_flops=1e11 --ckpt.interval=2)
   FINETUNE=(--data.synthetic_train=64 --data.synthetic_val=8 --train.max_steps=2 --train.warmup_steps=1
             --train.batch_size=2 --eval.sample_tokens=8 --train.peak_flops=1e11)
   EVAL=(--max-tokens 1024 --max-examples 8)
-  T_BENCH=60 T_EAGER=60 T_PRETRAIN=60 T_SFT=60 T_DPO=60 T_EVAL=60
+  T_BENCH=20 T_EAGER=20 T_PRETRAIN=45 T_SFT=20 T_DPO=20 T_EVAL=20  # 145 of the 150 s (a loaded 2-core CPU)
 fi
 
 START=$SECONDS
 echo "gpu_check: mode $MODE, budget ${BUDGET}s, out $OUT, work $WORK, $("$PY" --version 2>&1)"
-[[ $MODE == gpu ]] && { nvidia-smi -L; "$PY" -c "import torch, datasets; print('torch', torch.__version__, 'cuda',
-  torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '',
-  '| datasets', datasets.__version__)"; }
+[[ $MODE == gpu ]] && { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda',
+  torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"; }
+# what `datasets` stands on, and whether it imports: the training stages need it, the benches do not
+"$PY" -m pip show pyarrow fsspec huggingface_hub pandas datasets 2>&1 | grep -E "^(Name|Version|WARNING)" | paste -sd' '
+if "$PY" -c "import datasets; print('gpu_check: import datasets: ok', datasets.__version__)"; then :; else
+  echo "gpu_check: import datasets: FAILED (the benches do not need it; the training stages will fail)"
+fi
 
 # stage NAME LIMIT_S CMD...: run CMD under timeout(1), at most LIMIT_S and never past the budget; sets RC and SECS
-# (RC -1: skipped, no time left).
+# (RC -1: skipped, no time left). KILL_S (default 5): seconds between timeout's SIGTERM and its SIGKILL.
 stage() {
-  local name=$1 limit=$2 left
+  local name=$1 limit=$2 left grace=${KILL_S:-5}
   shift 2
   left=$((BUDGET - (SECONDS - START)))
   ((left < limit)) && limit=$left
@@ -91,13 +107,15 @@ stage() {
   fi
   echo "=== $name (timeout ${limit}s): $*"
   local t0=$SECONDS
-  timeout -k 5 "$limit" "$@"
+  timeout -k "$grace" "$limit" "$@"
   RC=$?
   SECS=$((SECONDS - t0))
   echo "=== $name: rc $RC after ${SECS}s"
 }
 skip() { RC=-1; SECS=0; LIMIT=0; echo "=== $1: skipped ($2)"; }
 stamp() { "$PY" scripts/gpu_check.py stamp "$OUT/$2" --stage "$1" --rc "$RC" --seconds "$SECS" --timeout "$LIMIT"; }
+# checkpoint_of RUN: prints the run's newest checkpoint and succeeds, or fails when it saved none
+checkpoint_of() { "$PY" scripts/gpu_check.py checkpoint "$WORK/$1"; }
 record_run() {
   "$PY" scripts/gpu_check.py run "$WORK/$1" "$OUT/$2" --stage "$1" --rc "$RC" --seconds "$SECS" --timeout "$LIMIT"
 }
@@ -113,41 +131,38 @@ stage bench_eager_bf16_fp16 "$T_EAGER" "$PY" scripts/bench.py "${BENCH[@]}" --no
 stamp bench_eager_bf16_fp16 $F2
 
 CORPUS=$WORK/corpus
-stage pretrain "$T_PRETRAIN" bash -c '"$0" scripts/gpu_check.py corpus "$1" --max-mb "$2" && shift 2 &&
+# 20 s after the SIGTERM: train.py saves a checkpoint at the end of the step it is in (the gpt2 preset's 1.5 GB)
+KILL_S=20 stage pretrain "$T_PRETRAIN" bash -c '"$0" scripts/gpu_check.py corpus "$1" --max-mb "$2" && shift 2 &&
   exec "$0" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "$@"' "$PY" "$CORPUS" "$CORPUS_MB" \
   --config configs/gpt2.toml --data "$CORPUS" --out "$WORK/pretrain" --train.time_budget_min=0 \
   --train.device=$DEVICE "${PRETRAIN[@]}" "${MODEL[@]}"
-PRETRAIN_RC=$RC
 record_run pretrain 03_pretrain.json
 
-SFT_RC=-1
-if ((PRETRAIN_RC == 0)); then
+# each later stage needs only a checkpoint of the one before it: a run stopped by its timeout still saved one
+if checkpoint_of pretrain; then
   stage sft "$T_SFT" "$PY" train.py --stage sft --init-from "$WORK/pretrain" --out "$WORK/sft" \
     --train.time_budget_min=0 --train.device=$DEVICE --log.interval=1 --eval.interval=0 "${FINETUNE[@]}"
-  SFT_RC=$RC
 else
-  skip sft "pre-training did not finish"
+  skip sft "pre-training saved no checkpoint"
 fi
 record_run sft 04_sft.json
 
-DPO_RC=-1
-if ((SFT_RC == 0)); then
+if checkpoint_of sft; then
   stage dpo "$T_DPO" "$PY" train.py --stage dpo --init-from "$WORK/sft" --out "$WORK/dpo" \
     --train.time_budget_min=0 --train.device=$DEVICE --log.interval=1 --eval.interval=0 "${FINETUNE[@]}"
-  DPO_RC=$RC
 else
-  skip dpo "SFT did not finish"
+  skip dpo "SFT saved no checkpoint"
 fi
 record_run dpo 05_dpo.json
 
 F6=06_evaluate.json
-if ((DPO_RC == 0)); then  # text of the corpus, chat and preferences (against the SFT run, DPO's reference)
+if checkpoint_of dpo; then  # text of the corpus, chat and preferences (against the SFT run, DPO's reference)
   stage evaluate "$T_EVAL" "$PY" scripts/evaluate.py "$WORK/dpo" --data "$CORPUS" --split val --chat-data synthetic \
     --preference-data synthetic "${EVAL[@]}" --json "$OUT/$F6"
-elif ((PRETRAIN_RC == 0)); then  # at least the pre-trained model's bits per byte
+elif checkpoint_of pretrain; then  # at least the pre-trained model's bits per byte
   stage evaluate "$T_EVAL" "$PY" scripts/evaluate.py "$WORK/pretrain" "${EVAL[@]}" --json "$OUT/$F6"
 else
-  skip evaluate "no finished run"
+  skip evaluate "no run saved a checkpoint"
 fi
 stamp evaluate $F6
 

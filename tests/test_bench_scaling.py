@@ -71,12 +71,15 @@ def test_scaling_memory_and_profile(sweep):
     sc = sweep[0]["scaling"]
     assert "VmHWM" in sc["memory_measure"]
     for r in sc["rows"]:
-        assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] >= 0
+        # the row's own model is built after the reset: its fp32 weights and their gradients are live at the peak
+        assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 2 * 4 * r["params"] / 2**20, r
         prof = r["profile"]
         assert prof["what"] == "CPU ops, self CPU time" and prof["steps"] == 1
         assert any(t["name"] == "aten::mm" for t in prof["top"])  # the matmuls are among the top ops
         shares = [t["share"] for t in prof["top"]]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    by_shape = {(r["n_embd"], r["block_size"]): r["peak_memory_mb"] for r in sc["rows"]}
+    assert by_shape[64, 16] > max(by_shape[32, 16], by_shape[32, 32])  # 3.6x the parameters, same tokens per step
 
 
 def test_scaling_markdown_table(sweep):
@@ -95,3 +98,49 @@ def test_scaling_refuses_a_width_off_the_head_size(tmp_path):
     assert p.returncode != 0
     assert "width 48 is not a multiple of the head size 32" in p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_imports_without_datasets():
+    """bench.py's step mode (--no-data) and the training loop never need `datasets`: importing them must not load it,
+    so that a device where `datasets` fails to import (a missing pyarrow, say) still gets its MFU bench."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('bench', 'scripts/bench.py')\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "import training.loop, training.stages.pretrain, data.sft, data.sources\n"
+            "print(sorted(m for m in sys.modules if m == 'datasets' or m.startswith('datasets.')))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout[:500]
+
+
+def test_scaling_refuses_two_precisions(tmp_path):
+    """One sweep is one precision's table: a second precision would be dropped without a word, so it is refused."""
+    p = bench(*TINY_SWEEP, "--precision", "fp32", "bf16", "--json", str(tmp_path / "x.json"))
+    assert p.returncode != 0
+    assert "--scaling measures one precision per run, not --precision fp32 bf16" in p.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_scaling_profiles_the_rows_own_model(tmp_path):
+    """A profiled row reuses the model it was timed on (under torch.compile a second model would compile again):
+    one model per row, plus the one throw-away step before the sweep. Every row is profiled here (--profile-below 2)."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('bench', 'scripts/bench.py')\n"
+            "bench = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(bench)\n"
+            "built = []\n"
+            "class CountedGPT(bench.GPT):\n"
+            "    def __init__(self, cfg):\n"
+            "        built.append((cfg.n_embd, cfg.block_size))\n"
+            "        super().__init__(cfg)\n"
+            "bench.GPT = CountedGPT\n"
+            "bench.main(['--scaling', *sys.argv[1:]])\n"
+            "print('built', built)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code, *TINY_SWEEP, "--profile-below", "2.0", "--json",
+                        str(tmp_path / "s.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["scaling"]["rows"]
+    assert all(r["profile"] is not None for r in rows)
+    built = p.stdout.strip().splitlines()[-1]
+    assert built == "built [(32, 16), (32, 16), (64, 16), (32, 32)]", built

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def test_smoke_runs_every_stage(smoke):
         assert 0 < entry["timeout_s"] <= 60 and 0 <= entry["seconds"] <= entry["timeout_s"]
     log = (out / "gpu_check.log").read_text()
     assert "gpu_check: mode cpu-smoke" in log and "=== evaluate: rc 0" in log
+    head = log[:log.index("=== bench_bf16_compiled")]  # before the first stage: what `datasets` stands on
+    assert all(f"Name: {name} Version: " in head for name in ("pyarrow", "fsspec", "huggingface_hub", "pandas"))
+    assert "gpu_check: import datasets: ok" in head
+    limits = [load(out, name)["gpu_check"]["timeout_s"] for name in FILES[:6]]
+    budget = int(re.search(r"budget (\d+)s", head).group(1))
+    assert sum(limits) < budget, (limits, budget)  # the limits fit the budget: no stage starved by those before it
 
 
 def test_smoke_bench_stages(smoke):
@@ -65,7 +72,7 @@ def test_smoke_bench_stages(smoke):
 def test_smoke_training_stages(smoke):
     out, _ = smoke
     pre, sft, dpo = (load(out, f) for f in FILES[2:5])
-    assert pre["steps"] == 3 and pre["checkpoints"] == ["step_00000003.pt"]
+    assert pre["steps"] == 3 and pre["checkpoints"] == ["step_00000002.pt", "step_00000003.pt"]  # --ckpt.interval
     assert pre["last_val"]["val/bpb"] > 0 and pre["tokens_per_sec"] > 0
     assert (sft["steps"], sft["checkpoints"]) == (2, ["step_00000002.pt"])
     assert dpo["steps"] == 2 and "train/rewards/accuracies" in dpo["last_train"]
@@ -106,6 +113,23 @@ def test_stamp_and_summary_of_failed_stages(tmp_path):
     assert [s["status"] for s in summary["stages"]] == ["timeout", "failed", "skipped", "missing", "missing",
                                                         "missing"]
     assert "gpt2_bf16_compiled" not in summary["headline"]
+
+
+def test_later_stages_start_from_a_checkpoint_not_a_return_code(tmp_path):
+    """A pre-training stage stopped by its timeout (rc 124) still saved checkpoints: SFT starts from the newest one
+    (step 20 over step 3: by number, not name or time); a run with only a half-written .tmp has none."""
+    run = tmp_path / "pretrain"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("step_00000003.pt", "step_00000020.pt", "step_00000030.pt.tmp", "latest"):
+        (run / "checkpoints" / name).write_text("x")
+    p = helper("checkpoint", str(run))
+    assert p.returncode == 0 and p.stdout.strip() == str(run / "checkpoints" / "step_00000020.pt")
+    for name in ("step_00000003.pt", "step_00000020.pt"):
+        (run / "checkpoints" / name).unlink()
+    p = helper("checkpoint", str(run))
+    assert p.returncode == 1 and f"{run} holds no checkpoint" in p.stderr
+    p = helper("checkpoint", str(tmp_path / "never-ran"))
+    assert p.returncode == 1 and "never-ran holds no checkpoint" in p.stderr
 
 
 def test_unknown_argument_is_refused(tmp_path):

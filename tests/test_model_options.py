@@ -146,31 +146,52 @@ def test_residual_scalars_weigh_the_stream_and_the_embedding_output():
 
 
 def test_value_embedding_layout_and_values():
-    """value_embeds=1 of 4 layers: table 0 feeds layers 0 and 3; =2: tables 0, 1, 0, 1. Layer 0's cached values
-    are v_proj(norm1(x)) + gate x table[token], per kv head."""
+    """value_embeds=1 of 4 layers: table 0 feeds layers 0 and 3; =2: tables 0, 1, 0, 1. The cached values of layer 0
+    and of layer 3 (the last, reusing table 0 under its own gate) are v_proj(norm1(x)) + gate x table[token], per kv
+    head, x the layer's input."""
     assert [GPTConfig(**SMALL, value_embeds=1).value_embed_table(i) for i in range(4)] == [0, None, None, 0]
     assert [GPTConfig(**SMALL, value_embeds=2).value_embed_table(i) for i in range(4)] == [0, 1, 0, 1]
     model = perturbed(build(value_embeds=1), 0.1)
     assert [b.attn.ve_gate is not None for b in model.blocks] == [True, False, False, True]
     assert len(model.value_embeds) == 1 and model.value_embeds[0].weight.shape == (97, 2 * 8)
+    gates = {0: torch.tensor([0.5, -2.0]), 3: torch.tensor([1.5, 0.25])}  # per kv head, distinct per layer
     with torch.no_grad():
-        model.blocks[0].attn.ve_gate.copy_(torch.tensor([0.5, -2.0]))
+        for layer, gate in gates.items():
+            model.blocks[layer].attn.ve_gate.copy_(gate)
     idx = torch.randint(0, 97, (2, 10))
+    inputs = block_inputs(model, idx)  # (B, T, C) per block
     cache = KVCache(model.cfg, 2, 32, "cpu", torch.float32)
     with torch.no_grad():
         model(idx, kv_cache=cache)
-        v = model.blocks[0].norm1(model.wte(idx)) @ model.blocks[0].attn.v_proj.weight.T  # (B, T, K D)
-        ve = model.value_embeds[0](idx)  # (B, T, K D)
-        want = v.view(2, 10, 2, 8) + torch.tensor([0.5, -2.0])[:, None] * ve.view(2, 10, 2, 8)
-    torch.testing.assert_close(cache.v[0][:, :, :10], want.transpose(1, 2), atol=1e-6, rtol=0)
+        ve = model.value_embeds[0](idx).view(2, 10, 2, 8)  # (B, T, K, D): the one table, looked up once
+        for layer, gate in gates.items():
+            attn = model.blocks[layer].attn
+            v = model.blocks[layer].norm1(inputs[layer]) @ attn.v_proj.weight.T  # (B, T, K D)
+            want = v.view(2, 10, 2, 8) + gate[:, None] * ve
+            torch.testing.assert_close(cache.v[layer][:, :, :10], want.transpose(1, 2), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="model.value_embeds=3"):
         GPTConfig(**SMALL, value_embeds=3)
 
 
+def bigram_row_by_hand(prev: int, token: int, buckets: int) -> int:
+    """model.gpt.bigram_bucket's docstring in Python integers (unbounded, so no overflow can hide here)."""
+    h = (36313 * prev) ^ (27191 * token)
+    h = (h ^ (h >> 32)) % 2**32
+    for _ in range(2):
+        h ^= h >> 16
+        h = (h * 0x45D9F3B) % 2**32
+    return (h ^ (h >> 16)) % buckets
+
+
 def test_bigram_embedding_by_hand():
     """The embedding output is wte[token] + table[hash(prev, token) mod B], the first token of a row without it;
-    the hash is ((36313 prev) xor (27191 token)) mod B."""
-    assert bigram_bucket(torch.tensor(3), torch.tensor(5), 64).item() == ((3 * 36313) ^ (5 * 27191)) % 64 == 24  # low 6 bits: 11 xor 19
+    the hash is model.gpt.bigram_bucket's mixed (36313 prev) xor (27191 token)."""
+    # 3 * 36313 ^ 5 * 27191 = 0x3BA98; ^ >> 16: 0x3BA9B; * 0x45D9F3B mod 2^32: 0x881146B9; ^ >> 16: 0x8811CEA8;
+    # * 0x45D9F3B mod 2^32: 0x1E7CF8B8; ^ >> 16: 0x1E7CE6C4, whose low 6 bits are 0b000100
+    assert bigram_bucket(torch.tensor(3), torch.tensor(5), 64).item() == bigram_row_by_hand(3, 5, 64) == 4
+    big = torch.tensor([50256, 2**20 + 7])  # a GPT-2-sized token and one past 2^20 (h above 32 bits: the fold)
+    assert bigram_bucket(big, big.flip(0), 1000).tolist() == [bigram_row_by_hand(50256, 2**20 + 7, 1000),
+                                                               bigram_row_by_hand(2**20 + 7, 50256, 1000)]
     model = perturbed(build(bigram_buckets=50), 0.1)
     idx = torch.randint(0, 97, (2, 9))
     x0 = block_inputs(model, idx)[0]  # (B, T, C): the embedding output (dropout 0)
@@ -179,10 +200,23 @@ def test_bigram_embedding_by_hand():
         for t in range(9):
             want = wte[idx[b, t]].clone()
             if t > 0:
-                want += table[((int(idx[b, t - 1]) * 36313) ^ (int(idx[b, t]) * 27191)) % 50]
+                want += table[bigram_row_by_hand(int(idx[b, t - 1]), int(idx[b, t]), 50)]
             torch.testing.assert_close(x0[b, t], want, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="model.bigram_buckets=-1"):
         GPTConfig(bigram_buckets=-1)
+
+
+@pytest.mark.parametrize("buckets", [64, 50])
+def test_bigram_hash_uses_the_high_bits(buckets):
+    """With B = 2^k a hash that keeps only the low k bits sends (p, t) and (p + B, t) (and (p, t + B)) to one row
+    always; the mixed hash agrees on about 1 in B of them, like any two independent rows. Every row is used."""
+    prev, token = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")  # (256, 256) each
+    rows = bigram_bucket(prev, token, buckets)
+    same_prev_shift = (rows == bigram_bucket(prev + buckets, token, buckets)).double().mean().item()
+    same_token_shift = (rows == bigram_bucket(prev, token + buckets, buckets)).double().mean().item()
+    assert same_prev_shift < 3 / buckets and same_token_shift < 3 / buckets, (same_prev_shift, same_token_shift)
+    load = torch.bincount(rows.flatten(), minlength=buckets)  # 65536 bigrams: 1024 per row at 64 rows
+    assert load.min() > 0.8 * 65536 / buckets and load.max() < 1.2 * 65536 / buckets, load
 
 
 @pytest.mark.parametrize("options", [dict(bigram_buckets=31, value_embeds=1, residual_scalars=True),
@@ -255,7 +289,7 @@ def test_model_options_from_the_command_line_and_refused_when_fine_tuning():
     # fine-tuning keeps the checkpoint's options; one saved before the options existed has them off
     old = {k: v for k, v in GPTConfig(vocab_size=2048).to_dict().items() if k not in ("qk_norm", "bigram_buckets")}
     assert model_config(parse_args(["--stage", "sft", "--init-from", "x"]), old, 2048).qk_norm is False
-    with pytest.raises(ValueError, match="--model.qk_norm=True: the starting checkpoint has qk_norm=False"):
+    with pytest.raises(ValueError, match="--model.qk_norm=true: the starting checkpoint has qk_norm=false;"):
         model_config(parse_args(["--stage", "sft", "--init-from", "x", "--model.qk_norm=true"]), old, 2048)
 
 

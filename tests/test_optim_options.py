@@ -157,12 +157,15 @@ def test_options_that_need_muon_or_a_range_are_refused():
         assert words in str(e.value), (flags, str(e.value))
 
 
-@pytest.mark.parametrize("flags, refused", [(["--train.optimizer=muon", "--train.normuon=true"], "optimizer=muon"),
+@pytest.mark.parametrize("flags, refused", [(["--train.optimizer=muon", "--train.normuon=true"],
+                                             "whole gradient matrices (and --train.normuon=true whole rows"),
+                                            (["--train.optimizer=muon"], "muon needs whole gradient matrices;"),
                                             (["--train.optimizer=adamw", "--train.cautious_decay=true"],
                                              "cautious_decay=true")])
 def test_fsdp_refuses_normuon_and_cautious_decay(flags, refused):
     """Under FSDP2 the parameters are shards (DTensors): Muon cannot orthogonalise a shard, NorMuon's row statistics
-    would be a shard's, and cautious decay's optimizer has not been run on DTensors. One process is not refused."""
+    would be a shard's, and cautious decay's optimizer has not been run on DTensors. One process is not refused.
+    NorMuon runs only inside Muon (the config refuses it with adamw), so its refusal is Muon's, naming it."""
     cfg = parse_args(["--dist.strategy=fsdp", *flags])
     check_settings(cfg, DistInfo(world_size=1), "fp32")
     with pytest.raises(ValueError, match="not supported with --dist.strategy=fsdp") as e:
@@ -223,3 +226,7 @@ def test_accumulation_ramp_refuses_a_time_budget_and_a_ramp_to_nowhere():
         parse_args(["--train.accum_ramp_steps=4", "--train.max_steps=10"])
     with pytest.raises(ValueError, match=r"train.accum_ramp_steps=-1 must be >= 0"):
         parse_args(["--train.accum_ramp_steps=-1"])
+    for ramp in (10, 12):  # a ramp as long as the run never reaches train.grad_accum
+        with pytest.raises(ValueError, match=rf"train.accum_ramp_steps={ramp} is not shorter .*\(train.max_steps=10\)"):
+            parse_args(["--train.grad_accum=2", f"--train.accum_ramp_steps={ramp}", "--train.max_steps=10"])
+    parse_args(["--train.grad_accum=2", "--train.accum_ramp_steps=9", "--train.max_steps=10"])  # step 10 at 2

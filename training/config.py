@@ -507,6 +507,10 @@ def check_accum_ramp(t: TrainSection) -> None:
         raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} needs a step count: the time budget "
                          f"(train.time_budget_min={t.time_budget_min:g}) plans from the time of steps that the ramp "
                          "makes dearer later; give --train.max_steps (which turns the budget off)")
+    if t.accum_ramp_steps and t.accum_ramp_steps >= t.max_steps:
+        raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} is not shorter than the run "
+                         f"(train.max_steps={t.max_steps}): the micro-steps would never reach train.grad_accum="
+                         f"{t.grad_accum}; ramp over fewer updates")
 
 
 def check_health(h: HealthSection) -> None:
@@ -537,6 +541,11 @@ def _shown_value(cfg: Config, key: str) -> str:
     if section == "model" and value is None:
         value = {f.name: f.default for f in fields(GPTConfig)} | PRESETS[cfg.model.preset]
         value = value[name]
+    return as_typed(value)
+
+
+def as_typed(value) -> str:
+    """A setting's value as it is typed on the command line: true / false, not Python's True / False."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return shlex.quote(value) if isinstance(value, str) else repr(value)

@@ -240,6 +240,7 @@ def _mlp_ratio(hidden: int, n_embd: int, setting: str) -> float:
 
 # The activation of each Llama-family member's MLP as gptrain computes it: SwiGLU (silu), or arcee's relu(x)^2.
 FAMILY_ACT = {"llama": "silu", "qwen3": "silu", "arcee": "relu2"}
+FAMILY_NAME = {"llama": "a Llama", "qwen3": "a Qwen3", "arcee": "an Arcee"}  # for messages
 
 
 def gpt_config_from_hf(config) -> GPTConfig:
@@ -257,7 +258,7 @@ def gpt_config_from_hf(config) -> GPTConfig:
 def _llama_family_config(config, kind: str) -> GPTConfig:
     """llama -> the plain modern model, qwen3 -> qk_norm, arcee -> relu_squared."""
     if config.hidden_act != FAMILY_ACT[kind]:
-        raise ValueError(f"hidden_act={config.hidden_act!r}: gptrain computes a {kind} MLP with "
+        raise ValueError(f"hidden_act={config.hidden_act!r}: gptrain computes {FAMILY_NAME[kind]} MLP with "
                          f"{FAMILY_ACT[kind]!r}")
     if kind == "qwen3":
         if config.attention_bias:

@@ -28,7 +28,7 @@ from model.gpt import GPT, GPTConfig
 from model.reward import RewardModel, is_reward_state
 from training import checkpoint, distributed
 from training.budget import TimeBudget
-from training.config import Config, check_resume_compatible, from_dict, to_dict, to_toml
+from training.config import Config, as_typed, check_resume_compatible, from_dict, to_dict, to_toml
 from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.faults import FaultInjection, StopSignal
 from training.health import HealthWarning, HealthWatch, activation_hooks, block_grad_norms, lr_scales, update_ratios
@@ -86,8 +86,8 @@ def model_config(cfg: Config, base: dict | None, vocab_size: int) -> GPTConfig:
         base = GPTConfig.from_dict(base).to_dict()  # a checkpoint older than a model option has its default
         for k, v in overrides.items():
             if k in SHAPE_FIELDS and v != base[k]:
-                raise ValueError(f"--model.{k}={v!r}: the starting checkpoint has {k}={base[k]!r}; a model's shape "
-                                 "cannot change when fine-tuning (only model.dropout can)")
+                raise ValueError(f"--model.{k}={as_typed(v)}: the starting checkpoint has {k}={as_typed(base[k])}; "
+                                 "a model's shape cannot change when fine-tuning (only model.dropout can)")
         return GPTConfig.from_dict({**base, **{k: v for k, v in overrides.items() if k not in SHAPE_FIELDS}})
     overrides.setdefault("vocab_size", vocab_size)
     return GPTConfig.from_preset(cfg.model.preset, **overrides)
@@ -104,7 +104,9 @@ def check_settings(cfg: Config, info: DistInfo, precision: str) -> None:
     if precision == "fp16" and cfg.dist.strategy == "fsdp":
         raise ValueError("--train.precision=fp16 is not supported with --dist.strategy=fsdp (use bf16)")
     if cfg.train.optimizer == "muon" and cfg.dist.strategy == "fsdp" and info.distributed:
-        raise ValueError("--train.optimizer=muon needs whole gradient matrices; it is not supported with "
+        # NorMuon exists only on top of Muon (config refuses train.normuon with adamw): this is its refusal too
+        normuon = " (and --train.normuon=true whole rows for its statistics)" if cfg.train.normuon else ""
+        raise ValueError(f"--train.optimizer=muon needs whole gradient matrices{normuon}; it is not supported with "
                          "--dist.strategy=fsdp: pass --train.optimizer=adamw (muon is the pre-training default, the "
                          "CPU speedrun's optimizer) or use --dist.strategy=ddp")
     if cfg.train.cautious_decay and cfg.dist.strategy == "fsdp" and info.distributed:
