@@ -51,7 +51,9 @@ from data.sources import (
 )
 from data.tokenizer import EOT_ID, Tokenizer
 
-FORMAT = 2
+# 3: every chunk records its sha256, which the data hash is made of (2026-12-01); folders of format 2 lack it and are
+# prepared again (the trainer's cache) or refused with that advice (a folder given as --data).
+FORMAT = 3
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 DEFAULT_CHUNK_TOKENS = 2**27  # 256 MB per chunk at 2 bytes a token

@@ -667,6 +667,28 @@ def test_single_file_format_says_to_prepare_again(tmp_path, tok, hf_cache):
     assert not (old / "train.bin").exists() and open_prepared(old).splits == ("train", "val")
 
 
+def test_a_preparation_from_before_chunk_checksums_is_prepared_again(tmp_path, prepared, tok, hf_cache):
+    """Manifests of format 2 written before chunks recorded their sha256 (2026-12-01): opening one raised KeyError
+    'sha256' from data_hash, and the trainer's cache reused it, so `python train.py` crashed on an upgraded machine."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    manifest = read_manifest(out)
+    manifest["format"] = manifest["key"]["format"] = 2
+    for split in manifest["splits"].values():
+        for chunk in split["chunks"]:
+            del chunk["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"has format 2, this version reads 3; prepare the source again"):
+        open_prepared(out)
+    src = manifest["source"]
+    with pytest.raises(ValueError, match=r"differs \(\['format'\]\)"):
+        prepare(src, tok, out, val_fraction=0.05, chunk_tokens=1024, workers=1, verbose=False, hf_cache_dir=hf_cache)
+    prepare(src, tok, out, val_fraction=0.05, chunk_tokens=1024, workers=1, overwrite=True, verbose=False,
+            hf_cache_dir=hf_cache)  # the trainer's own cache: prepared again
+    same_files(out, prepared)
+    assert open_prepared(out).hash == open_prepared(prepared).hash
+
+
 def test_chunks_without_a_manifest_are_not_called_the_old_format(tmp_path, prepared, tok, hf_cache):
     """A preparation killed after its first chunk was renamed into place but before the manifest was written."""
     out = tmp_path / "out"
