@@ -138,22 +138,19 @@ KILL_S=20 stage pretrain "$T_PRETRAIN" bash -c '"$0" scripts/gpu_check.py corpus
   --train.device=$DEVICE "${PRETRAIN[@]}" "${MODEL[@]}"
 record_run pretrain 03_pretrain.json
 
-# each later stage needs only a checkpoint of the one before it: a run stopped by its timeout still saved one
-if checkpoint_of pretrain; then
-  stage sft "$T_SFT" "$PY" train.py --stage sft --init-from "$WORK/pretrain" --out "$WORK/sft" \
-    --train.time_budget_min=0 --train.device=$DEVICE --log.interval=1 --eval.interval=0 "${FINETUNE[@]}"
-else
-  skip sft "pre-training saved no checkpoint"
-fi
-record_run sft 04_sft.json
-
-if checkpoint_of sft; then
-  stage dpo "$T_DPO" "$PY" train.py --stage dpo --init-from "$WORK/sft" --out "$WORK/dpo" \
-    --train.time_budget_min=0 --train.device=$DEVICE --log.interval=1 --eval.interval=0 "${FINETUNE[@]}"
-else
-  skip dpo "SFT saved no checkpoint"
-fi
-record_run dpo 05_dpo.json
+# finetune STAGE FROM LIMIT FILE WHO: a few steps of STAGE on the run FROM. Each later stage needs only a checkpoint
+# of the one before it: a run stopped by its timeout still saved one (WHO names FROM in the skip reason).
+finetune() {
+  if checkpoint_of "$2"; then
+    stage "$1" "$3" "$PY" train.py --stage "$1" --init-from "$WORK/$2" --out "$WORK/$1" \
+      --train.time_budget_min=0 --train.device=$DEVICE --log.interval=1 --eval.interval=0 "${FINETUNE[@]}"
+  else
+    skip "$1" "$5 saved no checkpoint"
+  fi
+  record_run "$1" "$4"
+}
+finetune sft pretrain "$T_SFT" 04_sft.json pre-training
+finetune dpo sft "$T_DPO" 05_dpo.json SFT
 
 F6=06_evaluate.json
 if checkpoint_of dpo; then  # text of the corpus, chat and preferences (against the SFT run, DPO's reference)
