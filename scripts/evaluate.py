@@ -215,7 +215,10 @@ def text_data(run: LoadedRun, source: str, args, info) -> tuple[shards.PreparedD
             settings = dict(splits=text_splits(args.split, own), text_column=args.text_column,
                             val_fraction=d.val_fraction, max_tokens=args.max_tokens, chunk_tokens=d.chunk_tokens)
             out = shards.default_shard_dir(cache_root(cfg) / "shards", source, run.tok, **settings)
-            prepare(out_dir=out, **common, **settings)
+            # scored whole, a split need not fill a block by itself (a lone file's last 1% seldom does): what must
+            # hold at least one block is checked over all the scored splits, in text_figures
+            whole = len(settings["splits"]) > 1
+            prepare(out_dir=out, **(common | {"block_size": None} if whole else common), **settings)
             data = shards.open_prepared(out)
     data.check_tokenizer(run.tok, f"the run {run.ckpt['path']}")
     if recorded and not own and same_source(source, d.source):
@@ -236,12 +239,20 @@ def text_figures(run: LoadedRun, source: str, args, info) -> tuple[dict, str]:
     splits = text_splits(args.split, own, data.splits)
     if not splits:
         raise ValueError(f"--data {source}: the prepared folder holds no train or val split (it holds {data.splits})")
-    parts, n_batches = [], 0
+    parts, n_batches, n_blocks = [], 0, 0
     for split in splits:
         chunks = data.chunks(split)
-        mine = len(range(info.rank, shards.count_eval_blocks(chunks, T, args.max_tokens or None), info.world_size))
+        blocks = shards.count_eval_blocks(chunks, T, args.max_tokens or None)
+        if blocks == 0:  # scored whole, a split shorter than a block (checked whole below) adds nothing
+            continue
+        mine = len(range(info.rank, blocks, info.world_size))
         parts.append(chunks)
         n_batches += -(-mine // args.batch_size)
+        n_blocks += blocks
+    if n_blocks == 0:  # the same on every rank
+        counts = ", ".join(f"{s} {data.split(s)['tokens']}" for s in splits)
+        raise ValueError(f"--data {source} is too small to score: no split holds one block of block_size={T} "
+                         f"(needs {T + 1} tokens: inputs plus the shifted targets; it holds {counts})")
     budget = args.max_tokens or None
 
     def batches():

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -346,6 +347,22 @@ def test_a_source_the_run_did_not_train_on_is_scored_whole(tiny_run, tmp_path):
     assert default["tokens"] == parts["all"]["tokens"] == parts["train"]["tokens"] + parts["val"]["tokens"]
     assert parts["val"]["tokens"] > 0 and parts["train"]["tokens"] > 10 * parts["val"]["tokens"]
     assert default["val_loss"] == parts["all"]["val_loss"]
+
+
+def test_a_foreign_file_whose_last_part_fills_no_block_is_still_scored_whole(tiny_run, tmp_path):
+    """A lone file's held-out 1% is usually shorter than a block: scoring the file whole must not require that part
+    to fill one by itself (it failed with "the val split ... is too small" before); a file too small for any block
+    is refused, naming it."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(VAL_TEXT for _ in range(4)))
+    default = run_eval(tiny_run, "--data", held_out)
+    train = run_eval(tiny_run, "--data", held_out, "--split", "train")
+    assert default["data"]["text"] == f"{held_out} (whole (train+val splits); not the run's data)"
+    assert default["tokens"] == train["tokens"] > 0 and default["val_loss"] == train["val_loss"]
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("x = 1\n")
+    with pytest.raises(ValueError, match=rf"--data {re.escape(str(tiny))} is too small to score: no split holds one block"):
+        run_eval(tiny_run, "--data", tiny)
 
 
 def test_the_runs_own_data_is_its_validation_split_by_hash(tiny_run, corpus_dir, tmp_path):
