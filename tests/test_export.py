@@ -118,6 +118,37 @@ def test_export_logits_match_native(tiny_run, tmp_path, shape):
     torch.testing.assert_close(theirs, native, atol=1e-4, rtol=0)
 
 
+def test_the_default_model_exports_to_one_stock_class_with_logits_parity(tiny_run, tmp_path):
+    """The model `python train.py` builds (the `tiny` preset, every option it enables) is Qwen3ForCausalLM: logits
+    within 1e-4 of the native model at full size and context, and imported back to the same weights."""
+    from training.config import parse_args
+    from training.loop import model_config
+
+    tok = load_run(tiny_run, "cpu").tok
+    cfg = model_config(parse_args([]), None, tok.vocab_size)  # the default run's shape, at the test tokenizer's vocab
+    assert cfg.qk_norm and (cfg.n_layer, cfg.n_embd, cfg.block_size) == (4, 128, 256)
+    skip_without_family("qk_norm")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # far from init: norms and QK-norm weights are not all ones
+    save_run(tmp_path / "run", model.state_dict(), cfg, tok)
+    out = export_hf.main([str(tmp_path / "run"), str(tmp_path / "hf")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        native, theirs = model.eval()(ids), hf(ids).logits
+    assert native.abs().max() > 1.0
+    torch.testing.assert_close(theirs, native, atol=1e-4, rtol=0)
+    back = import_hf.main([str(out), str(tmp_path / "back")])
+    reloaded = load_run(back, "cpu")
+    assert reloaded.gcfg == cfg
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[name], tensor), name
+
+
 def _greedy_matches(run, hf, prompt: str, n: int = 20) -> int:
     """Compare 20 greedy tokens of transformers' generate with the native ones; a divergence is accepted only at a
     step where the native top-two logits are within 1e-3 (a near tie that rounding may flip). Returns tokens made."""

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from model.gpt import ARCHS, PRESETS, GPTConfig
+from model.gpt import ARCHS, PRESETS, GPTConfig, preset_values
 from model.losses import DPO_LOSS_TYPES
 
 if sys.version_info >= (3, 11):
@@ -539,7 +539,8 @@ def _shown_value(cfg: Config, key: str) -> str:
     section, _, name = key.rpartition(".")
     value = getattr(getattr(cfg, section) if section else cfg, name)
     if section == "model" and value is None:
-        value = {f.name: f.default for f in fields(GPTConfig)} | PRESETS[cfg.model.preset]
+        explicit = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
+        value = {f.name: f.default for f in fields(GPTConfig)} | preset_values(cfg.model.preset, explicit)
         value = value[name]
     return as_typed(value)
 

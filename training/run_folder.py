@@ -77,8 +77,19 @@ def _shape_line(cfg: Config, gcfg) -> str:
     kv = f" ({gcfg.n_kv_head} key/value)" if gcfg.n_kv_head != gcfg.n_head else ""
     origin = ("the resumed checkpoint's" if cfg.resume else f"from {cfg.init_from}, whose weights it starts from"
               if cfg.init_from else f"preset {cfg.model.preset}")
+    options = "".join(f", {text}" for text in _model_options(gcfg))
     return (f"{gcfg.arch}, {gcfg.n_layer} layers x {gcfg.n_embd} wide, {gcfg.n_head} heads{kv}, context "
-            f"{gcfg.block_size}, vocab {gcfg.vocab_size} ({origin})")
+            f"{gcfg.block_size}, vocab {gcfg.vocab_size}{options} ({origin})")
+
+
+def _model_options(gcfg) -> list[str]:
+    """The speedrun options the model has on (model/gpt.py), in words."""
+    named = [("QK-norm", gcfg.qk_norm), ("ReLU-squared MLP", gcfg.relu_squared),
+             (f"logits soft-capped at {gcfg.logit_softcap:g}", gcfg.logit_softcap),
+             ("residual and x0 scalars", gcfg.residual_scalars),
+             (f"{gcfg.value_embeds} value-embedding table(s)", gcfg.value_embeds),
+             (f"a {gcfg.bigram_buckets}-row bigram embedding", gcfg.bigram_buckets)]
+    return [text for text, on in named if on]
 
 
 def _optimizer_line(t) -> str:
