@@ -42,7 +42,7 @@ def test_start_up_summary_and_integer_counts(tmp_path, corpus_dir, capsys):
     assert shown == [
         f"gptrain | stage pretrain | data {corpus_dir} | out {out} | device cpu | precision fp32",
         "shape: modern, 2 layers x 64 wide, 4 heads, context 64, vocab 384, QK-norm (preset tiny)",
-        "optimizer: adamw lr 0.006 (betas 0.9, 0.95), weight decay 0.1; gradient norm clipped at 1",
+        "optimizer: adamw lr 0.003 (betas 0.9, 0.95), weight decay 0.1; gradient norm clipped at 1",
         "schedule: wsd: 10 warmup steps, flat, then the last 30% of the steps decay linearly to 0.1 x the peak lr",
         "budget: 2 steps; validation every 1 steps, a checkpoint every 500 steps (newest 2 kept)",
         # In the order of the config's sections; time_budget_min is off because max_steps was given.

@@ -372,7 +372,7 @@ def test_a_dead_block_is_said_to_vanish(tmp_path, tiny_run, corpus_dir, capsys, 
 
 
 def test_a_healthy_default_recipe_run_raises_no_warning(tmp_path, corpus_dir, capsys, one_thread):
-    """The default pre-training recipe (Muon at 0.01 for the blocks' matrices, AdamW at 6e-3, batch 8, warmup 50,
+    """The default pre-training recipe (Muon at 0.01 for the blocks' matrices, AdamW at 3e-3, batch 8, warmup 50,
     warmup-stable-decay, clip 1) on the tiny shape for 100 steps -- warmup, stable and decay -- with every step's
     health measured and validation every 20: no warning, the summary counts none, no health text in TensorBoard."""
     out = tmp_path / "healthy"
@@ -380,7 +380,7 @@ def test_a_healthy_default_recipe_run_raises_no_warning(tmp_path, corpus_dir, ca
                     "--log.health_interval=1", "--eval.interval=20", "--eval.max_tokens=4096"])
     text = capsys.readouterr().out
     t = tomllib.loads((out / "config.toml").read_text())["train"]  # the run's own resolved config
-    assert (t["optimizer"], t["lr"], t["muon_lr"], t["batch_size"], t["warmup_steps"]) == ("muon", 6e-3, 0.01, 8, 50)
+    assert (t["optimizer"], t["lr"], t["muon_lr"], t["batch_size"], t["warmup_steps"]) == ("muon", 3e-3, 0.01, 8, 50)
     rows = metrics(out)
     assert sum("update_ratio/muon" in r for r in rows) == 100 and sum("val/loss" in r for r in rows) == 6
     assert warning_lines(text) == [] and "health: no warnings" in text
