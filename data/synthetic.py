@@ -211,7 +211,7 @@ def answer_matches(pred: str, ref: str) -> bool:
     return pred.strip() == ref.strip()
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict]) -> None:
     # atomic: a crash never leaves a half-written file that would later load as a smaller dataset
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -237,6 +237,6 @@ def write_builtin(
     sizes = {"train": DEFAULT_SIZES["train"] if n_train is None else n_train,
              "validation": DEFAULT_SIZES["validation"] if n_val is None else n_val}
     for split, n in sizes.items():
-        _write_jsonl(out / "sft" / f"{split}.jsonl", make_sft(n, seed, split))
-        _write_jsonl(out / "dpo" / f"{split}.jsonl", make_preferences(n, seed, split))
+        write_jsonl(out / "sft" / f"{split}.jsonl", make_sft(n, seed, split))
+        write_jsonl(out / "dpo" / f"{split}.jsonl", make_preferences(n, seed, split))
     return {"sft": out / "sft", "dpo": out / "dpo"}

@@ -405,3 +405,15 @@ def test_rl_raises_the_reward_it_is_trained_on(tmp_path, tiny_run):
     first, last = sum(reward[s] for s in (1, 2, 3)) / 3, sum(reward[s] for s in (10, 11, 12)) / 3
     assert last > first + 0.25, reward
     assert series(out, "train/kl")[12] > 0
+
+
+def test_partial_credit_reward_by_hand_and_its_missing_columns():
+    from training.rewards import partial_credit_reward
+
+    chat = [[{"role": "assistant", "content": "7 19 7 42"}], [{"role": "assistant", "content": "433"}]]
+    values = partial_credit_reward(prompts=["p", "q"], completions=chat, task=["sort", "add"],
+                                   answer=["7 7 19 42", "432"], completion_ids=[[1], [2]])
+    assert values == [0.5, 0.5]  # positions 0 and 3 right; off by one: 1 / (1 + 1)
+    assert partial_credit_reward(prompts=["p"], completions=["3"], task=["count"], answer=[3]) == [1.0]
+    with pytest.raises(ValueError, match="need 'task' and 'answer' columns"):
+        partial_credit_reward(prompts=["p"], completions=["3"], answer=["3"])

@@ -330,3 +330,46 @@ def test_export_whose_scores_differ_writes_nothing(tmp_path, tiny_run, monkeypat
     with pytest.raises(RuntimeError, match="scores differ"):
         export_hf.export(run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+# ----------------------------------------------------------------------------------------------- policy pairs
+def test_policy_pairs_are_the_policys_own_wrong_answers_against_the_reference(tmp_path, tiny_run):
+    """scripts/policy_pairs.py: every policy pair's rejected side is one of the run's samples on that prompt (redone
+    here with the same keys) that fails the checker, its chosen side the reference; built-in pairs are added; the
+    file is reproducible, loads as RM pairs, and holds no validation prompt."""
+    from data.chat import render_prompt
+    from data.synthetic import answer_matches, make_sft, split_of
+    from model.generation import generate_rollouts
+
+    policy_pairs = load_script("policy_pairs")
+    out = policy_pairs.main([str(tiny_run), "--out", str(tmp_path / "p.jsonl"), "--prompts", "6", "--samples", "3",
+                             "--builtin", "5", "--max-new-tokens", "8", "--seed", "3"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sum(r["source"] == "builtin" for r in records) == 5
+    policy = [r for r in records if r["source"] == "policy"]
+    run = load_run(tiny_run, "cpu")
+    wanted = []  # the samples again, by hand: each prompt's distinct non-empty wrong answers
+    for i, conv in enumerate(make_sft(6, 3, "train")):
+        keys = torch.tensor([policy_pairs.sample_key(3, i, s) for s in range(3)])
+        ro = generate_rollouts(run.model.eval(), [render_prompt(conv["messages"][:1], run.tok)] * 3, 8, 1.0, keys,
+                               END_ID, PAD_ID)
+        texts = []
+        for s in range(3):
+            ids = ro.input_ids[s, ro.prompt_len:][ro.completion_mask[s]].tolist()
+            text = run.tok.decode(ids[:-1] if ids and ids[-1] == END_ID else ids)
+            if not answer_matches(text, conv["messages"][1]["content"]) and text.strip() and text not in texts:
+                texts.append(text)
+        wanted += [(conv["messages"][0]["content"], conv["messages"][1]["content"], t) for t in texts]
+    got = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in policy]
+    assert len(wanted) > 6 and sorted(got) == sorted(wanted)  # a 150-step pre-trained model is nearly always wrong
+    assert all(split_of(r["prompt"][0]["content"]) == "train" for r in records)
+    again = policy_pairs.main([str(tiny_run), "--out", str(tmp_path / "q.jsonl"), "--prompts", "6", "--samples", "3",
+                               "--builtin", "5", "--max-new-tokens", "8", "--seed", "3"])
+    assert again.read_bytes() == out.read_bytes()
+    split = [load_reward_data("pairs", out, name, run.tok, 64)[0] for name in ("train", "val")]
+    assert sum(map(len, split)) == len(records)  # every record parses as a pair (the file splits as any file)
+    for bad, message in [(["--temperature", "0"], "must be > 0"), (["--out", str(tmp_path / "p.json")], "a .jsonl")]:
+        argv = [str(tiny_run), "--out", str(tmp_path / "r.jsonl"), *bad]
+        with pytest.raises(ValueError, match=message):
+            policy_pairs.main(argv)
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "p.json").exists()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.synthetic import answer_matches
+from data.synthetic import answer_matches, partial_credit
 from data.tokenizer import PAD_ID, Tokenizer
 from model.gpt import GPTConfig
 from model.reward import RewardModel, is_reward_state
@@ -44,6 +44,16 @@ def builtin_reward(prompts, completions, answer=None, **columns) -> list[float]:
                          "none: give records with 'answer' (or a conversation whose last assistant turn is the "
                          "answer), or name another --rl.reward")
     return [float(answer_matches(completion_text(c), str(a))) for c, a in zip(completions, answer, strict=True)]
+
+
+def partial_credit_reward(prompts, completions, task=None, answer=None, **columns) -> list[float]:
+    """The built-in tasks' partial credit (data/synthetic.py:partial_credit, in [0, 1], 1 only for the exact answer)
+    of each completion: a denser signal than exact match where a group's answers are all wrong but some are closer.
+    Named as any reward function: --rl.reward=builtin,training.rewards:partial_credit_reward."""
+    if task is None or answer is None:
+        raise ValueError("partial_credit_reward rates answers to the built-in tasks: the prompts need 'task' and "
+                         "'answer' columns (the built-in synthetic data has both)")
+    return [partial_credit(t, completion_text(c), str(a)) for c, t, a in zip(completions, task, answer, strict=True)]
 
 
 def completion_text(completion) -> str:
