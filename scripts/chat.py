@@ -37,6 +37,7 @@ import torch
 from data import chat
 from data.tokenizer import END_ID
 from model.gpt import KVCache, sample_next
+from training.cli import run_script
 from training.load import PRECISIONS, LoadedRun, load_run, refuse_reward_model
 from training.stages import STAGES
 
@@ -237,10 +238,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        run_script(main)
     except KeyboardInterrupt:  # Ctrl-C at the prompt (or while loading): leave without a traceback
         print(file=sys.stderr)
         sys.exit(130)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import sys
 from pathlib import Path
 
 import torch
 
 from training import checkpoint
+from training.cli import run_script
 
 
 def numpy_state_globals() -> list:
@@ -82,8 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -86,6 +86,7 @@ from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
 from model.reward import RewardModel
 from training import distributed
+from training.cli import run_script
 from training.config import DistSection
 from training.evaluation import chat_accuracy, lm_figures
 from training.load import PRECISIONS, LoadedRun, load_run
@@ -654,8 +655,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

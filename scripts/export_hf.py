@@ -22,13 +22,13 @@ EXPORT_DIR is refused. Single process (there is nothing to parallelise; do not l
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from data.tokenizer import END_ID, PAD_ID, SPECIAL_TOKENS
 from model.reward import RewardModel
+from training.cli import EXPECTED_ERRORS, run_script
 from training.hf import check_exportable, require_transformers, to_hf_model, to_hf_tokenizer
 from training.load import check_new_folder, load_run, write_folder_atomically
 
@@ -96,8 +96,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, errors=(*EXPECTED_ERRORS, RuntimeError, ImportError))

@@ -18,7 +18,6 @@ fine-tuned (--init-from), evaluated, sampled and exported, not resumed. Single p
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import tokenizers
@@ -26,6 +25,7 @@ import torch
 
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from model.gpt import GPT
+from training.cli import EXPECTED_ERRORS, run_script
 from training.hf import from_hf_state_dict, gpt_config_from_hf, require_transformers
 from training.load import check_new_folder, save_run
 from training.weights import load_weights
@@ -79,8 +79,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, errors=(*EXPECTED_ERRORS, ImportError))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from data.chat import render_prompt
 from data.synthetic import TASKS, answer_matches, make_preferences, make_sft, write_jsonl
 from data.tokenizer import END_ID, PAD_ID
 from model.generation import generate_rollouts
+from training.cli import run_script
 from training.load import PRECISIONS, load_run, refuse_reward_model
 
 
@@ -106,8 +106,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

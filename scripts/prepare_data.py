@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.prepare import MANIFEST, TOKENIZER, data_hash, prepare  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
+from training.cli import run_script  # noqa: E402
 from training.config import Config, parse_args  # noqa: E402
 from training.tokenizer_cache import hf_cache_dir, train_or_reuse_tokenizer  # noqa: E402
 
@@ -120,8 +121,4 @@ def main(argv: list[str]) -> dict | None:
 
 
 if __name__ == "__main__":  # the guard multiprocessing's spawned workers need (macOS, Windows)
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, sys.argv[1:])

@@ -14,10 +14,10 @@ Single process.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
+from training.cli import run_script
 from training.load import PRECISIONS, load_run, refuse_reward_model
 
 
@@ -56,8 +56,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)
