@@ -50,3 +50,9 @@ def fails_on_rank1(prompts, completions, **columns):
 def odd_first_token(prompts, completions, completion_ids, **columns):
     """1 when the first generated token id is odd: a reward that varies within groups sampled from any model."""
     return [float(ids[0] % 2) for ids in completion_ids]
+
+
+def digit_share_on_sort(prompts, completions, completion_ids, task, **columns):
+    """digit_share on `sort` prompts, 0 on the others: groups of the other tasks always have equal rewards."""
+    shares = digit_share(prompts, completions, completion_ids)
+    return [s if t == "sort" else 0.0 for s, t in zip(shares, task, strict=True)]

@@ -166,6 +166,10 @@ def dist(tmp_path_factory, corpus_dir):
     # RL: each rank generates for its own prompts; 2 x 2 prompts against 1 x 4 (fp32, the digit reward varies)
     rl = ["--stage", "rl", "--init-from", str(runs / "ref"), "--data", "synthetic", *RL_ARGS]
     single("rl_ref", *rl, "--out", str(runs / "rl_ref"), "--train.batch_size=4")
+    # ... and with the groups of equal rewards left out (a reward that varies on `sort` prompts only: a rank may keep
+    # nothing but its placeholder group)
+    rl_filter = [*rl, "--rl.reward=tests.rl_rewards:digit_share_on_sort", "--rl.filter_groups=true"]
+    single("rl_filter_ref", *rl_filter, "--out", str(runs / "rl_filter_ref"), "--train.batch_size=4")
     # RM from a run with an untied output head (unused by a score): 2 x 2 pairs against 1 x 4 under DDP
     single("untied", *BASE, "--train.batch_size=8", "--model.tie_embeddings=false", "--train.max_steps=2")
     rm = ["--stage", "rm", "--init-from", str(runs / "untied"), "--data", "synthetic", *RM_ARGS]
@@ -204,6 +208,7 @@ def dist(tmp_path_factory, corpus_dir):
         ["--stage", "dpo", "--init-from", str(runs / "ref"), "--out", str(runs / "dpo"), *sft_dpo,
          "--dist.strategy=fsdp"],
         [*rl, "--out", str(runs / "rl"), "--train.batch_size=2"],
+        [*rl_filter, "--out", str(runs / "rl_filter"), "--train.batch_size=2"],
         [*rm, "--out", str(runs / "rm"), "--train.batch_size=2"],
         # RL under FSDP2: fixed-length generation (every forward a collective), the reference sharded, validation
         [*rl, "--out", str(runs / "rl_fsdp"), "--train.batch_size=2", "--dist.strategy=fsdp", "--train.max_steps=2",
@@ -429,7 +434,8 @@ def test_time_budget_ends_every_rank_at_the_same_step(dist):
 def test_rl_under_torchrun_equals_one_process(dist):
     """2 ranks x 2 prompts x 4 completions == 1 rank x 4 prompts: the same completions (keyed by the global prompt
     index), the same rewards and the same loss at every step; under FSDP2 generation runs a fixed length on every
-    rank, and the first step's KL is exactly 0."""
+    rank, and the first step's KL is exactly 0. With rl.filter_groups the same: a rank left with no informative
+    group trains on a placeholder that adds nothing."""
     ref = read_metrics(dist["runs"] / "rl_ref")
     got = read_metrics(dist["runs"] / "rl")
     for key in ("train/loss", "train/reward", "train/kl", "train/completions/mean_length"):
@@ -438,6 +444,15 @@ def test_rl_under_torchrun_equals_one_process(dist):
         assert sorted(want) == sorted(have) == [1, 2, 3], key
         assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
     assert len({r["train/reward"] for r in ref if "train/reward" in r}) > 1  # a reward that varies
+    ref, got = read_metrics(dist["runs"] / "rl_filter_ref"), read_metrics(dist["runs"] / "rl_filter")
+    for key in ("train/loss", "train/kl", "train/entropy", "train/frac_reward_zero_std"):
+        want = {r["step"]: r[key] for r in ref if key in r}
+        have = {r["step"]: r[key] for r in got if key in r}
+        assert sorted(want) == sorted(have) == [1, 2, 3], key
+        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+    zero_std = [r["train/frac_reward_zero_std"] for r in ref if "train/frac_reward_zero_std" in r]
+    assert any(0 < z < 1 for z in zero_std), zero_std  # groups of both kinds: some were left out
+    assert any(r["train/loss"] != 0 for r in ref if "train/loss" in r)
     fsdp = read_metrics(dist["runs"] / "rl_fsdp")
     assert [r["train/kl"] for r in fsdp if "train/kl" in r][0] == 0.0
     assert [r["step"] for r in fsdp if "val/reward" in r] == [0, 2]

@@ -355,6 +355,47 @@ def test_equal_rewards_give_no_signal_and_batch_scaling_divides_by_the_batch_std
     assert r.std() > 0
 
 
+def test_filter_groups_keeps_the_informative_groups_and_normalises_by_their_tokens(tmp_path, tiny_run):
+    # The same first batch with and without --rl.filter_groups (a reward that varies only on `sort` prompts), stopped
+    # before the batch's second use so that the checkpoint holds it: the filtered batch is exactly the unfiltered
+    # one's rows of the groups whose rewards differ; at step 1 (ratio 1, KL 0) a group of equal rewards adds 0 to
+    # the loss sum, so the two losses differ only by their token counts.
+    args = ["--train.max_steps=2", "--eval.interval=0", "--rl.reward=tests.rl_rewards:digit_share_on_sort",
+            "--rl.updates_per_batch=2", "--train.stop_after_steps=1", "--train.batch_size=8", "--log.tensorboard=false"]
+    rl_run(tmp_path / "all", tiny_run, *args)
+    rl_run(tmp_path / "kept", tiny_run, *args, "--rl.filter_groups=true")
+    (whole,) = checkpoint.load(tmp_path / "all")["loader"]["batches_by_rank"][0]
+    (kept,) = checkpoint.load(tmp_path / "kept")["loader"]["batches_by_rank"][0]
+    groups = whole["rewards"].view(8, 4)
+    informative = groups.std(dim=1) > 0  # (8,)
+    assert 0 < informative.sum() < 8, groups  # some groups of each kind, so the test shows something
+    rows = informative.repeat_interleave(4)
+    for key in ("input_ids", "completion_mask", "advantages", "rewards", "ref_logps", "positions", "pad_mask"):
+        assert torch.equal(kept[key], whole[key][rows]), key
+    assert torch.all(whole["advantages"][~rows] == 0)
+    tokens_whole, tokens_kept = whole["completion_mask"].sum().item(), kept["completion_mask"].sum().item()
+    loss_whole, loss_kept = series(tmp_path / "all", "train/loss")[1], series(tmp_path / "kept", "train/loss")[1]
+    assert loss_kept != 0
+    assert loss_kept * tokens_kept == pytest.approx(loss_whole * tokens_whole, rel=1e-5, abs=1e-7)
+    # the figures of the generation are those of every group, filtered or not
+    for key in ("train/reward", "train/frac_reward_zero_std", "train/completions/mean_length"):
+        assert series(tmp_path / "kept", key)[1] == series(tmp_path / "all", key)[1], key
+    assert series(tmp_path / "kept", "train/frac_reward_zero_std")[1] == pytest.approx(1 - informative.float().mean())
+
+
+def test_filter_groups_with_no_informative_group_keeps_a_placeholder_that_adds_nothing(tmp_path, tiny_run):
+    out = tmp_path / "constant"
+    rl_run(out, tiny_run, "--train.max_steps=3", "--eval.interval=0", "--rl.reward=tests.rl_rewards:constant",
+           "--rl.filter_groups=true", "--rl.updates_per_batch=2", "--train.stop_after_steps=3",
+           "--log.tensorboard=false")
+    (batch,) = checkpoint.load(out)["loader"]["batches_by_rank"][0]
+    assert batch["input_ids"].shape[0] == 4  # one group of G=4 rows: the placeholder
+    assert not batch["completion_mask"].any()
+    for step in (1, 2, 3):  # nothing to learn from and nothing counted: loss and KL are exactly 0, not NaN
+        assert series(out, "train/loss")[step] == 0.0 and series(out, "train/kl")[step] == 0.0
+        assert series(out, "train/frac_reward_zero_std")[step] == 1.0
+
+
 def test_rl_prompts_from_a_file_with_extra_columns_reach_the_reward(tmp_path, tiny_run, monkeypatch):
     from data.rl import load_rl_prompts
 

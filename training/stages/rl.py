@@ -5,7 +5,8 @@ from one seeded stream that every rank replays; rank r takes its slice, so group
 rl.num_generations times from the current policy (model/generation.py: one left-padded batch per micro-batch, the
 KV cache, a random state from (seed, generation, global prompt index, completion index): the same completions on
 any number of ranks). The completions are rewarded (training/rewards.py), their advantages are group-relative
-(model/losses.py:group_advantages), and the frozen reference's log-probs of the sampled tokens are computed once.
+(model/losses.py:group_advantages); with rl.filter_groups the groups whose rewards are all equal (advantage 0)
+are left out (informative_groups), and the frozen reference's log-probs of the sampled tokens are computed once.
 The batch is then trained on for rl.updates_per_batch optimizer steps (train.max_steps counts these).
 
 Objective per completion token (model/losses.py), summed, and divided by the loop once by the step's completion
@@ -56,6 +57,9 @@ from training.rewards import (
 from training.stages.base import Stage, StageEnv, eval_shares, frozen_reference
 from training.tokenizer_cache import hf_cache_dir
 
+# A group whose rewards' sample std is below this counts as all-equal (frac_reward_zero_std, rl.filter_groups).
+ZERO_STD = 1e-6
+
 
 def row_key(seed: int, generation: int, prompt_index: int, completion: int) -> int:
     """The sampling key (int64) of one completion: a hash of (seed, generation, global prompt index, completion)."""
@@ -78,6 +82,29 @@ def completion_logps(model, batch: dict, temperature: float, entropy: bool = Fal
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)  # (N, M)
     return logps, ent
+
+
+def informative_groups(batch: dict, group_std: torch.Tensor, group_size: int) -> dict:
+    """The rows of the groups whose rewards are not all equal (rl.filter_groups): a group of equal rewards has
+    advantage 0 on every completion, so in the update it carries only the KL term, and it costs a reference forward
+    and a policy forward and backward. Leaving it out is DAPO's dynamic sampling without the re-sampling (Yu et al.
+    2025): the loss is then normalised by the kept groups' completion tokens.
+
+    batch: a micro-batch whose tensors have B x G rows; group_std (B,). A micro-batch with no such group keeps its
+    first group with its completion mask cleared: a forward (a collective under FSDP) and a gradient (which DDP
+    waits for) that add exactly 0 to the loss, the figures and the token count, so the step equals the one over the
+    informative groups alone on any number of ranks."""
+    informative = group_std >= ZERO_STD  # (B,)
+    placeholder = not bool(informative.any())
+    if placeholder:
+        informative = torch.zeros_like(informative)
+        informative[0] = True
+    rows = informative.repeat_interleave(group_size)  # (B x G,)
+    kept = {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows.shape[0] else v
+            for k, v in batch.items()}
+    if placeholder:
+        kept["completion_mask"] = torch.zeros_like(kept["completion_mask"])
+    return kept
 
 
 class GroupPolicyOptimization:
@@ -212,13 +239,18 @@ class RLStage(Stage):
             self.timings["generation"] += time.perf_counter() - t0
             batches.append(batch)
             rollouts.append(ro)
-        self.score(batches, rollouts)
+        group_stds = self.score(batches, rollouts)
+        self.shown = self.describe(rollouts[0], batches[0])
+        for batch in batches:
+            batch["generated_rows"] = batch["input_ids"].shape[0]  # step_flops counts the generation of every row
+        if r.filter_groups:  # before the reference pass: the groups left out cost no forward there either
+            batches = [informative_groups(b, std, r.num_generations)
+                       for b, std in zip(batches, group_stds, strict=True)]
         t0 = time.perf_counter()
         for batch in batches:
             with torch.no_grad(), self.autocast:
                 batch["ref_logps"], _ = completion_logps(self.reference, batch, r.temperature)
         self.timings["reference"] += time.perf_counter() - t0
-        self.shown = self.describe(rollouts[0], batches[0])
         return batches
 
     def rollout(self, policy, prompts: list[RLPrompt], index: list[int], temperature: float, pad_to: int
@@ -282,8 +314,9 @@ class RLStage(Stage):
                             for v in parts.values()])
         return dict(zip(parts, all_reduce(sums).tolist(), strict=True))
 
-    def score(self, batches: list[dict], rollouts: list[Rollouts]) -> None:
-        """Rewards, advantages and the generation's figures (global means over ranks and micro-batches)."""
+    def score(self, batches: list[dict], rollouts: list[Rollouts]) -> list[torch.Tensor]:
+        """Rewards, advantages and the generation's figures (global means over ranks and micro-batches); returns
+        each micro-batch's group standard deviations (B,)."""
         r = self.cfg.rl
         t0 = time.perf_counter()
         values = self.guarded_rewards(rollouts)
@@ -302,6 +335,7 @@ class RLStage(Stage):
             batch["rewards"] = total
             group_stds.append(std)
         self.logs = self.generation_figures(batches, torch.cat(group_stds), sums)
+        return group_stds
 
     def generation_figures(self, batches: list[dict], group_std: torch.Tensor, sums: dict[str, float]
                            ) -> dict[str, float]:
@@ -310,7 +344,7 @@ class RLStage(Stage):
         ended = torch.cat([(b["completion_mask"] & (b["input_ids"][:, b["prompt_len"]:] == END_ID)).any(1)
                            for b in batches])  # (N,) a completion that reached <|end|>
         g = self.global_sums({"length": lengths.sum(), "clipped": (~ended).sum(), "std": group_std.sum(),
-                              "zero_std": (group_std < 1e-6).sum(), "groups": float(len(group_std))})
+                              "zero_std": (group_std < ZERO_STD).sum(), "groups": float(len(group_std))})
         n = sums["completions"]
         logs = {"reward": sums["reward"] / n, "reward_std": g["std"] / g["groups"],
                 "completions/mean_length": g["length"] / n, "completions/clipped_ratio": g["clipped"] / n,
@@ -326,14 +360,15 @@ class RLStage(Stage):
 
     def step_flops(self, model: GPT, batches: list[dict]) -> int:
         """The policy's forward and backward over prompt + completion; on a step that generated, also the
-        reference's forward and the generation (counted as one forward over each row's tokens)."""
+        reference's forward and the generation (counted as one forward over each generated row's tokens, the rows
+        that rl.filter_groups left out included)."""
         total = 0
         for b in batches:
             N, T = b["input_ids"].shape
-            per_token = model.flops_per_token(T)
+            total += N * T * model.flops_per_token(T)
             if self.fresh:
-                per_token += 2 * model.flops_per_token(T, forward_only=True)
-            total += N * T * per_token
+                forward = model.flops_per_token(T, forward_only=True)
+                total += (N + b.get("generated_rows", N)) * T * forward
         return total
 
     def before_save(self) -> None:
