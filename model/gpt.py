@@ -47,6 +47,7 @@ never Muon); the new tables are 2-D and outside the blocks: AdamW with weight de
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -539,13 +540,40 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Continue idx (B, T) by up to max_new_tokens tokens; returns (B, T + n). temperature 0 decodes greedily.
 
-        Uses a KV cache; once the sequence fills the context, the cache is rebuilt from the last block_size // 2
-        tokens (learned-position models cannot look further, and rotary ones were not trained to). Generation stops
-        when every row has produced a stop token (kept in the output); finished rows are padded with that token.
+        The tokens of stream(). Generation stops when every row has produced a stop token (kept in the output);
+        finished rows are padded with that token.
         """
-        cfg = self.cfg
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        out = idx
+        for nxt in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator):  # (B,) each
+            if len(stop):
+                nxt = torch.where(done, out[:, -1], nxt)
+                done = done | torch.isin(nxt, stop)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if len(stop) and bool(done.all()):
+                break
+        return out
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token (B,) of every row of idx (B, T), up to max_new_tokens times (scripts/chat.py prints
+        each as it comes; generate collects them).
+
+        One prefill forward into a KV cache, then one forward per token, run only when the next token is asked for
+        (a caller that stops early pays for nothing more). Once the sequence fills the context, the cache is rebuilt
+        from the last block_size // 2 tokens (learned-position models cannot look further, and rotary ones were not
+        trained to). Every row is sampled at every step with the one generator, so a seeded stream gives the same
+        tokens whatever the caller does with them."""
+        cfg = self.cfg
         out = idx
         cache, logits = None, None
         for _ in range(max_new_tokens):
@@ -555,15 +583,10 @@ class GPT(nn.Module):
                 cache = KVCache(cfg, out.shape[0], cfg.block_size, idx.device, dtype)
                 logits = self(ctx, kv_cache=cache)[:, -1, :]  # prefill
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            if len(stop):
-                nxt = torch.where(done, out[:, -1], nxt)
-                done = done | torch.isin(nxt, stop)
+            yield nxt
             out = torch.cat([out, nxt[:, None]], dim=1)
-            if len(stop) and bool(done.all()):
-                break
             if cache.pos < cfg.block_size:
                 logits = self(nxt[:, None], kv_cache=cache)[:, -1, :]
-        return out
 
     # ---------------------------------------------------------------- accounting
     def num_params(self, non_embedding: bool = False) -> int:

@@ -36,7 +36,6 @@ import torch
 
 from data import chat
 from data.tokenizer import END_ID
-from model.gpt import KVCache, sample_next
 from training.cli import run_script
 from training.load import PRECISIONS, LoadedRun, load_run, refuse_reward_model
 from training.stages import STAGES
@@ -114,21 +113,18 @@ def stream_reply(run: LoadedRun, prompt: list[int], max_new_tokens: int, tempera
                  top_p: float | None, generator: torch.Generator) -> Iterator[int]:
     """Yield the reply's token ids one at a time, stopping before <|end|>.
 
-    The computation of GPT.generate (which returns only at the end): one prefill forward of the prompt into a KV
-    cache, then one forward per new token, each picked by sample_next with the same generator, so greedy and seeded
-    replies are token for token those of sample.py --chat. The caller keeps len(prompt) + max_new_tokens within
-    block_size, so the cache never has to slide."""
+    GPT.stream, the loop GPT.generate collects, with the same generator: greedy and seeded replies are token for
+    token those of sample.py --chat. The caller keeps len(prompt) + max_new_tokens within block_size."""
     model = run.model
     assert len(prompt) + max_new_tokens <= model.cfg.block_size, (len(prompt), max_new_tokens)
-    cache = KVCache(model.cfg, 1, model.cfg.block_size, run.device, next(model.parameters()).dtype)
     idx = torch.tensor([prompt], device=run.device)  # (1, T)
-    for _ in range(max_new_tokens):
-        with run.autocast:
-            logits = model(idx, kv_cache=cache)[:, -1, :]  # (1, V)
-        idx = sample_next(logits, temperature, top_k, top_p, generator)[:, None]  # (1, 1)
-        if idx.item() == END_ID:
+    tokens = model.stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+    while True:
+        with run.autocast:  # around each forward only: the caller prints between tokens
+            nxt = next(tokens, None)  # (1,)
+        if nxt is None or nxt.item() == END_ID:
             return
-        yield idx.item()
+        yield nxt.item()
 
 
 class StreamingDecoder:

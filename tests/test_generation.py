@@ -287,3 +287,24 @@ def test_bad_requests_are_refused_with_the_numbers():
         generate_rollouts(model, PROMPTS, 4, -0.5, keys, stop_token=1, pad_id=PAD)
     with pytest.raises(ValueError, match=r"row_keys of shape \(3,\)"):
         generate_rollouts(model, PROMPTS, 4, 1.0, torch.arange(3), stop_token=1, pad_id=PAD)
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_stream_yields_generates_tokens_and_runs_no_forward_it_is_not_asked_for(arch):
+    # GPT.generate collects GPT.stream (chat.py prints it token by token): a seeded stream gives generate's tokens,
+    # past the context (the cache rebuilt from the last half), and a caller that stops after k tokens has paid for
+    # the prefill and k - 1 single-token forwards, nothing more.
+    model = make(arch)
+    idx = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])  # (2, 7)
+    want = model.generate(idx, 50, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    got = torch.stack(list(model.stream(idx, 50, 1.0, 10, None, torch.Generator().manual_seed(3))), dim=1)
+    assert want.shape == (2, 7 + 50) and torch.equal(got, want[:, 7:])  # 57 tokens > block_size 40
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[1]))
+    try:
+        tokens = model.stream(idx, 50, 0.0)
+        for _ in range(3):
+            next(tokens)
+    finally:
+        hook.remove()
+    assert forwards == [7, 1, 1]

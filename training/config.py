@@ -238,8 +238,7 @@ class RLSection:
     beta: float = option(0.04, "weight of the per-token KL estimate exp(r - p) - (r - p) - 1 to the reference")
     clip_eps: float = option(0.2, "clip of the ratio to the policy that generated the batch: [1 - eps, 1 + eps]")
     updates_per_batch: int = option(1, "optimizer steps on each generated batch (train.max_steps counts these)")
-    filter_groups: bool = option(False, "leave groups whose rewards are all equal (advantage 0) out of the reference "
-                                 "pass and the update; the loss is normalised by the kept tokens")
+    filter_groups: bool = option(False, "leave groups of all-equal rewards out of the update and reference pass")
 
 
 @dataclass
