@@ -52,7 +52,7 @@ SFT_UNEVEN = ["--stage", "sft", "--train.max_steps=3", "--train.warmup_steps=1",
 RL_ARGS = ["--train.max_steps=3", "--eval.interval=0", "--data.synthetic_train=64", "--data.synthetic_val=6",
            "--rl.num_generations=4", "--rl.max_new_tokens=8", "--rl.reward=tests.rl_rewards:digit_share",
            "--train.precision=fp32", "--train.lr=1e-2", "--log.interval=1", "--log.tensorboard=false",
-           "--data.num_proc=1"]
+           "--data.num_proc=1", "--rl.filter_groups=false"]
 RM_ARGS = ["--train.max_steps=3", "--eval.interval=3", "--data.synthetic_train=32", "--data.synthetic_val=6",
            "--train.precision=fp32", "--log.interval=1", "--log.tensorboard=false", "--data.num_proc=1"]
 # Every candidate model option of model/gpt.py (they add parameters, no collective), 3 steps

@@ -151,11 +151,12 @@ class RLStage(Stage):
     # its steps cost 523 ms against 413 (more distinct prompts to pad and decode), 5:14 in all, over the stage's
     # 5 minutes; 32 x 4 x 540 (4:40) 0.4075 / 0.425; 64 x 2 x 600 0.42 (seed 1337). 16 x 16 x 300 at lr 7e-4 0.4125;
     # beta2 0.99 0.40. Within the 5 minutes no setting beats 8 x 16 by more than the seeds' spread (~0.03).
-    # From the current default's SFT run, on 2,000 held-out prompts (SFT 0.453; README): filter_groups +0.010 /
-    # +0.003 (3:52-4:32); filtered 16 x 16 x 450 steps +0.029 / +0.017, but 6-6.3 minutes: filter_groups stays off.
+    # From the current default's SFT run, on 2,000 held-out prompts (SFT 0.453; README), seeds 1 / 2: 8 x 16 x 600
+    # +0.0065 (seed 1); with filter_groups +0.010 / +0.003 (3:52-4:32); filtered 16 x 16 x 450 +0.029 / +0.017 in
+    # 6-6.3 minutes; filtered 16 x 16 x 350 +0.028 / +0.017 in 3:54 / 4:23: the defaults.
     defaults = {"data.source": "synthetic", "data.synthetic_train": 20000, "data.synthetic_val": 400,
-                "train.lr": 5e-4, "train.max_steps": 600, "train.warmup_steps": 10, "train.batch_size": 8,
-                "rl.num_generations": 16, "train.weight_decay": 0.0, "train.schedule": "cosine",
+                "train.lr": 5e-4, "train.max_steps": 350, "train.warmup_steps": 10, "train.batch_size": 16,
+                "rl.num_generations": 16, "rl.filter_groups": True, "train.weight_decay": 0.0, "train.schedule": "cosine",
                 "train.min_lr_ratio": 0.1, "model.dropout": 0.0, "eval.interval": 200, "eval.sample_interval": 200,
                 "eval.max_tokens": 0, "ckpt.interval": 600}
 
