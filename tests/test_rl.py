@@ -229,9 +229,10 @@ def test_rl_run_logs_grpo_metrics_starts_at_kl_zero_and_saves(tmp_path, tiny_run
     assert "prompt:" in text and "reward" in text and "advantage" in text
 
 
-def test_rl_resumes_exactly_in_the_middle_of_a_reused_batch(tmp_path, tiny_run):
+@pytest.mark.parametrize("filter_groups", ["false", "true"])
+def test_rl_resumes_exactly_in_the_middle_of_a_reused_batch(tmp_path, tiny_run, filter_groups):
     args = ["--train.max_steps=4", "--eval.interval=0", "--rl.updates_per_batch=2", "--rl.reward=tests.rl_rewards:odd_first_token",
-            "--train.lr=1e-2", "--log.tensorboard=false"]
+            "--train.lr=1e-2", "--log.tensorboard=false", f"--rl.filter_groups={filter_groups}"]
     # stopped after the first use of the second batch
     whole = assert_resumes_exactly(lambda out, *a: rl_run(out, tiny_run, *a), tmp_path, args, stop_after=3)
     assert checkpoint.load(whole)["step"] == 4
