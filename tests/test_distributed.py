@@ -431,6 +431,18 @@ def test_time_budget_ends_every_rank_at_the_same_step(dist):
     assert ckpt["step"] == ckpt["max_steps"] < first and f"-> max_steps={ckpt['max_steps']} (was" in dist["log"]
 
 
+def assert_same_series(ref: list[dict], got: list[dict], keys, steps: list[int] | None = None) -> None:
+    """Each key logged at the same steps in both runs' metrics (those steps when given, else at least one), with
+    values within LOSS_ATOL."""
+    for key in keys:
+        want = {r["step"]: r[key] for r in ref if key in r}
+        have = {r["step"]: r[key] for r in got if key in r}
+        assert sorted(want) == sorted(have) and want, key
+        if steps is not None:
+            assert sorted(want) == steps, (key, sorted(want))
+        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+
+
 def test_rl_under_torchrun_equals_one_process(dist):
     """2 ranks x 2 prompts x 4 completions == 1 rank x 4 prompts: the same completions (keyed by the global prompt
     index), the same rewards and the same loss at every step; under FSDP2 generation runs a fixed length on every
@@ -438,18 +450,10 @@ def test_rl_under_torchrun_equals_one_process(dist):
     group trains on a placeholder that adds nothing."""
     ref = read_metrics(dist["runs"] / "rl_ref")
     got = read_metrics(dist["runs"] / "rl")
-    for key in ("train/loss", "train/reward", "train/kl", "train/completions/mean_length"):
-        want = {r["step"]: r[key] for r in ref if key in r}
-        have = {r["step"]: r[key] for r in got if key in r}
-        assert sorted(want) == sorted(have) == [1, 2, 3], key
-        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+    assert_same_series(ref, got, ("train/loss", "train/reward", "train/kl", "train/completions/mean_length"), [1, 2, 3])
     assert len({r["train/reward"] for r in ref if "train/reward" in r}) > 1  # a reward that varies
     ref, got = read_metrics(dist["runs"] / "rl_filter_ref"), read_metrics(dist["runs"] / "rl_filter")
-    for key in ("train/loss", "train/kl", "train/entropy", "train/frac_reward_zero_std"):
-        want = {r["step"]: r[key] for r in ref if key in r}
-        have = {r["step"]: r[key] for r in got if key in r}
-        assert sorted(want) == sorted(have) == [1, 2, 3], key
-        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+    assert_same_series(ref, got, ("train/loss", "train/kl", "train/entropy", "train/frac_reward_zero_std"), [1, 2, 3])
     zero_std = [r["train/frac_reward_zero_std"] for r in ref if "train/frac_reward_zero_std" in r]
     assert any(0 < z < 1 for z in zero_std), zero_std  # groups of both kinds: some were left out
     assert any(r["train/loss"] != 0 for r in ref if "train/loss" in r)
@@ -463,11 +467,7 @@ def test_reward_model_under_torchrun_equals_one_process_with_an_untied_head(dist
     """2 ranks x 2 pairs == 1 rank x 4 pairs in loss and accuracy at every step, from a start whose output head is
     untied: a score never uses it, so it is frozen (DDP would otherwise stall waiting for its gradient)."""
     ref, got = read_metrics(dist["runs"] / "rm_ref"), read_metrics(dist["runs"] / "rm")
-    for key in ("train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/loss"):
-        want = {r["step"]: r[key] for r in ref if key in r}
-        have = {r["step"]: r[key] for r in got if key in r}
-        assert sorted(want) == sorted(have) and want, key
-        assert all(abs(have[s] - want[s]) <= LOSS_ATOL for s in want), (key, have, want)
+    assert_same_series(ref, got, ("train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/loss"))
     start = checkpoint.load(dist["runs"] / "untied")["model"]
     end = checkpoint.load(dist["runs"] / "rm")["model"]
     assert torch.equal(start["lm_head.weight"], end["lm_head.weight"])  # frozen
