@@ -146,6 +146,12 @@ def blocks_per_chunk(chunks, block_size: int) -> np.ndarray:
     return np.array([max(0, (_length(c) - 1) // block_size) for c in _as_chunks(chunks)], dtype=np.int64)
 
 
+def cut_rows(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A batch of (B, T) windows as (B * T / length, length) rows: the same tokens in the same order, each window
+    cut into T / length consecutive pieces (the sequence-length warmup; every row restarts its positions at 0)."""
+    return {key: value.reshape(-1, length) for key, value in batch.items()}
+
+
 def _to_device(x: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
     if device is None:
         return x

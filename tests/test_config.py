@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OPTION_LINE = re.compile(r"^  (--[\w.-]+)(?:=(.*?))?\s{2,}(\S.*)$")
 ENUM_KEYS = {"stage", "model.preset", "model.arch", "train.precision", "train.schedule", "train.optimizer",
              "train.device", "train.wd_schedule", "dist.strategy", "dist.backend", "dpo.loss_type", "rm.data",
-             "rl.scale_rewards"}
+             "rl.scale_rewards", "data.pretokenizer"}
 
 
 def flag_of(key: str) -> str:
@@ -149,3 +149,8 @@ def test_the_enforced_choices_are_the_ones_the_code_runs():
         cfg = Config()
         cfg.train.schedule = schedule
         assert lr_factor(100, 200, cfg.train) > 0
+    from data.tokenizer import PRETOKENIZERS, byte_level_pretokenizer
+
+    assert CHOICES["data.pretokenizer"] == tuple(PRETOKENIZERS)
+    for kind in CHOICES["data.pretokenizer"]:
+        byte_level_pretokenizer(kind)

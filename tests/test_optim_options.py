@@ -230,3 +230,72 @@ def test_accumulation_ramp_refuses_a_time_budget_and_a_ramp_to_nowhere():
         with pytest.raises(ValueError, match=rf"train.accum_ramp_steps={ramp} is not shorter .*\(train.max_steps=10\)"):
             parse_args(["--train.grad_accum=2", f"--train.accum_ramp_steps={ramp}", "--train.max_steps=10"])
     parse_args(["--train.grad_accum=2", "--train.accum_ramp_steps=9", "--train.max_steps=10"])  # step 10 at 2
+
+
+# ----------------------------------------------------------------------------------------------- sequence-length warmup
+def test_row_length_and_cut_rows_by_hand():
+    from data.shards import cut_rows
+    from training.optim import row_length
+
+    t = TrainSection(seq_warmup_len=16, seq_warmup_steps=3)
+    assert [row_length(s, t, 64) for s in range(5)] == [16, 16, 16, 64, 64]
+    assert [row_length(s, TrainSection(), 64) for s in range(2)] == [64, 64]  # off: the default
+    x = torch.arange(16).reshape(2, 8)
+    cut = cut_rows({"input_ids": x, "labels": x + 1}, 4)
+    assert cut["input_ids"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert (cut["labels"] == cut["input_ids"] + 1).all()  # every target stays beside its input
+
+
+def first_batch(run_dir, args: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first training batch the run at run_dir read: its loader rebuilt from its prepared shards."""
+    from data import shards
+    from data.tokenizer import Tokenizer
+    from training.stages.pretrain import shard_dir
+
+    cfg = parse_args(args)
+    data = shards.open_prepared(shard_dir(cfg, Tokenizer.load(run_dir / "tokenizer.json")))
+    loader = shards.TokenLoader(data.chunks("train"), cfg.train.batch_size, cfg.model.block_size, seed=cfg.train.seed)
+    return loader.next_batch()
+
+
+def test_seq_warmup_trains_on_cut_rows(tmp_path, corpus_dir):
+    """Step 1 of a run with rows of 16 tokens (block_size 64) logs the loss of the initial model on its
+    first batch cut into rows of 16 -- not the loss on the whole windows -- and the update after the warmup reads
+    whole windows again (its loss differs from a run whose warmup lasts one step longer only from that step)."""
+    import json
+
+    from model.losses import token_ce_sum
+
+    def losses(out, *extra):
+        # lr 1e-30: every update is far below the weights' float32 spacing, so the weights stay the initial ones
+        main(run_args(corpus_dir, out, "--train.lr=1e-30", "--model.dropout=0", *extra))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    warm = ["--train.seq_warmup_len=16", "--train.seq_warmup_steps=2"]
+    two = losses(tmp_path / "two", *warm)
+    three = losses(tmp_path / "three", "--train.seq_warmup_len=16", "--train.seq_warmup_steps=3")
+    plain = losses(tmp_path / "plain")
+    assert two[:2] == three[:2] and two[2] != three[2] and two[2] == plain[2]
+    x, y = first_batch(tmp_path / "two", run_args(corpus_dir, tmp_path / "two", *warm))
+    model = GPT(GPTConfig(**checkpoint.load(tmp_path / "two")["model_config"]))
+    model.load_state_dict(checkpoint.load(tmp_path / "two")["model"])  # still the initial weights (lr 1e-30)
+    model.eval()
+    with torch.no_grad():
+        cut_sum, n = token_ce_sum(model(x.reshape(-1, 16)), y.reshape(-1, 16))
+        whole_sum, _ = token_ce_sum(model(x), y)
+    assert two[0] == pytest.approx((cut_sum / n).item(), rel=1e-5)
+    # an initial model is nearly context-free, yet the whole windows' loss differs by ~5x the tolerance (3e-4)
+    assert two[0] != pytest.approx((whole_sum / n).item(), rel=1e-5)
+
+
+def test_seq_warmup_resumes_exactly_and_refuses_bad_settings(tmp_path, corpus_dir):
+    assert_resumes_exactly(lambda out, *a: main(run_args(corpus_dir, out, *a)), tmp_path,
+                           ["--train.seq_warmup_len=32", "--train.seq_warmup_steps=4"], 2)
+    with pytest.raises(ValueError, match="set both"):
+        parse_args(["--train.seq_warmup_len=32"])
+    with pytest.raises(ValueError, match="--stage sft rows are whole examples"):
+        parse_args(["--stage", "sft", "--init-from", "x", "--train.seq_warmup_len=32", "--train.seq_warmup_steps=2"])
+    with pytest.raises(ValueError, match=r"train.seq_warmup_len=24 must divide model.block_size=64"):
+        main(run_args(corpus_dir, tmp_path / "bad", "--train.seq_warmup_len=24", "--train.seq_warmup_steps=2"))
+    assert not (tmp_path / "bad").exists()  # refused before the run folder is made

@@ -12,6 +12,7 @@ from data.tokenizer import (
     EOT_ID,
     MIN_VOCAB_SIZE,
     PAD_ID,
+    PRETOKENIZERS,
     SPECIAL_TOKENS,
     SYSTEM_ID,
     USER_ID,
@@ -118,6 +119,46 @@ def test_transformers_parity(tok, tmp_path):
     # In transformers the special strings map to their ids, as HF always does (chat templates rely on it).
     assert hf.encode("a<|endoftext|>", add_special_tokens=False)[-1] == EOT_ID
     assert hf.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(SPECIAL_TOKENS)))
+
+
+CODE = ["def f(self, x):\n    return self.x + x\n", "class A:\n    def g(self):\n        return None\n",
+        "for i in range(10):\n    print(i, self.x)\n"] * 40
+
+
+@pytest.fixture(scope="module")
+def by_pretokenizer() -> dict[str, Tokenizer]:
+    return {kind: train_tokenizer(CODE, vocab_size=320, min_frequency=1, pretokenizer=kind) for kind in PRETOKENIZERS}
+
+
+def pieces(tok: Tokenizer, text: str) -> list[str]:
+    return [tok.decode([i]) for i in tok.encode(text)]
+
+
+def test_pretokenizers_bound_merges_and_round_trip(by_pretokenizer, tmp_path):
+    """gpt2: no token joins a letter to a space before it or ends a line inside; lines: merges cross spaces but
+    a newline only ends a token; none: some token runs across a line end. Every kind round-trips every sample and
+    gives transformers the same ids."""
+    text = "".join(CODE[:3])
+    gpt2, lines, none = (pieces(by_pretokenizer[k], text) for k in ("gpt2", "lines", "none"))
+    assert all("\n" not in p.rstrip("\n ") for p in gpt2) and not any(" " in p.strip() for p in gpt2)
+    assert all("\n" not in p[:-1] for p in lines) and any(" " in p.strip() for p in lines)
+    assert any("\n" in p[:-1] for p in none)
+    # fewer boundaries, fewer tokens (the same vocabulary size)
+    assert len(none) < len(lines) < len(gpt2), (len(none), len(lines), len(gpt2))
+    transformers = optional_import("transformers")
+    for kind, tok in by_pretokenizer.items():
+        tok.save(tmp_path / f"{kind}.json")
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / f"{kind}.json"))
+        for sample in [*SAMPLES, text]:
+            ids = tok.encode(sample)
+            assert tok.decode(ids) == sample, kind
+            assert hf.encode(sample, add_special_tokens=False) == ids, kind
+        assert min(tok.encode("x<|end|>y")) >= len(SPECIAL_TOKENS)
+
+
+def test_unknown_pretokenizer():
+    with pytest.raises(ValueError, match="pretokenizer='words'.*gpt2"):
+        train_tokenizer(CORPUS, vocab_size=300, pretokenizer="words")
 
 
 def test_vocab_too_small():

@@ -80,6 +80,8 @@ class DataSection:
     cache_dir: str = option("", "cache of tokenizers and token shards ('' = $GPTRAIN_CACHE or ~/.cache/gptrain)")
     num_proc: int = option(0, "worker processes that tokenize and write the shards (0 = all cores)")
     tokenizer_max_mb: float = option(8.0, "the tokenizer trains on the first this many MB of the training stream")
+    pretokenizer: str = option("gpt2", "where a trained tokenizer's merges stop: gpt2 (words), lines, none",
+                               ("gpt2", "lines", "none"))
     max_tokens: int = option(0, "stop reading once the training split holds this many tokens (0 = no cap)")
     max_docs: int = option(0, "stop reading once the training split holds this many documents (0 = no cap)")
     val_fraction: float = option(0.01, "held-out share of documents (by hash) for a source without a validation split")
@@ -104,6 +106,10 @@ class TrainSection:
     # A batch-size schedule: update s (0-based) accumulates 1 + (grad_accum - 1) x s // N micro-steps while s < N.
     # Step-based, so a time budget (which plans from the time a step takes) is refused with it.
     accum_ramp_steps: int = option(0, "micro-steps ramp from 1 to grad_accum over the first N updates (0 = off)")
+    # A sequence-length schedule (pre-training): the same tokens in the same order, each block_size window cut into
+    # block_size / seq_warmup_len rows for the first seq_warmup_steps updates (attention over a shorter context).
+    seq_warmup_len: int = option(0, "pretrain: rows this long (dividing block_size) for the first seq_warmup_steps")
+    seq_warmup_steps: int = option(0, "pretrain: updates trained on rows of seq_warmup_len tokens (0 = off)")
     lr: float = option(3e-3, "peak learning rate (with muon: of the parameters AdamW updates)")
     min_lr_ratio: float = option(0.1, "the schedule ends at lr x min_lr_ratio")
     warmup_steps: int = option(50, "linear warmup from 0, in steps")
@@ -465,6 +471,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.decay_frac={t.decay_frac} must be in (0, 1]")
     check_optimizer_options(t)
     check_accum_ramp(t)
+    check_seq_warmup(cfg)
     if t.time_budget_min < 0 or t.stop_after_steps < 0 or t.grad_clip < 0:
         raise ValueError("train.time_budget_min, train.stop_after_steps and train.grad_clip must be >= 0")
     check_health(cfg.health)
@@ -512,6 +519,19 @@ def check_accum_ramp(t: TrainSection) -> None:
         raise ValueError(f"train.accum_ramp_steps={t.accum_ramp_steps} is not shorter than the run "
                          f"(train.max_steps={t.max_steps}): the micro-steps would never reach train.grad_accum="
                          f"{t.grad_accum}; ramp over fewer updates")
+
+
+def check_seq_warmup(cfg: Config) -> None:
+    t = cfg.train
+    if t.seq_warmup_len < 0 or t.seq_warmup_steps < 0:
+        raise ValueError(f"train.seq_warmup_len={t.seq_warmup_len} and train.seq_warmup_steps={t.seq_warmup_steps} "
+                         "must be >= 0 (0 = off)")
+    if bool(t.seq_warmup_len) != bool(t.seq_warmup_steps):
+        raise ValueError(f"train.seq_warmup_len={t.seq_warmup_len} and train.seq_warmup_steps={t.seq_warmup_steps}: "
+                         "set both (a row length and how many updates use it) or neither")
+    if t.seq_warmup_len and cfg.stage != "pretrain":
+        raise ValueError(f"train.seq_warmup_len={t.seq_warmup_len}: a sequence-length schedule cuts pre-training's "
+                         f"windows of text; --stage {cfg.stage} rows are whole examples")
 
 
 def check_health(h: HealthSection) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data.shards import cut_rows
 from model.gpt import GPT, GPTConfig
 from model.reward import RewardModel, is_reward_state
 from training import checkpoint, distributed
@@ -33,7 +34,7 @@ from training.distributed import DistInfo, all_reduce, maybe_no_sync
 from training.faults import FaultInjection, StopSignal
 from training.health import HealthWarning, HealthWatch, activation_hooks, block_grad_norms, lr_scales, update_ratios
 from training.monitor import Monitor, Throughput, fmt_duration, print0
-from training.optim import accum_steps, build_optimizer, lr_factor, set_lr, weight_decay_factor
+from training.optim import accum_steps, build_optimizer, lr_factor, row_length, set_lr, weight_decay_factor
 from training.precision import autocast_ctx, resolve_precision
 from training.run_folder import check_global_batch, check_run_dir, config_summary, write_run_files
 from training.run_state import RunState, build_checkpoint
@@ -437,6 +438,9 @@ def step_batches(run: Run, state: RunState) -> tuple[list[dict], torch.Tensor]:
     """The step's micro-batches from the stage (given the policy: a stage may generate them), then their
     normalisation count summed over micro-batches and ranks: the step's one divisor."""
     batches = run.stage.train_batches(run.eval_model, accum_steps(state.sched_step, run.cfg.train))
+    length = row_length(state.sched_step, run.cfg.train, run.gcfg.block_size)
+    if length != run.gcfg.block_size:  # the sequence-length warmup (pre-training only: config.check_seq_warmup)
+        batches = [cut_rows(b, length) for b in batches]
     count = sum(run.stage.objective.count(b) for b in batches).to(device=run.info.device, dtype=torch.float32)
     return batches, all_reduce(count)
 
@@ -460,7 +464,9 @@ def train(run: Run, state: RunState) -> dict:
     print0(f"world size {info.world_size} ({info.backend or 'single process'}), per-device batch {t.batch_size} x "
            f"{run.gcfg.block_size} tokens, accumulation {t.grad_accum}, global batch "
            f"{stage.tokens_per_micro_batch * t.grad_accum * info.world_size} tokens/step"
-           + (f" (from 1 micro-step, ramped over {t.accum_ramp_steps} updates)" if t.accum_ramp_steps else ""))
+           + (f" (from 1 micro-step, ramped over {t.accum_ramp_steps} updates)" if t.accum_ramp_steps else "")
+           + (f"; rows of {t.seq_warmup_len} tokens for the first {t.seq_warmup_steps} updates" if t.seq_warmup_len
+              else ""))
     budget = TimeBudget(t, cfg.eval.interval) if t.time_budget_min > 0 else None
     state.start_clock()
     start_step = state.step

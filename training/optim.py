@@ -93,6 +93,12 @@ def accum_steps(step: int, t: TrainSection) -> int:
     return 1 + (t.grad_accum - 1) * step // t.accum_ramp_steps
 
 
+def row_length(step: int, t: TrainSection, block_size: int) -> int:
+    """Tokens per row of the update after `step` applied ones (0-based): train.seq_warmup_len during the
+    sequence-length warmup (the first train.seq_warmup_steps updates), block_size after it."""
+    return t.seq_warmup_len if step < t.seq_warmup_steps else block_size
+
+
 def set_lr(optimizer: torch.optim.Optimizer, factor: float, wd_factor: float = 1.0) -> None:
     """Apply the schedule: every group runs at factor x its own peak learning rate and wd_factor x its own peak
     weight decay (a group without a recorded peak, from a checkpoint older than the weight-decay schedule, keeps

@@ -50,6 +50,8 @@ def train_or_reuse_tokenizer(cfg: Config, verbose: bool = True) -> Tokenizer:
     src = describe_source(cfg.data.source, "train")  # FileNotFoundError for a missing path, nothing written
     # v1: a seeded sample of the whole source (still stdlib's rule); v2: the first MB of the training stream
     rule = "v1" if cfg.data.source == STDLIB else f"v2|{cfg.data.val_fraction}"
+    if cfg.data.pretokenizer != "gpt2":  # GPT-2's regex keeps the keys of the caches written before the choice
+        rule += f"|{cfg.data.pretokenizer}"
     key = hashlib.sha256(f"{src.fingerprint}|{cfg.data.text_column}|{vocab}|{cfg.data.tokenizer_max_mb}|{rule}"
                          .encode()).hexdigest()[:16]
     path = cache_root(cfg) / "tokenizers" / f"{vocab}-{key}.json"
@@ -61,11 +63,11 @@ def train_or_reuse_tokenizer(cfg: Config, verbose: bool = True) -> Tokenizer:
         t0 = time.perf_counter()
         texts = tokenizer_texts(cfg.data.source, cfg.data.text_column, int(cfg.data.tokenizer_max_mb * 1e6),
                                 cfg.data.val_fraction, cache_dir=hf_cache_dir(cfg))
-        tok = train_tokenizer(texts, vocab_size=vocab)
+        tok = train_tokenizer(texts, vocab_size=vocab, pretokenizer=cfg.data.pretokenizer)
         tok.save(path)
         used = sum(len(t.encode("utf-8")) for t in texts)
-        say(f"tokenizer: trained byte-level BPE, vocab {tok.vocab_size}, on {used / 1e6:.1f} MB in "
-            f"{time.perf_counter() - t0:.1f}s -> {path}")
+        say(f"tokenizer: trained byte-level BPE ({cfg.data.pretokenizer} pre-tokens), vocab {tok.vocab_size}, on "
+            f"{used / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s -> {path}")
         return tok
 
 

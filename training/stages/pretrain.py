@@ -82,6 +82,10 @@ class PretrainStage(Stage):
 
     @classmethod
     def prepare(cls, cfg: Config, tok: Tokenizer, gcfg: GPTConfig, launch: DistInfo) -> None:
+        warm = cfg.train.seq_warmup_len  # before anything is written
+        if warm and (warm >= gcfg.block_size or gcfg.block_size % warm):
+            raise ValueError(f"train.seq_warmup_len={warm} must divide model.block_size={gcfg.block_size} and be "
+                             "shorter: each window is cut into whole rows")
         source = cfg.data.source
         if is_prepared_dir(source):
             open_prepared(source).check_tokenizer(tok, _whose_tokenizer(cfg))
