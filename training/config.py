@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from data.tokenizer import PRETOKENIZERS
 from model.gpt import ARCHS, PRESETS, GPTConfig, preset_values
 from model.losses import DPO_LOSS_TYPES
 
@@ -81,7 +82,7 @@ class DataSection:
     num_proc: int = option(0, "worker processes that tokenize and write the shards (0 = all cores)")
     tokenizer_max_mb: float = option(8.0, "the tokenizer trains on the first this many MB of the training stream")
     pretokenizer: str = option("gpt2", "where a trained tokenizer's merges stop: gpt2 (words), lines, none",
-                               ("gpt2", "lines", "none"))
+                               PRETOKENIZERS)
     max_tokens: int = option(0, "stop reading once the training split holds this many tokens (0 = no cap)")
     max_docs: int = option(0, "stop reading once the training split holds this many documents (0 = no cap)")
     val_fraction: float = option(0.01, "held-out share of documents (by hash) for a source without a validation split")
