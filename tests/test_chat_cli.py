@@ -11,6 +11,7 @@ import importlib.util
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -75,6 +76,15 @@ def greedy_reply(run, messages: list[dict], max_new: int) -> str:
     return run.tok.decode(reply)
 
 
+def foreground_job() -> None:
+    """In the child before exec: take the pty as controlling terminal and give SIGINT its default action, as a shell
+    does for the job it runs in the foreground. Without the reset, a test run started as a background job of a
+    non-interactive shell (`pytest &` in a script) hands chat.py an ignored SIGINT, which Python keeps ignored, and
+    a typed Ctrl-C does nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Terminal:
     """chat.py with a pseudo-terminal as its stdin, stdout and stderr and as its controlling terminal (so a typed
     Ctrl-C is a SIGINT to it, as in a shell); the test types and reads on the other side. Output post-processing
@@ -92,7 +102,7 @@ class Terminal:
         self.proc = subprocess.Popen([sys.executable, *wrapper, str(CHAT), *map(str, argv)], stdin=slave,
                                      stdout=slave, stderr=slave, cwd=ROOT, env=ENV, close_fds=True,
                                      start_new_session=True,  # a session of its own, whose terminal is the pty
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     preexec_fn=foreground_job)
         os.close(slave)
         self.fd, self.buffer = master, b""
 
