@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=4 scripts/evaluate.py runs/gpt2 --data prepared/fineweb --split val  # a prepared folder's val
     python scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 1e7  # streamed, capped
     python scripts/evaluate.py runs/sft --choices sums.jsonl --chat --json mc.json       # multiple choice, chat format
+    python scripts/evaluate.py runs/rl --synthetic-size 400 --samples-per-prompt 16        # sampled replies too
 
 Which part of a source: the validation split of the run's own data (the same source and, for a pre-training run, the
 same prepared-data hash as the run recorded; the run's own preparation in the cache is reused), of chat and of
@@ -25,6 +26,11 @@ What is measured:
               `messages` (the last assistant turn is the reference) or `prompt` + `completion`; per task when the
               records name one (the built-in `synthetic` tasks do). A prompt of block_size tokens or more (no room
               for a reply) is left out, as in the trainer's validation, and the count is printed.
+              --samples-per-prompt K adds K replies per prompt sampled at --samples-temperature (1.0, the RL
+              stage's sampling; each reply's noise keyed by --seed, the prompt's index and the sample, so any
+              number of ranks gives the same figures): sampled_accuracy (the share of right replies, mean@K),
+              pass_at_k (prompts with a right reply among their K) and all_equal_share (prompts whose K replies are
+              all right or all wrong: the groups in which RL's group-relative advantage is 0), per task too.
   preference  on `prompt`/`chosen`/`rejected` records: preference_accuracy (share of pairs whose DPO reward, beta x
               the log-ratio to the reference model, is higher for the chosen answer) and reward_margin (mean
               chosen - rejected reward) against --reference (default: the checkpoint the run started from; beta and
@@ -84,11 +90,12 @@ from data.reward import RewardBatcher, load_reward_data, score_stats, standardiz
 from data.sft import load_records
 from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
+from data.synthetic import answer_matches
 from model.reward import RewardModel
 from training import distributed
 from training.cli import run_script
 from training.config import DistSection
-from training.evaluation import chat_accuracy, lm_figures
+from training.evaluation import chat_accuracy, group_counts, group_figures, lm_figures, sampled_replies
 from training.load import PRECISIONS, LoadedRun, load_run
 from training.monitor import Monitor, print0
 from training.stages import STAGES
@@ -339,9 +346,8 @@ def accuracy_figures(run: LoadedRun, items, info) -> dict:
     sums = torch.zeros(len(tasks) + 1, 2, dtype=torch.float64, device=run.device)
     for i in tqdm(mine, desc="chat", unit="example", disable=not info.is_main):
         messages, reference, task = items[i]
-        # the trainer's 32 tokens, or room for a long reference written in up to twice as many tokens
-        budget = max(32, 2 * len(run.tok.encode(reference)) + 2)
-        correct = chat_accuracy(run.model, run.tok, [(messages, reference)], run.autocast, run.device, budget)
+        correct = chat_accuracy(run.model, run.tok, [(messages, reference)], run.autocast, run.device,
+                                reply_budget(run, reference))
         for row in (tasks.index(task), len(tasks)):
             sums[row] += torch.tensor([correct, 1.0], dtype=torch.float64, device=run.device)
     distributed.all_reduce(sums)
@@ -349,6 +355,36 @@ def accuracy_figures(run: LoadedRun, items, info) -> dict:
     if tasks != [""]:
         figures["accuracy_by_task"] = {t or "(none)": sums[j, 0].item() / sums[j, 1].item() for j, t in
                                        enumerate(tasks)}
+    return figures
+
+
+def reply_budget(run: LoadedRun, reference: str) -> int:
+    """New tokens a reply may take: the trainer's 32, or room for a long reference written in up to twice as many
+    tokens."""
+    return max(32, 2 * len(run.tok.encode(reference)) + 2)
+
+
+def sampled_figures(run: LoadedRun, items, args, info) -> dict:
+    """--samples-per-prompt K: K replies to each prompt sampled at --samples-temperature, scored by exact match;
+    training/evaluation.group_figures overall and per task. Each reply's noise is keyed by (--seed, prompt index,
+    sample), so the figures are the same on any number of ranks."""
+    k, tasks = args.samples_per_prompt, sorted({t for _, _, t in items})
+    sums = torch.zeros(len(tasks) + 1, 5, dtype=torch.float64)  # group_counts per task; the last row is the total
+    for i in tqdm(range(info.rank, len(items), info.world_size), desc="sampled", unit="prompt",
+                  disable=not info.is_main):
+        messages, reference, task = items[i]
+        room = run.gcfg.block_size - len(render_prompt(messages, run.tok))  # >= 1: chat_items left out the rest
+        replies = sampled_replies(run.model, run.tok, messages, k, args.samples_temperature,
+                                  min(reply_budget(run, reference), room), args.seed, i, run.device)
+        counts = group_counts(torch.tensor([[answer_matches(r, reference) for r in replies]]))
+        sums[tasks.index(task)] += counts
+        sums[-1] += counts
+    sums = sums.to(run.device)
+    distributed.all_reduce(sums)
+    sums = sums.cpu()
+    figures = {"samples_per_prompt": k, "samples_temperature": args.samples_temperature, **group_figures(sums[-1])}
+    if tasks != [""]:
+        figures["sampled_by_task"] = {t or "(none)": group_figures(sums[j]) for j, t in enumerate(tasks)}
     return figures
 
 
@@ -527,10 +563,16 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
     choices = load_choices(args.choices) if args.choices else None  # every record checked before model work
     run = load_run(args.checkpoint, device, args.precision)
     if isinstance(run.model, RewardModel):
+        if args.samples_per_prompt:
+            raise ValueError(f"--samples-per-prompt: {run.ckpt['path']} is a reward model (--stage rm), which scores "
+                             "replies and writes none; sample a policy run (SFT, DPO or RL)")
         return reward_model_result(run, args, info), run, info
     if args.text_column is None:
         args.text_column = run.cfg.data.text_column
     todo = plan(args, run)
+    if args.samples_per_prompt and "chat" not in todo:
+        raise ValueError("--samples-per-prompt samples replies to chat prompts: give --chat-data SOURCE (a "
+                         f"{run.cfg.stage!r} run measures no chat data by default)")
     t0 = time.perf_counter()
     result: dict = {"checkpoint": str(Path(run.ckpt["path"]).resolve()), "step": run.step, "stage": run.cfg.stage,
                     "data": {}}
@@ -540,6 +582,9 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
     if "chat" in todo:
         items, result["data"]["chat"] = chat_items(todo["chat"], args, run)
         result.update(accuracy_figures(run, items, info))
+        if args.samples_per_prompt:
+            with run.autocast:
+                result.update(sampled_figures(run, items, args, info))
     if "preference" in todo:
         figures, result["data"]["preference"] = pref_figures(run, todo["preference"], args, info)
         result.update(figures)
@@ -556,11 +601,13 @@ def evaluate(args) -> tuple[dict, LoadedRun, distributed.DistInfo]:
 def print_table(result: dict) -> None:
     rows = []
     for k, v in result.items():
-        if k in ("samples", "data", "accuracy_by_task", "mc_loglikelihoods"):
+        if k in ("samples", "data", "accuracy_by_task", "sampled_by_task", "mc_loglikelihoods"):
             continue
         rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
     for k, v in result.get("accuracy_by_task", {}).items():
         rows.append((f"accuracy/{k}", f"{v:.4f}"))
+    for task, figures in result.get("sampled_by_task", {}).items():
+        rows += [(f"{name}/{task}", f"{v:.4f}") for name, v in figures.items()]
     for kind, label in result["data"].items():
         rows.append((f"data/{kind}", label))
     width = max(len(k) for k, _ in rows)
@@ -575,6 +622,8 @@ def scalars(result: dict) -> dict[str, float]:
     out = {f"eval/{k}": float(v) for k, v in result.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
     out.update({f"eval/accuracy/{t}": v for t, v in result.get("accuracy_by_task", {}).items()})
+    out.update({f"eval/{name}/{t}": v for t, figures in result.get("sampled_by_task", {}).items()
+                for name, v in figures.items()})
     return out
 
 
@@ -613,7 +662,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="of the samples; 0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--samples-per-prompt", type=int, default=0, metavar="K",
+                   help="also sample K replies per chat prompt: sampled_accuracy (mean@K), pass_at_k, all_equal_share")
+    p.add_argument("--samples-temperature", type=float, default=1.0, metavar="T",
+                   help="temperature of those K replies (default 1.0, the RL stage's; 0 = greedy)")
+    p.add_argument("--seed", type=int, default=1337, help="of the samples and the sampled replies")
     p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--tensorboard", action="store_true", help="log the figures under eval/ in the run's TensorBoard")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -623,6 +676,9 @@ def parse_args(argv: list[str] | None):
     args.max_tokens = int(args.max_tokens)
     if args.max_tokens < 0 or args.max_examples < 0 or args.batch_size < 1:
         raise ValueError("--max-tokens and --max-examples must be >= 0, --batch-size >= 1")
+    if args.samples_per_prompt < 0 or args.samples_temperature < 0:
+        raise ValueError(f"--samples-per-prompt={args.samples_per_prompt} and --samples-temperature="
+                         f"{args.samples_temperature} must be >= 0")
     return args
 
 

@@ -161,6 +161,49 @@ def test_sft_lifts_accuracy(tiny_run, sft_run):
     assert set(after["accuracy_by_task"]) == {"add", "count", "reverse", "sort"}
 
 
+def test_group_counts_and_figures_by_hand():
+    """4 prompts x 3 sampled replies: right, right, right / none / one / two. 6 of 12 replies right
+    (sampled_accuracy 0.5), 3 of 4 prompts with a right reply (pass_at_k 0.75), 2 of 4 all right or all wrong
+    (all_equal_share 0.5); counts of two halves add up to the whole's."""
+    from training.evaluation import group_counts, group_figures
+
+    right = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    counts = group_counts(right)
+    assert counts.tolist() == [6, 12, 4, 3, 2]
+    assert group_figures(counts) == {"sampled_accuracy": 0.5, "pass_at_k": 0.75, "all_equal_share": 0.5}
+    assert torch.equal(group_counts(right[:2]) + group_counts(right[2:]), counts)
+
+
+def test_sampled_figures_at_temperature_0_are_the_greedy_accuracy(sft_run):
+    """Greedy sampling (--samples-temperature 0) gives K copies of the greedy reply: sampled_accuracy and pass_at_k
+    equal the greedy accuracy, overall and per task, and every group is all-equal. At temperature 1 the figures
+    keep their order (sampled accuracy <= pass@K), are reproducible with the seed, and some group mixes right and
+    wrong replies (the samples differ)."""
+    run_dir, _ = sft_run
+    greedy = run_eval(run_dir, "--max-examples", 40, "--samples-per-prompt", 3, "--samples-temperature", 0)
+    assert greedy["accuracy"] > 0  # the comparison is not 0 == 0
+    assert greedy["sampled_accuracy"] == greedy["pass_at_k"] == greedy["accuracy"]
+    assert greedy["all_equal_share"] == 1.0
+    for task, figures in greedy["sampled_by_task"].items():
+        assert figures["sampled_accuracy"] == figures["pass_at_k"] == greedy["accuracy_by_task"][task], task
+    sampled = run_eval(run_dir, "--max-examples", 40, "--samples-per-prompt", 8)
+    assert sampled["samples_per_prompt"] == 8 and sampled["samples_temperature"] == 1.0
+    assert 0 < sampled["sampled_accuracy"] <= sampled["pass_at_k"] <= 1
+    assert sampled["all_equal_share"] < 1
+    again = run_eval(run_dir, "--max-examples", 40, "--samples-per-prompt", 8)
+    assert {k: again[k] for k in ("sampled_accuracy", "pass_at_k", "all_equal_share", "sampled_by_task")} == \
+        {k: sampled[k] for k in ("sampled_accuracy", "pass_at_k", "all_equal_share", "sampled_by_task")}
+
+
+def test_samples_per_prompt_needs_chat_data_and_sane_values(tiny_run, sft_run):
+    with pytest.raises(ValueError, match="--samples-per-prompt samples replies to chat prompts"):
+        run_eval(tiny_run, "--samples-per-prompt", 2)  # a pre-training run measures text by default
+    with pytest.raises(ValueError, match="--samples-per-prompt=-1"):
+        run_eval(sft_run[0], "--samples-per-prompt", -1)
+    with pytest.raises(ValueError, match="--samples-temperature=-0.5"):
+        run_eval(sft_run[0], "--samples-per-prompt", 2, "--samples-temperature", -0.5)
+
+
 def test_tensorboard_writes_eval_scalars(sft_run):
     run_dir, _ = sft_run
     n_events = len(list(run_dir.glob("events.out.tfevents.*")))
@@ -190,10 +233,12 @@ def test_bad_input_is_a_clear_error(tiny_run, tmp_path):
     assert not out.exists()
 
 
-def test_torchrun_figures_equal_single_process(tiny_run, small_text, tmp_path):
-    """Two processes split the blocks, examples and pairs; the reduced figures are the single-process ones."""
-    args = [str(tiny_run), "--data", str(small_text), "--preference-data", "synthetic", "--reference", str(tiny_run),
-            "--max-examples", 6, "--device", "cpu"]
+def test_torchrun_figures_equal_single_process(tiny_run, sft_run, small_text, tmp_path):
+    """Two processes split the blocks, examples, sampled prompts and pairs; the reduced figures are the
+    single-process ones (the sampled replies' noise is keyed by prompt index, not by rank)."""
+    args = [str(sft_run[0]), "--data", str(small_text), "--preference-data", "synthetic", "--reference",
+            str(tiny_run), "--chat-data", "synthetic", "--samples-per-prompt", 4, "--max-examples", 12,
+            "--device", "cpu"]
     args = [str(a) for a in args]
     single = evaluate.main(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -202,8 +247,10 @@ def test_torchrun_figures_equal_single_process(tiny_run, small_text, tmp_path):
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=120)
     dist = json.loads((tmp_path / "dist.json").read_text())
     assert dist["world_size"] == 2
-    for key in ("tokens", "bytes", "pairs"):
-        assert dist[key] == single[key]
+    for key in ("tokens", "bytes", "pairs", "examples", "accuracy", "accuracy_by_task", "sampled_accuracy",
+                "pass_at_k", "all_equal_share", "sampled_by_task"):
+        assert dist[key] == single[key], key
+    assert 0 < single["sampled_accuracy"] < 1 and single["all_equal_share"] < 1  # not an all-0 comparison
     for key in ("val_loss", "bits_per_byte", "logp_accuracy", "logp_margin", "preference_accuracy"):
         assert dist[key] == pytest.approx(single[key], rel=1e-5, abs=1e-5), key  # sums in another order
 

@@ -241,6 +241,8 @@ def test_rm_on_builtin_pairs_logs_its_metrics_and_saves_a_reward_model(tmp_path,
     assert result["preference_accuracy"] == pytest.approx(series(out, "val/accuracy")[4], abs=1e-6)
     assert result["reward_margin"] == pytest.approx(series(out, "val/margin")[4], abs=1e-5)
     assert result["preference_loss"] == pytest.approx(series(out, "val/loss")[4], abs=1e-5)
+    with pytest.raises(ValueError, match="--samples-per-prompt: .* is a reward model"):  # it writes no replies
+        evaluate.main([str(out), "--device", "cpu", "--samples-per-prompt", "2"])
     # a policy stage refuses to start from it, before writing anything
     with pytest.raises(ValueError, match="is a reward model .* --stage sft trains a policy"):
         train.main(["--stage", "sft", "--init-from", str(out), "--out", str(tmp_path / "sft"), *QUIET])

@@ -6,11 +6,13 @@ Sums are reduced over ranks once at the end (every rank takes part), then normal
 A text target is a scored target whose token has at least one byte: special tokens such as <|endoftext|> (0 bytes)
 are left out of both sums (as nanochat does), since they encode no text whose bytes could pay for their nats.
 This is the one definition, used by the trainer's validation and by scripts/evaluate.py. (DPO's preference
-figures live with its stage: training/stages/dpo.py:preference_figures.)
+figures live with its stage: training/stages/dpo.py:preference_figures.) Chat replies: greedy exact match
+(chat_accuracy), and K sampled replies per prompt counted as groups (sampled_replies, group_counts, group_figures).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 
@@ -18,7 +20,8 @@ import torch
 
 from data import chat
 from data.synthetic import answer_matches
-from data.tokenizer import END_ID
+from data.tokenizer import END_ID, PAD_ID
+from model.generation import generate_rollouts
 from model.gpt import GPT
 from model.losses import IGNORE, token_logps
 from training.distributed import all_reduce
@@ -76,3 +79,41 @@ def chat_accuracy(model, tok, items: list[tuple[list[dict], str]], autocast, dev
         correct += answer_matches(reply, reference)
     model.train(was_training)
     return correct / max(len(items), 1)
+
+
+def sample_key(seed: int, prompt_index: int, sample: int) -> int:
+    """The sampling key (int64) of one sampled reply: a hash of (seed, prompt index, sample), so a reply depends on
+    neither the rank that draws it nor the other prompts."""
+    digest = hashlib.blake2b(f"gptrain-eval/{seed}/{prompt_index}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+@torch.no_grad()
+def sampled_replies(model, tok, messages: list[dict], k: int, temperature: float, max_new_tokens: int, seed: int,
+                    prompt_index: int, device) -> list[str]:
+    """k replies to one prompt, sampled at `temperature` (0: greedy) in one batch of k rows with the KV cache
+    (model/generation.py: the RL stage's sampler), each up to its first <|end|> or max_new_tokens."""
+    ids = chat.render_prompt(messages, tok)
+    keys = torch.tensor([sample_key(seed, prompt_index, j) for j in range(k)], dtype=torch.long, device=device)
+    ro = generate_rollouts(model, [ids] * k, max_new_tokens, temperature, keys, END_ID, PAD_ID)
+    completions = ro.input_ids[:, ro.prompt_len:]  # (k, M): pad_id after each row's stop
+    return [chat.decode_reply(row[mask].tolist(), tok)
+            for row, mask in zip(completions, ro.completion_mask, strict=True)]
+
+
+def group_counts(right: torch.Tensor) -> torch.Tensor:
+    """right (P, K) bool, K sampled replies to each of P prompts scored right or wrong -> float64 sums (5,): right
+    replies, replies, prompts, prompts with a right reply, prompts whose K replies are all right or all wrong (a
+    group that gives a group-relative advantage nothing). Sums, so that ranks and tasks add up before
+    group_figures."""
+    per_prompt = right.bool().sum(dim=1)  # (P,) right replies per prompt
+    p, k = right.shape
+    return torch.tensor([per_prompt.sum().item(), p * k, p, (per_prompt > 0).sum().item(),
+                         ((per_prompt == 0) | (per_prompt == k)).sum().item()], dtype=torch.float64)
+
+
+def group_figures(counts: torch.Tensor) -> dict[str, float]:
+    """group_counts' sums -> sampled_accuracy (the share of right replies: mean@K), pass_at_k (the share of prompts
+    with at least one right reply among their K) and all_equal_share (the share of all-right or all-wrong prompts)."""
+    right, replies, prompts, passed, equal = counts.tolist()
+    return {"sampled_accuracy": right / replies, "pass_at_k": passed / prompts, "all_equal_share": equal / prompts}
