@@ -13,6 +13,7 @@ prompt index, completion index).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,13 @@ def left_pad(prompts: list[list[int]], pad_id: int, device, pad_to: int | None =
 
 # ---------------------------------------------------------------- keyed noise
 _MASK64 = 2**64 - 1
+
+
+def hashed_key(namespace: str, *parts: int) -> int:
+    """A row's sampling key (int64): blake2b of "namespace/part/part/...", so that a sample depends only on what
+    the parts name (a seed, a prompt's global index, a sample number), never on the rank or batch that draws it."""
+    digest = hashlib.blake2b("/".join(map(str, (namespace, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def noise_seed(key: int, step: int) -> int:

@@ -373,8 +373,9 @@ def sampled_figures(run: LoadedRun, items, args, info) -> dict:
     for i in tqdm(range(info.rank, len(items), info.world_size), desc="sampled", unit="prompt",
                   disable=not info.is_main):
         messages, reference, task = items[i]
-        room = run.gcfg.block_size - len(render_prompt(messages, run.tok))  # >= 1: chat_items left out the rest
-        replies = sampled_replies(run.model, run.tok, messages, k, args.samples_temperature,
+        ids = render_prompt(messages, run.tok)
+        room = run.gcfg.block_size - len(ids)  # >= 1: chat_items left out the rest
+        replies = sampled_replies(run.model, run.tok, ids, k, args.samples_temperature,
                                   min(reply_budget(run, reference), room), args.seed, i, run.device)
         counts = group_counts(torch.tensor([[answer_matches(r, reference) for r in replies]]))
         sums[tasks.index(task)] += counts

@@ -18,7 +18,6 @@ Single process.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import random
 from collections import Counter
 from pathlib import Path
@@ -28,15 +27,14 @@ import torch
 from data.chat import render_prompt
 from data.synthetic import TASKS, answer_matches, make_preferences, make_sft, write_jsonl
 from data.tokenizer import END_ID, PAD_ID
-from model.generation import generate_rollouts
+from model.generation import generate_rollouts, hashed_key
 from training.cli import run_script
 from training.load import PRECISIONS, load_run, refuse_reward_model
 
 
 def sample_key(seed: int, prompt_index: int, sample: int) -> int:
     """The sampling key (int64) of one completion: a hash of (seed, prompt index, sample)."""
-    digest = hashlib.blake2b(f"gptrain-pairs/{seed}/{prompt_index}/{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return hashed_key("gptrain-pairs", seed, prompt_index, sample)
 
 
 def policy_pairs(run, records: list[dict], samples: int, temperature: float, max_new_tokens: int, seed: int,

@@ -12,7 +12,6 @@ figures live with its stage: training/stages/dpo.py:preference_figures.) Chat re
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
 
@@ -21,7 +20,7 @@ import torch
 from data import chat
 from data.synthetic import answer_matches
 from data.tokenizer import END_ID, PAD_ID
-from model.generation import generate_rollouts
+from model.generation import generate_rollouts, hashed_key
 from model.gpt import GPT
 from model.losses import IGNORE, token_logps
 from training.distributed import all_reduce
@@ -81,21 +80,15 @@ def chat_accuracy(model, tok, items: list[tuple[list[dict], str]], autocast, dev
     return correct / max(len(items), 1)
 
 
-def sample_key(seed: int, prompt_index: int, sample: int) -> int:
-    """The sampling key (int64) of one sampled reply: a hash of (seed, prompt index, sample), so a reply depends on
-    neither the rank that draws it nor the other prompts."""
-    digest = hashlib.blake2b(f"gptrain-eval/{seed}/{prompt_index}/{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
 @torch.no_grad()
-def sampled_replies(model, tok, messages: list[dict], k: int, temperature: float, max_new_tokens: int, seed: int,
+def sampled_replies(model, tok, prompt_ids: list[int], k: int, temperature: float, max_new_tokens: int, seed: int,
                     prompt_index: int, device) -> list[str]:
-    """k replies to one prompt, sampled at `temperature` (0: greedy) in one batch of k rows with the KV cache
-    (model/generation.py: the RL stage's sampler), each up to its first <|end|> or max_new_tokens."""
-    ids = chat.render_prompt(messages, tok)
-    keys = torch.tensor([sample_key(seed, prompt_index, j) for j in range(k)], dtype=torch.long, device=device)
-    ro = generate_rollouts(model, [ids] * k, max_new_tokens, temperature, keys, END_ID, PAD_ID)
+    """k replies to one rendered chat prompt, sampled at `temperature` (0: greedy) in one batch of k rows with the
+    KV cache (model/generation.py: the RL stage's sampler), each up to its first <|end|> or max_new_tokens. Row j's
+    noise is keyed by (seed, prompt_index, j): a reply depends on neither the rank that draws it nor other prompts."""
+    keys = torch.tensor([hashed_key("gptrain-eval", seed, prompt_index, j) for j in range(k)], dtype=torch.long,
+                        device=device)
+    ro = generate_rollouts(model, [prompt_ids] * k, max_new_tokens, temperature, keys, END_ID, PAD_ID)
     completions = ro.input_ids[:, ro.prompt_len:]  # (k, M): pad_id after each row's stop
     return [chat.decode_reply(row[mask].tolist(), tok)
             for row, mask in zip(completions, ro.completion_mask, strict=True)]

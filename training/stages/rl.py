@@ -36,7 +36,7 @@ from data.rl import RLPrompt, load_rl_prompts
 from data.sft import ExampleStream
 from data.synthetic import answer_matches
 from data.tokenizer import END_ID, PAD_ID, Tokenizer
-from model.generation import generate_rollouts
+from model.generation import generate_rollouts, hashed_key
 from model.gpt import GPT, GPTConfig
 from model.losses import clipped_surrogate, group_advantages, kl_estimate
 from training.config import Config
@@ -63,9 +63,7 @@ ZERO_STD = 1e-6
 
 def row_key(seed: int, generation: int, prompt_index: int, completion: int) -> int:
     """The sampling key (int64) of one completion: a hash of (seed, generation, global prompt index, completion)."""
-    digest = hashlib.blake2b(f"gptrain-rl/{seed}/{generation}/{prompt_index}/{completion}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return hashed_key("gptrain-rl", seed, generation, prompt_index, completion)
 
 
 def completion_logps(model, batch: dict, temperature: float, entropy: bool = False
