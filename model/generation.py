@@ -90,11 +90,22 @@ def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     for key in row_keys.tolist():
         gen.manual_seed(noise_seed(key, step))
         rows.append(torch.rand(vocab, generator=gen, dtype=torch.float64))
+    if not rows:  # every row has stopped (a fixed-length decode runs on)
+        return torch.empty(0, vocab, device=row_keys.device)
     u = torch.stack(rows).clamp_(min=2.0**-60)  # (N, V) in (0, 1): rand can return exactly 0
     return (-torch.log(-torch.log(u))).float().to(row_keys.device)
 
 
 # ---------------------------------------------------------------- generation
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct prompts in order of first appearance, and rows (N,) long: prompts[i] == distinct[rows[i]]. An RL
+    batch repeats each prompt G times; its prefill then runs once per distinct prompt instead of once per row."""
+    first: dict[tuple[int, ...], int] = {}
+    rows = [first.setdefault(tuple(prompt), len(first)) for prompt in prompts]
+    distinct = [list(prompt) for prompt in first]
+    return distinct, torch.tensor(rows, dtype=torch.long)
+
+
 def _check_request(cfg, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                    row_keys: torch.Tensor, pad_to: int | None) -> None:
     if not prompts:
@@ -146,15 +157,25 @@ def generate_rollouts(model, prompts: list[list[int]], max_new_tokens: int, temp
 def _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_token, pad_id,
             fixed_length, pad_to) -> Rollout:
     param = next(net.parameters())
-    ids, prompt_mask, prompt_pos = left_pad(prompts, pad_id, param.device, pad_to)  # (N, P) each
-    n, p = ids.shape
-    cache = KVCache(net.cfg, n, p + max_new_tokens, param.device, param.dtype)
-    logits = model(ids, prompt_pos, None, cache, pad_mask=prompt_mask)[:, -1]  # (N, V): column P-1 is real in all
+    distinct, rows = distinct_prompts(prompts)  # U prompts, rows (N,): row i's prompt is distinct[rows[i]]
+    ids, prompt_mask, prompt_pos = left_pad(distinct, pad_id, param.device, pad_to)  # (U, P) each
+    u, p = ids.shape
+    cache = KVCache(net.cfg, u, p + max_new_tokens, param.device, param.dtype)
+    logits = model(ids, prompt_pos, None, cache, pad_mask=prompt_mask)[:, -1]  # (U, V): column P-1 is real in all
+    n = len(prompts)
+    if u < n:  # G completions of each prompt share one prefill: copy its keys, values and logits to the G rows
+        rows = rows.to(param.device)
+        cache.select_rows(rows)
+        logits, ids, prompt_mask, prompt_pos = logits[rows], ids[rows], prompt_mask[rows], prompt_pos[rows]
     lengths = prompt_mask.sum(dim=1)  # (N,) real prompt lengths
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
     tokens, kept = [], []  # per step: (N,) tokens and whether each is part of its row's completion
     for step in range(max_new_tokens):
-        nxt = torch.where(done, pad_id, _pick(logits, temperature, row_keys, step))  # (N,)
+        # Only the rows still running pick a token (a stopped row's noise would be drawn for nothing: each row's
+        # draw is a pure function of its key and the step, so leaving the others out changes no sample).
+        running = ~done  # (N,)
+        nxt = torch.full_like(done, pad_id, dtype=torch.long)  # (N,)
+        nxt[running] = _pick(logits[running], temperature, row_keys[running.to(row_keys.device)], step)
         kept.append(~done)
         tokens.append(nxt)
         done = done | (nxt == stop_token)

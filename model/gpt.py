@@ -204,6 +204,15 @@ class KVCache:
         self.v[layer][:, :, self.pos : self.pos + t] = v
         return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the cache rows `rows` (R,) long, in that order, repeats allowed: a prefill of distinct prompts then
+        serves every row that shares one. The storage becomes (R, K, S_max, D) per layer."""
+        self.k = [None if k is None else k[rows] for k in self.k]
+        self.v = [None if v is None else v[rows] for v in self.v]
+        self.shape = (len(rows), *self.shape[1:])
+        if self.last_token is not None:
+            self.last_token = self.last_token[rows]
+
 
 def padded_causal_mask(pad_mask: torch.Tensor, past: int, t: int) -> torch.Tensor:
     """The boolean attention mask (B, 1, T, S) of T queries after `past` cached keys (S = past + T): causal,

@@ -205,6 +205,33 @@ def test_sampled_completion_depends_on_its_prompt_and_key_only():
     assert any(completion_of(greedy, i) != completion_of(base, i) for i in range(4))
 
 
+@pytest.mark.parametrize("arch,option", [("modern", {}), ("gpt2", {}), ("modern", {"bigram_buckets": 50})],
+                         ids=["modern", "gpt2", "modern-bigram"])
+def test_repeated_prompts_share_one_prefill_and_sample_as_if_decoded_alone(arch, option):
+    """An RL batch holds each prompt G times. The prefill runs once per distinct prompt (its batch counted by a
+    hook: 3 rows for 12), its keys, values and last logits copied to the copies' rows, and every row samples what
+    its (prompt, key) samples alone; the layout fields are those of the rows padded one by one (the bigram
+    embedding's previous token, also kept by the cache, is copied too)."""
+    model = make(arch, **option)
+    distinct = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    prompts = [prompt for prompt in distinct for _ in range(4)]  # (12,) rows: 3 prompts x 4 copies
+    keys = torch.arange(12) * 7 + 1
+    batches = []
+    hook = model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape))
+    shared = generate_rollouts(model, prompts, 8, 1.0, keys, stop_token=-1, pad_id=PAD)
+    hook.remove()
+    assert batches[0] == (3, 7) and all(shape == (12, 1) for shape in batches[1:])  # prefill over the 3 distinct
+    ids, pad_mask, positions = left_pad(prompts, PAD, "cpu")
+    assert torch.equal(shared.input_ids[:, :7], ids) and torch.equal(shared.pad_mask[:, :7], pad_mask)
+    assert torch.equal(shared.positions[:, :7], positions)
+    samples = []
+    for i, prompt in enumerate(prompts):
+        alone = generate_rollouts(model, [prompt], 8, 1.0, keys[[i]], stop_token=-1, pad_id=PAD, pad_to=7)
+        assert completion_of(shared, i) == completion_of(alone, 0), i
+        samples.append(tuple(completion_of(alone, 0)))
+    assert len(set(samples[:4])) > 1  # the copies of a prompt sampled different completions: the keys mattered
+
+
 def test_sampled_first_tokens_follow_softmax_over_temperature():
     """One prompt in 6000 rows, one new token each at temperature 0.5: each token's frequency is within 4 standard
     errors, sqrt(p (1 - p) / n), of softmax(logits / 0.5) of the prompt's last position (tokens expected fewer than
