@@ -160,29 +160,35 @@ def _decode(model, net, prompts, max_new_tokens, temperature, row_keys, stop_tok
     distinct, rows = distinct_prompts(prompts)  # U prompts, rows (N,): row i's prompt is distinct[rows[i]]
     ids, prompt_mask, prompt_pos = left_pad(distinct, pad_id, param.device, pad_to)  # (U, P) each
     u, p = ids.shape
+    n = len(prompts)
     cache = KVCache(net.cfg, u, p + max_new_tokens, param.device, param.dtype)
     logits = model(ids, prompt_pos, None, cache, pad_mask=prompt_mask)[:, -1]  # (U, V): column P-1 is real in all
-    n = len(prompts)
     if u < n:  # G completions of each prompt share one prefill: copy its keys, values and logits to the G rows
         rows = rows.to(param.device)
         cache.select_rows(rows)
         logits, ids, prompt_mask, prompt_pos = logits[rows], ids[rows], prompt_mask[rows], prompt_pos[rows]
     lengths = prompt_mask.sum(dim=1)  # (N,) real prompt lengths
+    live = torch.arange(n, device=ids.device)  # (L,) the rows the cache and the logits hold, L <= N
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
     tokens, kept = [], []  # per step: (N,) tokens and whether each is part of its row's completion
     for step in range(max_new_tokens):
         # Only the rows still running pick a token (a stopped row's noise would be drawn for nothing: each row's
         # draw is a pure function of its key and the step, so leaving the others out changes no sample).
-        running = ~done  # (N,)
+        running = ~done[live]  # (L,)
         nxt = torch.full_like(done, pad_id, dtype=torch.long)  # (N,)
-        nxt[running] = _pick(logits[running], temperature, row_keys[running.to(row_keys.device)], step)
+        picked = live[running]
+        nxt[picked] = _pick(logits[running], temperature, row_keys[picked.to(row_keys.device)], step)
         kept.append(~done)
         tokens.append(nxt)
         done = done | (nxt == stop_token)
         if step == max_new_tokens - 1 or (not fixed_length and bool(done.all())):
             break
-        keys_real = torch.cat([prompt_mask, torch.stack(kept, dim=1)], dim=1)  # (N, P + step + 1)
-        logits = model(nxt[:, None], (lengths + step)[:, None], None, cache, pad_mask=keys_real)[:, -1]
+        still = ~done[live]  # (L,)
+        if 0 < int(still.sum()) <= len(live) // 2:  # half the held rows have stopped: stop computing them
+            cache.select_rows(still.nonzero().squeeze(1))
+            live = live[still]
+        keys_real = torch.cat([prompt_mask[live], torch.stack(kept, dim=1)[live]], dim=1)  # (L, P + step + 1)
+        logits = model(nxt[live][:, None], (lengths[live] + step)[:, None], None, cache, pad_mask=keys_real)[:, -1]
     completion = torch.stack(tokens, dim=1)  # (N, M)
     completion_mask = torch.stack(kept, dim=1)  # (N, M)
     steps = torch.arange(completion.shape[1], device=ids.device)

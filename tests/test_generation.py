@@ -268,10 +268,10 @@ def test_stop_token_masks_the_rest_and_generation_ends_early():
     cut = [row.index(stop) + 1 for row in raw]  # kept tokens per row, through the first stop
     assert len(set(cut)) > 1, cut  # rows stop at different steps
 
-    forwards = []
-    hook = model.register_forward_hook(lambda *args: forwards.append(1))
+    forwards = []  # the rows of each forward
+    hook = model.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[0]))
     stopped = generate_rollouts(model, PROMPTS, 30, 1.0, keys, stop_token=stop, pad_id=PAD)
-    n_early = len(forwards)
+    n_early, rows_early = len(forwards), list(forwards)
     forwards.clear()
     fixed = generate_rollouts(model, PROMPTS, 30, 1.0, keys, stop_token=stop, pad_id=PAD, fixed_length=True)
     hook.remove()
@@ -279,6 +279,15 @@ def test_stop_token_masks_the_rest_and_generation_ends_early():
     m = max(cut)
     assert stopped.input_ids.shape == (4, p + m) and m < 30
     assert n_early == m  # one prefill and m - 1 decode steps
+    # Once half the rows held have stopped, the decode steps leave them out: after step s a forward holds the rows
+    # that had not stopped when the held rows were last halved.
+    held = 4
+    for s, rows in enumerate(rows_early[1:]):
+        running = sum(c > s + 1 for c in cut)  # rows that have not stopped after step s
+        if running <= held // 2:
+            held = running
+        assert rows == held, (s, rows_early, cut)
+    assert held < 4
     assert len(forwards) == 30 and fixed.input_ids.shape == (4, p + 30)  # exactly max_new_tokens steps
     for r in (stopped, fixed):
         cols = r.input_ids.shape[1] - p
