@@ -221,6 +221,7 @@ def test_repeated_prompts_share_one_prefill_and_sample_as_if_decoded_alone(arch,
     shared = generate_rollouts(model, prompts, 8, 1.0, keys, stop_token=-1, pad_id=PAD)
     hook.remove()
     assert batches[0] == (3, 7) and all(shape == (12, 1) for shape in batches[1:])  # prefill over the 3 distinct
+    assert shared.forward_tokens == 3 * 7 + 7 * 12  # what the RL stage's FLOP count reads: prefill, 7 decode steps
     ids, pad_mask, positions = left_pad(prompts, PAD, "cpu")
     assert torch.equal(shared.input_ids[:, :7], ids) and torch.equal(shared.pad_mask[:, :7], pad_mask)
     assert torch.equal(shared.positions[:, :7], positions)
@@ -288,6 +289,7 @@ def test_stop_token_masks_the_rest_and_generation_ends_early():
             held = running
         assert rows == held, (s, rows_early, cut)
     assert held < 4
+    assert stopped.forward_tokens == 4 * p + sum(rows_early[1:])
     assert len(forwards) == 30 and fixed.input_ids.shape == (4, p + 30)  # exactly max_new_tokens steps
     for r in (stopped, fixed):
         cols = r.input_ids.shape[1] - p

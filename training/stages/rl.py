@@ -151,10 +151,14 @@ class RLStage(Stage):
     # beta2 0.99 0.40. Within the 5 minutes no setting beats 8 x 16 by more than the seeds' spread (~0.03).
     # From the current default's SFT run, on 2,000 held-out prompts (SFT 0.453; README), seeds 1 / 2: 8 x 16 x 600
     # +0.0065 (seed 1); with filter_groups +0.010 / +0.003 (3:52-4:32); filtered 16 x 16 x 450 +0.029 / +0.017 in
-    # 6-6.3 minutes; filtered 16 x 16 x 350 +0.028 / +0.017 in 3:54 / 4:23: the defaults.
+    # 6-6.3 minutes; filtered 16 x 16 x 350 +0.028 / +0.017 in 3:54 / 4:23. Generation then got 3x faster (one
+    # prefill per distinct prompt, stopped rows dropped): on a fourth chain (SFT 0.459), seeds 1 / 2, 16 x 16 x 350
+    # +0.0205 / +0.015 (3:41 / 3:00 of training), x 450 +0.028 / +0.029 (4:25 / 4:04), x 600 +0.0295 / +0.0315
+    # (5:41 each, over the 5 minutes); 32 x 8 x 450 +0.041 / +0.039 (3:49 / 3:26): the defaults; 32 x 8 x 550
+    # +0.0445 / +0.030 (4:13 / 4:08).
     defaults = {"data.source": "synthetic", "data.synthetic_train": 20000, "data.synthetic_val": 400,
-                "train.lr": 5e-4, "train.max_steps": 350, "train.warmup_steps": 10, "train.batch_size": 16,
-                "rl.num_generations": 16, "rl.filter_groups": True, "train.weight_decay": 0.0, "train.schedule": "cosine",
+                "train.lr": 5e-4, "train.max_steps": 450, "train.warmup_steps": 10, "train.batch_size": 32,
+                "rl.num_generations": 8, "rl.filter_groups": True, "train.weight_decay": 0.0, "train.schedule": "cosine",
                 "train.min_lr_ratio": 0.1, "model.dropout": 0.0, "eval.interval": 200, "eval.sample_interval": 200,
                 "eval.max_tokens": 0, "ckpt.interval": 600}
 
@@ -242,8 +246,6 @@ class RLStage(Stage):
             rollouts.append(ro)
         group_stds = self.score(batches, rollouts)
         self.shown = self.describe(rollouts[0], batches[0])
-        for batch in batches:
-            batch["generated_rows"] = batch["input_ids"].shape[0]  # step_flops counts the generation of every row
         if r.filter_groups:  # before the reference pass: the groups left out cost no forward there either
             batches = [informative_groups(b, std, r.num_generations)
                        for b, std in zip(batches, group_stds, strict=True)]
@@ -265,7 +267,8 @@ class RLStage(Stage):
             out = generate_rollouts(policy, ids, self.cfg.rl.max_new_tokens, temperature, keys, END_ID, PAD_ID,
                                     fixed_length=self.fixed_length, pad_to=pad_to)
         batch = {"input_ids": out.input_ids, "pad_mask": out.pad_mask, "positions": out.positions,
-                 "completion_mask": out.completion_mask, "prompt_len": out.prompt_len}
+                 "completion_mask": out.completion_mask, "prompt_len": out.prompt_len,
+                 "generation_tokens": out.forward_tokens}  # step_flops counts the generation's forwards
         gen = out.input_ids[:, out.prompt_len:]
         completion_ids = [row[mask].tolist() for row, mask in zip(gen, out.completion_mask, strict=True)]
         self.generated_tokens += int(out.completion_mask.sum())
@@ -361,15 +364,15 @@ class RLStage(Stage):
 
     def step_flops(self, model: GPT, batches: list[dict]) -> int:
         """The policy's forward and backward over prompt + completion; on a step that generated, also the
-        reference's forward and the generation (counted as one forward over each generated row's tokens, the rows
-        that rl.filter_groups left out included)."""
+        reference's forward and the generation: a forward over the tokens its forwards ran on (the prefill of the
+        distinct prompts, then each decode step's held rows, the rows rl.filter_groups left out included), each
+        counted at the context T of the batch (an upper bound on the attention term of a token decoded earlier)."""
         total = 0
         for b in batches:
             N, T = b["input_ids"].shape
             total += N * T * model.flops_per_token(T)
             if self.fresh:
-                forward = model.flops_per_token(T, forward_only=True)
-                total += (N + b.get("generated_rows", N)) * T * forward
+                total += (N * T + b["generation_tokens"]) * model.flops_per_token(T, forward_only=True)
         return total
 
     def before_save(self) -> None:
