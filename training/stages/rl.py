@@ -154,11 +154,11 @@ class RLStage(Stage):
     # 6-6.3 minutes; filtered 16 x 16 x 350 +0.028 / +0.017 in 3:54 / 4:23. Generation then got 3x faster (one
     # prefill per distinct prompt, stopped rows dropped): on a fourth chain (SFT 0.459), seeds 1 / 2, 16 x 16 x 350
     # +0.0205 / +0.015 (3:41 / 3:00 of training), x 450 +0.028 / +0.029 (4:25 / 4:04), x 600 +0.0295 / +0.0315
-    # (5:41 each, over the 5 minutes); 32 x 8 x 450 +0.041 / +0.039 (3:49 / 3:26): the defaults; 32 x 8 x 550
-    # +0.0445 / +0.030 (4:13 / 4:08).
+    # (5:41 each, over the 5 minutes); 32 x 8 x 450 +0.041 / +0.039 (3:49 / 3:26), x 550 +0.0445 / +0.030;
+    # 64 x 4 x 450 +0.0565 / +0.0575 (3:30 / 4:10): the defaults (more prompts per step, the same 256 rows).
     defaults = {"data.source": "synthetic", "data.synthetic_train": 20000, "data.synthetic_val": 400,
-                "train.lr": 5e-4, "train.max_steps": 450, "train.warmup_steps": 10, "train.batch_size": 32,
-                "rl.num_generations": 8, "rl.filter_groups": True, "train.weight_decay": 0.0, "train.schedule": "cosine",
+                "train.lr": 5e-4, "train.max_steps": 450, "train.warmup_steps": 10, "train.batch_size": 64,
+                "rl.num_generations": 4, "rl.filter_groups": True, "train.weight_decay": 0.0, "train.schedule": "cosine",
                 "train.min_lr_ratio": 0.1, "model.dropout": 0.0, "eval.interval": 200, "eval.sample_interval": 200,
                 "eval.max_tokens": 0, "ckpt.interval": 600}
 
