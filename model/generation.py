@@ -33,7 +33,7 @@ class Rollout:
     positions: torch.Tensor  # (N, P + M) long, each row's positions 0.. over its real tokens (pads: 0)
     completion_mask: torch.Tensor  # (N, M) bool, True on completion tokens up to and including the first stop
     prompt_len: int  # P, the padded prompt length (completions start at column P)
-    forward_tokens: int = 0  # the tokens the decode's forwards ran on: U x P for the prefill, the held rows per step
+    forward_tokens: int  # the tokens the decode's forwards ran on: U x P for the prefill, the held rows per step
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device, pad_to: int | None = None
