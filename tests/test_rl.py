@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from training import checkpoint
 from training.load import load_run
 from training.rewards import RewardModelScorer, Rollouts
 from training.stages.base import StageEnv, frozen_reference
-from training.stages.rl import GroupPolicyOptimization, completion_logps
+from training.stages.rl import GroupPolicyOptimization, RLStage, completion_logps
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -149,6 +150,18 @@ def test_kl_is_exactly_zero_at_the_start_in_bf16_autocast():
         batch["ref_logps"], _ = completion_logps(reference, batch, 1.0)
         _, metrics = GroupPolicyOptimization(0.1, 0.2, 1.0)(model, batch)
     assert metrics["kl"].item() == 0.0
+
+
+def test_rl_step_flops_count_the_generation_and_the_reference_only_on_a_step_that_generated():
+    # Two micro-batches of 4 and 2 rows of T = 12 tokens whose generations ran forwards over 30 and 11 tokens: the
+    # policy's forward and backward over 72 tokens, plus on the generating step forwards over 72 (the reference)
+    # and 41 (the generation) tokens. A step that reuses its batch (rl.updates_per_batch > 1) runs only the first.
+    model, T = tiny_policy(), 12
+    train_fpt, forward_fpt = model.flops_per_token(T), model.flops_per_token(T, forward_only=True)
+    batches = [{"input_ids": torch.zeros(4, T, dtype=torch.long), "generation_tokens": 30},
+               {"input_ids": torch.zeros(2, T, dtype=torch.long), "generation_tokens": 11}]
+    assert RLStage.step_flops(SimpleNamespace(fresh=True), model, batches) == 72 * train_fpt + 113 * forward_fpt
+    assert RLStage.step_flops(SimpleNamespace(fresh=False), model, batches) == 72 * train_fpt
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
