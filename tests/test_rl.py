@@ -21,7 +21,7 @@ from model.losses import ADVANTAGE_EPS, clipped_surrogate, group_advantages, kl_
 from tests.conftest import TINY_ARGS, assert_resumes_exactly
 from training import checkpoint
 from training.load import load_run
-from training.rewards import RewardModelScorer, Rollouts
+from training.rewards import RewardModelScorer, Rollouts, combine_scores
 from training.stages.base import StageEnv, frozen_reference
 from training.stages.rl import GroupPolicyOptimization, RLStage, completion_logps
 
@@ -327,6 +327,53 @@ def test_rl_against_a_reward_model_and_its_refusals(tmp_path, tiny_run, corpus_d
     with pytest.raises(ValueError, match="its tokenizer .* differs from the policy's"):
         rl_run(tmp_path / "mismatch", tiny_run, f"--rl.reward_model={other_rm}")
     assert checkpoint.latest(tmp_path / "mismatch") is None
+
+
+def test_ensemble_scores_standardised_per_member_then_min_or_mean_by_hand():
+    scores = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])  # 3 completions x 2 reward models
+    # member 1: mean 3, sample std 2 -> z -1, 0, 1; member 2: mean 20, std 10 -> z -1, 1, 0 (each over std + 1e-4)
+    z1 = torch.tensor([-2.0, 0.0, 2.0]) / (2 + 1e-4)
+    z2 = torch.tensor([-10.0, 10.0, 0.0]) / (10 + 1e-4)
+    assert torch.allclose(combine_scores(scores, "min"), torch.minimum(z1, z2), atol=1e-7)
+    assert torch.allclose(combine_scores(scores, "min"), torch.tensor([-1.0, 0.0, 0.0]), atol=1e-4)
+    assert torch.allclose(combine_scores(scores, "mean"), torch.tensor([-1.0, 0.5, 0.5]), atol=1e-4)
+    assert torch.equal(combine_scores(scores[:, :1], "min"), scores[:, 0])  # one reward model: its raw score
+    assert torch.equal(combine_scores(scores[:1], "min"), torch.zeros(1))  # one completion: nothing to compare
+    flat = torch.tensor([[2.0, 1.0], [2.0, 3.0]])  # a member that scores every completion alike says nothing
+    # member 1: std 0 -> z 0, 0; member 2: mean 2, sample std sqrt(2) -> z -1 / sqrt(2), +1 / sqrt(2)
+    assert torch.allclose(combine_scores(flat, "mean"), torch.tensor([-0.5, 0.5]) / 2 ** 0.5, atol=1e-4)
+    with pytest.raises(ValueError, match="reward_model_combine='max'"):
+        combine_scores(scores, "max")
+
+
+def test_rl_against_an_ensemble_of_reward_models(tmp_path, tiny_run):
+    rms = []
+    for seed in (1, 2):
+        rm = tmp_path / f"rm{seed}"
+        train.main(["--stage", "rm", "--init-from", str(tiny_run), "--out", str(rm), *QUIET, "--train.max_steps=2",
+                    "--eval.interval=0", "--data.synthetic_train=16", "--data.synthetic_val=4", "--train.batch_size=4",
+                    f"--train.seed={seed}", "--log.tensorboard=false"])
+        rms.append(str(rm))
+    for how in ("mean", "min"):
+        out = tmp_path / f"rl_{how}"
+        rl_run(out, tiny_run, "--train.max_steps=2", "--eval.interval=0", f"--rl.reward_model={','.join(rms)}",
+               f"--rl.reward_model_combine={how}", "--log.tensorboard=false")
+        logged = [r for r in metrics(out) if "train/reward" in r]
+        assert len(logged) == 2
+        for m in logged:
+            assert "train/rewards/reward_model_1/mean" in m and "train/rewards/reward_model_2/mean" in m
+            # each member's scores are standardised over the micro-batch: their mean is 0, so is that of the mean
+            # of the members, and the min of the members is at most that
+            if how == "mean":
+                assert m["train/rewards/reward_model/mean"] == pytest.approx(0.0, abs=1e-5)
+            else:
+                assert m["train/rewards/reward_model/mean"] < -0.05  # the members disagree somewhere
+            assert m["train/reward"] == pytest.approx(m["train/rewards/reward_model/mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="names a reward model twice"):
+        rl_run(tmp_path / "twice", tiny_run, f"--rl.reward_model={rms[0]},{rms[0]}")
+    with pytest.raises(ValueError, match=f"--rl.reward_model {tiny_run}: .* is not a reward model"):
+        rl_run(tmp_path / "policy_member", tiny_run, f"--rl.reward_model={rms[0]},{tiny_run}")
+    assert checkpoint.latest(tmp_path / "policy_member") is None
 
 
 def test_reward_model_scorer_scores_each_unpadded_sequence_at_its_last_token(tmp_path, tiny_run):

@@ -239,7 +239,9 @@ class RLSection:
     temperature: float = option(1.0, "sampling temperature; log-probs (old, new, reference) use the same scaled logits")
     reward: str = option("", "builtin, package.module:function (TRL's signature), comma-separated ('' = builtin)")
     reward_weights: str = option("", "weights of the rewards, reward_model last ('' = 1 each)")
-    reward_model: str = option("", "a --stage rm run scoring the completions (replaces builtin unless both named)")
+    reward_model: str = option("", "--stage rm run(s) scoring the completions (replace builtin unless both named)")
+    reward_model_combine: str = option("min", "an ensemble's standardised scores per completion: the worst or the mean",
+                                       ("min", "mean"))
     scale_rewards: str = option("group", "(r - group mean) / (std + 1e-4): the group's, the batch's or 1",
                                 ("group", "batch", "none"))
     beta: float = option(0.04, "weight of the per-token KL estimate exp(r - p) - (r - p) - 1 to the reference")

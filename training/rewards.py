@@ -9,10 +9,14 @@
                                          every other column of the prompts' records as a list, one per completion
     --rl.reward_model=RUN_DIR            a --stage rm run scoring prompt + completion (cut after its first <|end|>,
                                          right-padded with <|pad|>) at the completion's last token
+    --rl.reward_model=RUN_A,RUN_B,...    an ensemble: each member's scores standardised over the completions scored
+                                         together, then combined per completion by --rl.reward_model_combine (min,
+                                         the worst case, or mean; Coste et al. 2023): one reward, `reward_model`
 Several are named with commas and weighted with --rl.reward_weights (in that order, the reward model last); the total
 is the weighted sum. --rl.reward='' (the default) means builtin, or, when --rl.reward_model is given, the reward
 model alone (it replaces the built-in reward); `--rl.reward=builtin --rl.reward_model=RUN` keeps both. Each
-reward's mean is logged as rewards/NAME/mean (NAME: a function's own name, or `builtin`, `reward_model`).
+reward's mean is logged as rewards/NAME/mean (NAME: a function's own name, or `builtin`, `reward_model`; an
+ensemble's members' raw scores also as rewards/reward_model_K/mean, K = 1, 2, ... in the order given).
 
 A reward function is code the user names on the command line, imported as any Python module; nothing from a run
 folder is ever imported (a reward model's checkpoint is read with the restricted unpickler: weights only).
@@ -171,6 +175,50 @@ class RewardModelScorer:
         ends = torch.tensor([len(s) - 1 for s in seqs])
         with autocast:
             return self.model(ids.to(device), end_positions=ends.to(device)).float()
+
+
+class RewardModelEnsemble:
+    """The reward model, or several (--rl.reward_model=RUN_A,RUN_B,...) combined into one reward.
+
+    A single reward model's score is used as it is. Several are combined per completion after standardising each
+    member's scores over the N completions scored together (one micro-batch of B x G rows on one rank, whole
+    groups; a validation chunk), because members trained on different data score on different scales; `min` is
+    the worst case over the members (an answer only scores well if every member likes it: the holes a policy finds
+    in one reward model are rarely the holes of another), `mean` their average. Coste et al. 2023, "Reward Model
+    Ensembles Help Mitigate Overoptimization"."""
+
+    def __init__(self, run_dirs: str, tok: Tokenizer, block_size: int, combine: str) -> None:
+        dirs = [d.strip() for d in run_dirs.split(",") if d.strip()]
+        if len(set(dirs)) != len(dirs):
+            raise ValueError(f"--rl.reward_model={run_dirs!r} names a reward model twice")
+        self.members = [RewardModelScorer(d, tok, block_size) for d in dirs]
+        self.combine = combine
+
+    def build(self, device, wrap: Callable) -> None:
+        for member in self.members:
+            member.build(device, wrap)
+
+    def __call__(self, r: Rollouts, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the combined reward (N,), each member's raw scores (N, K)), fp32."""
+        scores = torch.stack([member(r, device, autocast) for member in self.members], dim=1)  # (N, K)
+        return combine_scores(scores, self.combine), scores
+
+
+def combine_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """scores (N, K) of N completions by K reward models -> (N,): column 0 as it is when K == 1; otherwise each
+    column standardised, (s - its mean) / (its sample std + 1e-4) (all 0 when N < 2), then the min or the mean of
+    each row."""
+    if scores.shape[1] == 1:
+        return scores[:, 0]
+    if scores.shape[0] < 2:
+        z = torch.zeros_like(scores)
+    else:
+        z = (scores - scores.mean(0)) / (scores.std(0) + 1e-4)  # (N, K)
+    if how == "min":
+        return z.min(1).values
+    if how == "mean":
+        return z.mean(1)
+    raise ValueError(f"--rl.reward_model_combine={how!r}: expected min or mean")
 
 
 def reward_names(cfg_reward: str, reward_model: str) -> list[str]:

@@ -44,7 +44,7 @@ from training.distributed import DistInfo, all_reduce, gather_objects
 from training.monitor import print0
 from training.rewards import (
     BUILTIN,
-    RewardModelScorer,
+    RewardModelEnsemble,
     Rollouts,
     builtin_reward,
     call_reward,
@@ -185,7 +185,10 @@ class RLStage(Stage):
         self.labels = dict(zip(self.names, labels if unique else self.names, strict=True))
         self.functions = {n: builtin_reward if n == BUILTIN else import_reward(n)
                           for n in self.names if n != "reward_model"}
-        self.scorer = RewardModelScorer(r.reward_model, tok, T) if r.reward_model else None
+        self.scorer = RewardModelEnsemble(r.reward_model, tok, T, r.reward_model_combine) if r.reward_model else None
+        # an ensemble's members' raw scores are logged too (rewards/reward_model_K/mean)
+        self.members = [f"reward_model_{k + 1}" for k in range(len(self.scorer.members))] \
+            if self.scorer is not None and len(self.scorer.members) > 1 else []
         self.objective = GroupPolicyOptimization(r.beta, r.clip_eps, r.temperature)
         self.stream = ExampleStream(len(self.train_prompts), cfg.train.seed)
         self.generation = 0  # generated batches so far
@@ -206,7 +209,7 @@ class RLStage(Stage):
     def identity(self) -> dict[str, str]:
         """The prompts (every rank indexes one global order into them) and the rewards, which every rank must share."""
         prompts = hashlib.sha256(repr([p.ids for p in self.train_prompts + self.val_prompts]).encode()).hexdigest()
-        rewards = repr((self.names, self.weights, self.cfg.rl.reward_model))
+        rewards = repr((self.names, self.weights, self.cfg.rl.reward_model, self.cfg.rl.reward_model_combine))
         return {"rl prompts": prompts[:16], "rl rewards": rewards}
 
     # ------------------------------------------------------------------------------------------ frozen models
@@ -309,7 +312,8 @@ class RLStage(Stage):
             raise ValueError("a reward failed on another rank (its error is in that rank's output)")
         if self.scorer is not None:
             for v, ro in zip(values, rollouts, strict=True):
-                v["reward_model"] = self.scorer(ro, self.device, self.autocast)
+                v["reward_model"], members = self.scorer(ro, self.device, self.autocast)
+                v |= {name: members[:, k] for k, name in enumerate(self.members)}
         return values
 
     def global_sums(self, parts: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -328,7 +332,7 @@ class RLStage(Stage):
         totals = [self.total(v) for v in values]  # per micro-batch (N,)
         rewards = torch.cat(totals).double()  # this rank's (n N,)
         sums = self.global_sums({"reward": rewards.sum(), "completions": float(rewards.numel())}
-                                | {n: torch.cat([v[n] for v in values]).sum() for n in self.names})
+                                | {n: torch.cat([v[n] for v in values]).sum() for n in self.names + self.members})
         mean = sums["reward"] / sums["completions"]
         # the batch's sample std in two passes (a one-pass sum of squares can come out negative in rounding)
         spread = self.global_sums({"sq": ((rewards - mean) ** 2).sum()})["sq"]
@@ -353,7 +357,8 @@ class RLStage(Stage):
         logs = {"reward": sums["reward"] / n, "reward_std": g["std"] / g["groups"],
                 "completions/mean_length": g["length"] / n, "completions/clipped_ratio": g["clipped"] / n,
                 "frac_reward_zero_std": g["zero_std"] / g["groups"]}
-        return logs | {f"rewards/{self.labels[name]}/mean": sums[name] / n for name in self.names}
+        logs |= {f"rewards/{self.labels[name]}/mean": sums[name] / n for name in self.names}
+        return logs | {f"rewards/{name}/mean": sums[name] / n for name in self.members}
 
     def step_logs(self) -> dict[str, float]:
         return self.logs
