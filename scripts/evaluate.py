@@ -31,6 +31,11 @@ What is measured:
               number of ranks gives the same figures): sampled_accuracy (the share of right replies, mean@K),
               pass_at_k (prompts with a right reply among their K) and all_equal_share (prompts whose K replies are
               all right or all wrong: the groups in which RL's group-relative advantage is 0), per task too.
+              --judge RM_RUN_DIR (a --stage rm run sharing the tokenizer) also scores each reply as RL scores it
+              (prompt + the reply's generated ids, read at its last token): best_of_k_accuracy (its highest-scored
+              reply of each prompt is right: best-of-K selection by the reward model) and judge_pair_accuracy (of
+              the (right, wrong) reply pairs of a prompt, the share it scores right above wrong): how well a reward
+              model ranks what the policy actually writes, which the built-in pairs do not measure.
   preference  on `prompt`/`chosen`/`rejected` records: preference_accuracy (share of pairs whose DPO reward, beta x
               the log-ratio to the reference model, is higher for the chosen answer) and reward_margin (mean
               chosen - rejected reward) against --reference (default: the checkpoint the run started from; beta and
@@ -95,9 +100,18 @@ from model.reward import RewardModel
 from training import distributed
 from training.cli import run_script
 from training.config import DistSection
-from training.evaluation import chat_accuracy, group_counts, group_figures, lm_figures, sampled_replies
+from training.evaluation import (
+    chat_accuracy,
+    group_counts,
+    group_figures,
+    judge_counts,
+    judge_figures,
+    lm_figures,
+    sampled_replies,
+)
 from training.load import PRECISIONS, LoadedRun, load_run
 from training.monitor import Monitor, print0
+from training.rewards import RewardModelScorer, Rollouts
 from training.stages import STAGES
 from training.stages.dpo import DPO, preference_figures
 from training.stages.rm import PairwiseReward, RatingRegression
@@ -367,26 +381,47 @@ def reply_budget(run: LoadedRun, reference: str) -> int:
 def sampled_figures(run: LoadedRun, items, args, info) -> dict:
     """--samples-per-prompt K: K replies to each prompt sampled at --samples-temperature, scored by exact match;
     training/evaluation.group_figures overall and per task. Each reply's noise is keyed by (--seed, prompt index,
-    sample), so the figures are the same on any number of ranks."""
+    sample), so the figures are the same on any number of ranks. --judge RM: the reward model also scores each
+    reply (its generated ids after the rendered prompt, as RL scores them): judge_figures."""
     k, tasks = args.samples_per_prompt, sorted({t for _, _, t in items})
     sums = torch.zeros(len(tasks) + 1, 5, dtype=torch.float64)  # group_counts per task; the last row is the total
+    judged = torch.zeros(len(tasks) + 1, 3, dtype=torch.float64)  # judge_counts per task
+    judge = load_judge(run, args.judge) if args.judge else None
     for i in tqdm(range(info.rank, len(items), info.world_size), desc="sampled", unit="prompt",
                   disable=not info.is_main):
         messages, reference, task = items[i]
         ids = render_prompt(messages, run.tok)
         room = run.gcfg.block_size - len(ids)  # >= 1: chat_items left out the rest
-        replies = sampled_replies(run.model, run.tok, ids, k, args.samples_temperature,
-                                  min(reply_budget(run, reference), room), args.seed, i, run.device)
-        counts = group_counts(torch.tensor([[answer_matches(r, reference) for r in replies]]))
+        replies, reply_ids = sampled_replies(run.model, run.tok, ids, k, args.samples_temperature,
+                                             min(reply_budget(run, reference), room), args.seed, i, run.device,
+                                             with_ids=True)
+        right = [answer_matches(r, reference) for r in replies]
+        counts = group_counts(torch.tensor([right]))
         sums[tasks.index(task)] += counts
         sums[-1] += counts
-    sums = sums.to(run.device)
-    distributed.all_reduce(sums)
-    sums = sums.cpu()
+        if judge is not None:
+            rollouts = Rollouts([messages] * k, replies, reply_ids, {}, [ids] * k, [f"prompt {i}"] * k)
+            c = judge_counts(right, judge(rollouts, run.device, run.autocast).cpu())
+            judged[tasks.index(task)] += c
+            judged[-1] += c
+    both = torch.cat([sums, judged], dim=1).to(run.device)
+    distributed.all_reduce(both)
+    sums, judged = both[:, :5].cpu(), both[:, 5:].cpu()
     figures = {"samples_per_prompt": k, "samples_temperature": args.samples_temperature, **group_figures(sums[-1])}
+    if judge is not None:
+        figures |= {"judge": args.judge, **judge_figures(judged[-1], sums[-1, 2].item())}
     if tasks != [""]:
-        figures["sampled_by_task"] = {t or "(none)": group_figures(sums[j]) for j, t in enumerate(tasks)}
+        figures["sampled_by_task"] = {
+            t or "(none)": group_figures(sums[j]) | (judge_figures(judged[j], sums[j, 2].item()) if judge else {})
+            for j, t in enumerate(tasks)}
     return figures
+
+
+def load_judge(run: LoadedRun, run_dir: str) -> RewardModelScorer:
+    """--judge: a reward model run that shares the policy's tokenizer (refused otherwise, as --rl.reward_model)."""
+    judge = RewardModelScorer(run_dir, run.tok, run.gcfg.block_size, where="--judge")
+    judge.build(run.device, lambda m: m)
+    return judge
 
 
 def preference_batches(run: LoadedRun, source: str, args, info) -> tuple[list[dict], int, str]:
@@ -667,6 +702,8 @@ def parse_args(argv: list[str] | None):
                    help="also sample K replies per chat prompt: sampled_accuracy (mean@K), pass_at_k, all_equal_share")
     p.add_argument("--samples-temperature", type=float, default=1.0, metavar="T",
                    help="temperature of those K replies (default 1.0, the RL stage's; 0 = greedy)")
+    p.add_argument("--judge", metavar="RM_RUN_DIR",
+                   help="a reward model also scores the K replies: best_of_k_accuracy, judge_pair_accuracy")
     p.add_argument("--seed", type=int, default=1337, help="of the samples and the sampled replies")
     p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--tensorboard", action="store_true", help="log the figures under eval/ in the run's TensorBoard")
@@ -677,6 +714,8 @@ def parse_args(argv: list[str] | None):
     args.max_tokens = int(args.max_tokens)
     if args.max_tokens < 0 or args.max_examples < 0 or args.batch_size < 1:
         raise ValueError("--max-tokens and --max-examples must be >= 0, --batch-size >= 1")
+    if args.judge and args.samples_per_prompt < 2:
+        raise ValueError("--judge ranks the sampled replies of each prompt: give --samples-per-prompt K >= 2")
     if args.samples_per_prompt < 0 or args.samples_temperature < 0:
         raise ValueError(f"--samples-per-prompt={args.samples_per_prompt} and --samples-temperature="
                          f"{args.samples_temperature} must be >= 0")

@@ -195,6 +195,57 @@ def test_sampled_figures_at_temperature_0_are_the_greedy_accuracy(sft_run):
         {k: sampled[k] for k in ("sampled_accuracy", "pass_at_k", "all_equal_share", "sampled_by_task")}
 
 
+def test_judge_counts_by_hand():
+    from training.evaluation import judge_counts, judge_figures
+
+    right = [False, True, False, True]
+    scores = torch.tensor([0.5, 2.0, 3.0, 1.0])  # the best-scored reply (index 2) is wrong
+    # (right, wrong) pairs: (1, 0) 2 > 0.5 yes, (1, 2) 2 > 3 no, (3, 0) 1 > 0.5 yes, (3, 2) no
+    assert judge_counts(right, scores).tolist() == [0.0, 2.0, 4.0]
+    assert judge_counts(right, torch.tensor([0.0, 5.0, 1.0, 1.0])).tolist() == [1.0, 3.0, 4.0]  # a tie (3, 2) is not ranked
+    assert judge_counts([True, True], torch.tensor([1.0, 1.0])).tolist() == [1.0, 0.0, 0.0]  # no mixed pair
+    total = judge_counts(right, scores) + judge_counts([True, True], torch.tensor([1.0, 1.0]))
+    assert judge_figures(total, 2) == {"best_of_k_accuracy": 0.5, "judge_pair_accuracy": 0.5}
+    assert judge_figures(torch.tensor([1.0, 0.0, 0.0]), 1) == {"best_of_k_accuracy": 1.0}  # nothing to rank
+
+
+def test_judge_ranks_the_sampled_replies_as_recomputed_from_them(sft_run, tmp_path):
+    """--judge RM: the figures equal a recomputation from the same sampled replies scored by the reward model
+    directly; a judge with another tokenizer is refused, and --judge needs K >= 2."""
+    from train import main
+    from training.evaluation import judge_counts, judge_figures, sampled_replies
+    from training.rewards import RewardModelScorer, Rollouts
+
+    run_dir, _ = sft_run
+    rm = tmp_path / "rm"
+    main(["--stage", "rm", "--init-from", str(run_dir), "--out", str(rm), "--train.max_steps=20",
+          "--eval.interval=0", "--data.synthetic_train=200", "--data.synthetic_val=4", "--train.batch_size=8",
+          "--log.tensorboard=false", "--log.health_interval=0", "--log.hist_interval=0"])
+    got = run_eval(run_dir, "--max-examples", 24, "--samples-per-prompt", 4, "--judge", rm)
+    run = load_run(run_dir, "cpu")
+    items, _ = evaluate.chat_items("synthetic", evaluate.parse_args([str(run_dir), "--max-examples", "24"]), run)
+    scorer = RewardModelScorer(str(rm), run.tok, run.gcfg.block_size)
+    scorer.build(torch.device("cpu"), lambda m: m)
+    total = torch.zeros(3, dtype=torch.float64)
+    for i, (messages, reference, _) in enumerate(items):
+        ids = evaluate.render_prompt(messages, run.tok)
+        budget = min(evaluate.reply_budget(run, reference), run.gcfg.block_size - len(ids))
+        texts, reply_ids = sampled_replies(run.model, run.tok, ids, 4, 1.0, budget, 1337, i, run.device,
+                                           with_ids=True)
+        scores = scorer(Rollouts(texts, texts, reply_ids, {}, [ids] * 4, ["x"] * 4), run.device,
+                        torch.autocast("cpu", enabled=False))
+        total += judge_counts([evaluate.answer_matches(t, reference) for t in texts], scores)
+    expected = judge_figures(total, len(items))
+    assert total[2] > 0  # some prompt mixes right and wrong replies: the pair figure is measured
+    assert got["judge_pair_accuracy"] == pytest.approx(expected["judge_pair_accuracy"], abs=1e-12)
+    assert got["best_of_k_accuracy"] == pytest.approx(expected["best_of_k_accuracy"], abs=1e-12)
+    assert all("best_of_k_accuracy" in figures for figures in got["sampled_by_task"].values())
+    with pytest.raises(ValueError, match="--judge ranks the sampled replies"):
+        run_eval(run_dir, "--samples-per-prompt", 1, "--judge", rm)
+    with pytest.raises(ValueError, match=f"--judge {run_dir}: .* is not a reward model"):
+        run_eval(run_dir, "--max-examples", 4, "--samples-per-prompt", 2, "--judge", run_dir)
+
+
 def test_samples_per_prompt_needs_chat_data_and_sane_values(tiny_run, sft_run):
     with pytest.raises(ValueError, match="--samples-per-prompt samples replies to chat prompts"):
         run_eval(tiny_run, "--samples-per-prompt", 2)  # a pre-training run measures text by default

@@ -82,16 +82,35 @@ def chat_accuracy(model, tok, items: list[tuple[list[dict], str]], autocast, dev
 
 @torch.no_grad()
 def sampled_replies(model, tok, prompt_ids: list[int], k: int, temperature: float, max_new_tokens: int, seed: int,
-                    prompt_index: int, device) -> list[str]:
+                    prompt_index: int, device, with_ids: bool = False) -> list[str] | tuple[list[str], list[list[int]]]:
     """k replies to one rendered chat prompt, sampled at `temperature` (0: greedy) in one batch of k rows with the
     KV cache (model/generation.py: the RL stage's sampler), each up to its first <|end|> or max_new_tokens. Row j's
-    noise is keyed by (seed, prompt_index, j): a reply depends on neither the rank that draws it nor other prompts."""
+    noise is keyed by (seed, prompt_index, j): a reply depends on neither the rank that draws it nor other prompts.
+    with_ids: also each reply's generated ids (its <|end|> included), what a reward model scores in RL."""
     keys = torch.tensor([hashed_key("gptrain-eval", seed, prompt_index, j) for j in range(k)], dtype=torch.long,
                         device=device)
     ro = generate_rollouts(model, [prompt_ids] * k, max_new_tokens, temperature, keys, END_ID, PAD_ID)
     completions = ro.input_ids[:, ro.prompt_len:]  # (k, M): pad_id after each row's stop
-    return [chat.decode_reply(row[mask].tolist(), tok)
-            for row, mask in zip(completions, ro.completion_mask, strict=True)]
+    ids = [row[mask].tolist() for row, mask in zip(completions, ro.completion_mask, strict=True)]
+    texts = [chat.decode_reply(i, tok) for i in ids]
+    return (texts, ids) if with_ids else texts
+
+
+def judge_counts(right: list[bool], scores: torch.Tensor) -> torch.Tensor:
+    """K replies to one prompt, right or wrong, and a reward model's scores (K,) -> float64 sums (3,): whether its
+    highest-scored reply is right (best-of-K by the reward model; a tie goes to the first), the (right, wrong)
+    pairs it scores right above wrong, and those pairs. Sums, so that prompts, tasks and ranks add up."""
+    best = float(right[int(scores.argmax())])
+    pairs = [(a, b) for a in range(len(right)) for b in range(len(right)) if right[a] and not right[b]]
+    ordered = sum(float(scores[a] > scores[b]) for a, b in pairs)
+    return torch.tensor([best, ordered, len(pairs)], dtype=torch.float64)
+
+
+def judge_figures(counts: torch.Tensor, prompts: float) -> dict[str, float]:
+    """judge_counts' sums over `prompts` prompts -> best_of_k_accuracy and judge_pair_accuracy (left out when no
+    prompt mixes right and wrong replies: there is nothing to rank)."""
+    best, ordered, pairs = counts.tolist()
+    return {"best_of_k_accuracy": best / prompts} | ({"judge_pair_accuracy": ordered / pairs} if pairs else {})
 
 
 def group_counts(right: torch.Tensor) -> torch.Tensor:

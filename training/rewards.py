@@ -142,9 +142,9 @@ def _failing_prompt(fn: Callable, r: Rollouts) -> str:
 class RewardModelScorer:
     """A frozen reward model (model/reward.py) scoring prompt + completion at the completion's last token."""
 
-    def __init__(self, run_dir: str, tok: Tokenizer, block_size: int) -> None:
+    def __init__(self, run_dir: str, tok: Tokenizer, block_size: int, where: str = "--rl.reward_model") -> None:
         ckpt = checkpoint.load(run_dir)
-        where = f"--rl.reward_model {run_dir}"
+        where = f"{where} {run_dir}"
         if not is_reward_state(ckpt["model"]):
             raise ValueError(f"{where}: {ckpt['path']} is not a reward model (stage {ckpt.get('stage')!r}, no score "
                              "head); train one with --stage rm and pass its run folder")
