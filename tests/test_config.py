@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OPTION_LINE = re.compile(r"^  (--[\w.-]+)(?:=(.*?))?\s{2,}(\S.*)$")
 ENUM_KEYS = {"stage", "model.preset", "model.arch", "train.precision", "train.schedule", "train.optimizer",
              "train.device", "train.wd_schedule", "dist.strategy", "dist.backend", "dpo.loss_type", "rm.data",
-             "rl.scale_rewards", "data.pretokenizer"}
+             "rl.scale_rewards", "rl.reward_model_combine", "data.pretokenizer"}
 
 
 def flag_of(key: str) -> str:
