@@ -183,9 +183,10 @@ class RewardModelEnsemble:
     A single reward model's score is used as it is. Several are combined per completion after standardising each
     member's scores over the N completions scored together (one micro-batch of B x G rows on one rank, whole
     groups; a validation chunk), because members trained on different data score on different scales; `min` is
-    the worst case over the members (an answer only scores well if every member likes it: the holes a policy finds
-    in one reward model are rarely the holes of another), `mean` their average. Coste et al. 2023, "Reward Model
-    Ensembles Help Mitigate Overoptimization"."""
+    the worst case over the members (an answer only scores well if every member likes it, so a hole a policy finds
+    in one member helps only if it is a hole in all), `mean` their average. Coste et al. 2023, "Reward Model
+    Ensembles Help Mitigate Overoptimization". Measured here (README, sixth chain): min over three members, two of
+    them poor judges of the policy's own samples, collapsed as a single poor one does."""
 
     def __init__(self, run_dirs: str, tok: Tokenizer, block_size: int, combine: str) -> None:
         dirs = [d.strip() for d in run_dirs.split(",") if d.strip()]
