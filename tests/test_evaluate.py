@@ -211,7 +211,7 @@ def test_judge_counts_by_hand():
 
 def test_judge_ranks_the_sampled_replies_as_recomputed_from_them(sft_run, tmp_path):
     """--judge RM: the figures equal a recomputation from the same sampled replies scored by the reward model
-    directly; a judge with another tokenizer is refused, and --judge needs K >= 2."""
+    directly; a judge that is not a reward model is refused, and --judge needs K >= 2."""
     from train import main
     from training.evaluation import judge_counts, judge_figures, sampled_replies
     from training.rewards import RewardModelScorer, Rollouts
@@ -232,7 +232,7 @@ def test_judge_ranks_the_sampled_replies_as_recomputed_from_them(sft_run, tmp_pa
         budget = min(evaluate.reply_budget(run, reference), run.gcfg.block_size - len(ids))
         texts, reply_ids = sampled_replies(run.model, run.tok, ids, 4, 1.0, budget, 1337, i, run.device,
                                            with_ids=True)
-        scores = scorer(Rollouts(texts, texts, reply_ids, {}, [ids] * 4, ["x"] * 4), run.device,
+        scores = scorer(Rollouts([messages] * 4, texts, reply_ids, {}, [ids] * 4, ["x"] * 4), run.device,
                         torch.autocast("cpu", enabled=False))
         total += judge_counts([evaluate.answer_matches(t, reference) for t in texts], scores)
     expected = judge_figures(total, len(items))

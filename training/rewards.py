@@ -195,6 +195,11 @@ class RewardModelEnsemble:
         self.members = [RewardModelScorer(d, tok, block_size) for d in dirs]
         self.combine = combine
 
+    @property
+    def member_names(self) -> list[str]:
+        """What an ensemble's members' raw scores are logged as (rewards/reward_model_K/mean); none for one model."""
+        return [f"reward_model_{k + 1}" for k in range(len(self.members))] if len(self.members) > 1 else []
+
     def build(self, device, wrap: Callable) -> None:
         for member in self.members:
             member.build(device, wrap)

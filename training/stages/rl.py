@@ -186,9 +186,7 @@ class RLStage(Stage):
         self.functions = {n: builtin_reward if n == BUILTIN else import_reward(n)
                           for n in self.names if n != "reward_model"}
         self.scorer = RewardModelEnsemble(r.reward_model, tok, T, r.reward_model_combine) if r.reward_model else None
-        # an ensemble's members' raw scores are logged too (rewards/reward_model_K/mean)
-        self.members = [f"reward_model_{k + 1}" for k in range(len(self.scorer.members))] \
-            if self.scorer is not None and len(self.scorer.members) > 1 else []
+        self.members = self.scorer.member_names if self.scorer is not None else []  # logged, not in the total
         self.objective = GroupPolicyOptimization(r.beta, r.clip_eps, r.temperature)
         self.stream = ExampleStream(len(self.train_prompts), cfg.train.seed)
         self.generation = 0  # generated batches so far
