@@ -443,15 +443,15 @@ def test_time_budget_is_replanned_when_the_machine_slows_down(tmp_path, corpus_d
 
 def test_time_budget_becomes_a_saved_step_count(tmp_path, corpus_dir):
     out = tmp_path / "budget"
-    summary = main(run_args(corpus_dir, out, "--train.time_budget_min=0.1", "--train.batch_size=4"))
+    summary = main(run_args(corpus_dir, out, "--train.time_budget_min=0.04", "--train.batch_size=4"))
     ck = checkpoint.load(out)
     assert summary["max_steps"] == ck["max_steps"] == ck["step"] >= 31  # at least the timing window
     # Resumed with another step limit on the command line, the saved count still rules.
     cfg = parse_args(["--out", str(out), "--resume", "--train.stop_after_steps=3"])
-    assert cfg.train.time_budget_min == 0.1
+    assert cfg.train.time_budget_min == 0.04
     # Interrupted before the timing window ended: the resumed run times its own window, then plans the count.
     early = tmp_path / "early"
-    main(run_args(corpus_dir, early, "--train.time_budget_min=0.1", "--train.batch_size=4",
+    main(run_args(corpus_dir, early, "--train.time_budget_min=0.04", "--train.batch_size=4",
                   "--train.stop_after_steps=3"))
     assert checkpoint.load(early)["max_steps"] is None
     summary = main(["--out", str(early), "--resume"])
