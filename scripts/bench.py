@@ -67,13 +67,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import GPT, GPTConfig  # noqa: E402
-from training.config import TrainSection, stage_defaults  # noqa: E402
-from training.hostmem import keep_freed_memory  # noqa: E402
-from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.runinfo import environment_info, matmul_peak, vendor_peak  # noqa: E402
-from training.stages.pretrain import LanguageModeling  # noqa: E402
+from model import GPT, GPTConfig
+from training.config import TrainSection, stage_defaults
+from training.hostmem import keep_freed_memory
+from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients
+from training.optim import build_optimizer
+from training.runinfo import environment_info, matmul_peak, vendor_peak
+from training.stages.pretrain import LanguageModeling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

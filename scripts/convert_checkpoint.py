@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout, not installed: as train.py
 
 from training import checkpoint
 from training.cli import run_script

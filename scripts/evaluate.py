@@ -86,6 +86,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout, not installed: as train.py
+
 from data import shards
 from data.chat import render_prompt
 from data.choices import ChoiceRecord, encode_pairs, load_choices, mc_accuracies

@@ -22,9 +22,12 @@ EXPORT_DIR is refused. Single process (there is nothing to parallelise; do not l
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout, not installed: as train.py
 
 from data.tokenizer import END_ID, PAD_ID, SPECIAL_TOKENS
 from model.reward import RewardModel

@@ -18,10 +18,13 @@ fine-tuned (--init-from), evaluated, sampled and exported, not resumed. Single p
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import tokenizers
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout, not installed: as train.py
 
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from model.gpt import GPT

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout, not installed: as train.py
 
 from data.chat import render_prompt
 from data.synthetic import TASKS, answer_matches, make_preferences, make_sft, write_jsonl

@@ -42,11 +42,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.prepare import MANIFEST, TOKENIZER, data_hash, prepare  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
-from training.cli import run_script  # noqa: E402
-from training.config import Config, parse_args  # noqa: E402
-from training.tokenizer_cache import hf_cache_dir, train_or_reuse_tokenizer  # noqa: E402
+from data.prepare import MANIFEST, TOKENIZER, data_hash, prepare
+from data.tokenizer import Tokenizer
+from training.cli import run_script
+from training.config import Config, parse_args
+from training.tokenizer_cache import hf_cache_dir, train_or_reuse_tokenizer
 
 # What may be set here: the data options and what fixes the vocabulary; every other key is a training setting.
 ALLOWED_FLAGS = ("--out", "--config", "--data", "--model.preset", "--model.vocab_size")

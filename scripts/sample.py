@@ -14,8 +14,12 @@ Single process.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout, not installed: as train.py
 
 from training.cli import run_script
 from training.load import PRECISIONS, load_run, refuse_reward_model
