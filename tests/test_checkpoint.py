@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_ARGS
+from tests.script_runner import run_commands
 from train import main
 from training import checkpoint
 from training.run_state import rng_state, set_rng_state
@@ -231,11 +232,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_entry_point(tiny_r
                                  tmp_path / "sft", "--data.synthetic_train=50"],
         "train.py --resume": [ROOT / "train.py", "--out", evil_run, "--resume"],
     }
-    for name, argv in commands.items():
-        cli = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=300)
-        assert cli.returncode == 1, (name, cli.returncode, cli.stderr[-2000:])
-        assert f"error: {path}: refused, its pickle names posix.system" in cli.stderr, (name, cli.stderr[-2000:])
+    # one interpreter runs the six command lines in turn (tests/script_runner.py): each as `python SCRIPT ...` would
+    for name, cli in zip(commands, run_commands(list(commands.values()), cwd=ROOT, env=ENV), strict=True):
+        assert cli["exit"] == 1, (name, cli["exit"], cli["stderr"][-2000:])
+        assert f"error: {path}: refused, its pickle names posix.system" in cli["stderr"], (name, cli["stderr"][-2000:])
         assert not marker.exists(), f"{name} ran the checkpoint's code"
     assert not (tmp_path / "export").exists() and not (tmp_path / "sft").exists()
     # The conversion script never loads it either, and leaves it as it was.

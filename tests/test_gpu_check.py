@@ -139,38 +139,18 @@ def test_unknown_argument_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# The device machine runs the scripts from a plain copy of the working tree: nothing installs the project there.
-PLAIN_CHECKOUT = r"""
-import runpy, sys
-base_path = list(sys.path)
-failed = []
-for script in sys.argv[1:]:
-    for name in [m for m in sys.modules if m.split(".")[0] in ("data", "model", "training", "train")]:
-        del sys.modules[name]  # each script finds the project by itself, not through the one before it
-    sys.path[:] = base_path
-    sys.argv = [script, "--help"]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (0, None):
-            failed.append(f"{script}: exit {e.code}")
-    except Exception as e:
-        failed.append(f"{script}: {type(e).__name__}: {e}")
-    print(f"--help printed: {script}")
-print("FAILED" if failed else "ALL OK", *failed, sep="\n")
-"""
-
-
 def test_every_script_runs_from_a_plain_checkout(tmp_path):
-    """`python scripts/X.py` with the project not installed, as on the device machine (which copies the working tree
-    and installs only carried wheels): each script puts the repository root on sys.path itself, as train.py's folder
-    is. `-S` skips site-packages' .pth files (how an editable install is found); PYTHONPATH still gives the
+    """`python scripts/X.py --help` with the project not installed, as on the device machine (which copies the working
+    tree and installs only carried wheels): each script puts the repository root on sys.path itself, as train.py's
+    folder is. `-S` skips site-packages' .pth files (how an editable install is found); PYTHONPATH still gives the
     installed libraries (torch, tokenizers, ...). evaluate.py used to fail here with "No module named 'data'"."""
     import site
 
-    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.py"))
+    from tests.script_runner import run_commands
+
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-S", "-c", PLAIN_CHECKOUT, *scripts], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ALL OK"), p.stdout[-3000:] + p.stderr[-3000:]
-    assert len(scripts) >= 10 and all(f"--help printed: {s}" in p.stdout for s in scripts)
+    results = run_commands([[s, "--help"] for s in scripts], cwd=tmp_path, env=env, flags=("-S",), timeout=120)
+    assert len(scripts) >= 10
+    for script, r in zip(scripts, results, strict=True):
+        assert r["exit"] == 0 and r["stdout"].strip(), (script.name, r["exit"], r["stderr"][-2000:])
