@@ -132,6 +132,23 @@ def test_later_stages_start_from_a_checkpoint_not_a_return_code(tmp_path):
     assert p.returncode == 1 and "never-ran holds no checkpoint" in p.stderr
 
 
+def test_gpu_stage_limits_fit_the_budget_and_the_device_call():
+    """The GPU mode's stage limits leave the stamps room inside its budget, and the worst case (the budget, the
+    pre-training stage's kill grace after a timeout, ~60 s for the wheels and the package report before the clock
+    starts) fits the 400 s the device call is given. The pre-training stage's grace outlasts torchrun's own 30 s
+    between forwarding the SIGTERM and killing its worker, which runs in a session of its own: a SIGKILL to
+    torchrun sooner would orphan a worker still holding the GPU."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    gpu_branch = text[text.index("if [[ $MODE == gpu ]]; then"):text.index("\nelse\n")]
+    limits = dict(re.findall(r"\b(T_[A-Z]+)=(\d+)", gpu_branch))
+    assert sorted(limits) == ["T_BENCH", "T_DPO", "T_EAGER", "T_EVAL", "T_PRETRAIN", "T_SFT"]
+    budget = int(re.search(r"BUDGET=\$\{GPU_CHECK_BUDGET_S:-(\d+)\}", gpu_branch).group(1))
+    grace = int(re.search(r"KILL_S=(\d+) stage pretrain", text).group(1))
+    assert sum(map(int, limits.values())) + 10 <= budget < 300  # "under 5 minutes of work"
+    assert grace > 30 and budget + grace + 60 <= 400
+    assert text.index("START=$SECONDS") > text.index("import datasets")  # the clock starts after the report
+
+
 def test_unknown_argument_is_refused(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--gpu-smoke"], cwd=ROOT,
                        env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=30)
