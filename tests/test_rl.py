@@ -519,3 +519,17 @@ def test_partial_credit_reward_by_hand_and_its_missing_columns():
     assert partial_credit_reward(prompts=["p"], completions=["3"], task=["count"], answer=[3]) == [1.0]
     with pytest.raises(ValueError, match="need 'task' and 'answer' columns"):
         partial_credit_reward(prompts=["p"], completions=["3"], answer=["3"])
+
+
+def test_step_part_timings_wait_for_cuda_work(monkeypatch):
+    """bench.py --rl's generation / scoring / reference split: CUDA kernels run asynchronously, so each clock read
+    on a CUDA device first waits for the queued work (without it a reference pass's kernels were timed in the
+    update); on the CPU nothing is queued and no sync is made."""
+    from training.stages import rl
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    before = rl.device_clock(torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)]
+    after = rl.device_clock(torch.device("cpu"))
+    assert synced == [torch.device("cuda", 1)] and after >= before

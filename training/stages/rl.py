@@ -135,6 +135,14 @@ class GroupPolicyOptimization:
         return loss_sum, metrics
 
 
+
+def device_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: CUDA kernels run asynchronously, so without the
+    sync a part's kernels would be timed in whichever later part first waits for them (scripts/bench.py --rl)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 class RLStage(Stage):
     """Online RL: sample groups of completions, reward them, train on group-relative advantages with a KL penalty."""
 
@@ -240,9 +248,9 @@ class RLStage(Stage):
             first = m * W * B + info.rank * B  # global index of this rank's first prompt in micro-batch m
             index = list(range(first, first + B))
             prompts = [self.train_prompts[order[i]] for i in index]
-            t0 = time.perf_counter()
+            t0 = device_clock(self.device)
             batch, ro = self.rollout(policy, prompts, index, r.temperature, pad_to)
-            self.timings["generation"] += time.perf_counter() - t0
+            self.timings["generation"] += device_clock(self.device) - t0
             batches.append(batch)
             rollouts.append(ro)
         group_stds = self.score(batches, rollouts)
@@ -250,11 +258,11 @@ class RLStage(Stage):
         if r.filter_groups:  # before the reference pass: the groups left out cost no forward there either
             batches = [informative_groups(b, std, r.num_generations)
                        for b, std in zip(batches, group_stds, strict=True)]
-        t0 = time.perf_counter()
+        t0 = device_clock(self.device)
         for batch in batches:
             with torch.no_grad(), self.autocast:
                 batch["ref_logps"], _ = completion_logps(self.reference, batch, r.temperature)
-        self.timings["reference"] += time.perf_counter() - t0
+        self.timings["reference"] += device_clock(self.device) - t0
         return batches
 
     def rollout(self, policy, prompts: list[RLPrompt], index: list[int], temperature: float, pad_to: int
@@ -324,9 +332,9 @@ class RLStage(Stage):
         """Rewards, advantages and the generation's figures (global means over ranks and micro-batches); returns
         each micro-batch's group standard deviations (B,)."""
         r = self.cfg.rl
-        t0 = time.perf_counter()
+        t0 = device_clock(self.device)
         values = self.guarded_rewards(rollouts)
-        self.timings["scoring"] += time.perf_counter() - t0
+        self.timings["scoring"] += device_clock(self.device) - t0
         totals = [self.total(v) for v in values]  # per micro-batch (N,)
         rewards = torch.cat(totals).double()  # this rank's (n N,)
         sums = self.global_sums({"reward": rewards.sum(), "completions": float(rewards.numel())}
