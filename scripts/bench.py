@@ -172,7 +172,7 @@ def bench_step(preset: str, device: torch.device, precision: str, compile_: bool
     objective = LanguageModeling()
     params = [p for p in model.parameters() if p.requires_grad]
     ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), device=device)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}  # as the loader gives them
     count = objective.count(batch).float()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
