@@ -135,13 +135,13 @@ class GroupPolicyOptimization:
         return loss_sum, metrics
 
 
-
 def device_clock(device: torch.device) -> float:
     """time.perf_counter() once the device's queued work is done: CUDA kernels run asynchronously, so without the
     sync a part's kernels would be timed in whichever later part first waits for them (scripts/bench.py --rl)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
 
 class RLStage(Stage):
     """Online RL: sample groups of completions, reward them, train on group-relative advantages with a KL penalty."""
