@@ -119,6 +119,15 @@ def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Te
     return torch.exp(d) - d - 1
 
 
+def categorical_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(policy || reference) = sum_v p(v) (log p(v) - log r(v)) of the distributions softmax(logits) over
+    the last dimension, fp32, one value per position: (..., V) -> (...). What kl_estimate estimates from one sampled
+    token per position; evaluate.py --kl-reference measures it over the whole vocabulary instead."""
+    logp = F.log_softmax(policy_logits.float(), dim=-1)
+    logr = F.log_softmax(reference_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logr)).sum(dim=-1)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
                      batch_std: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-relative advantages of rewards (N,) whose rows come in consecutive groups of group_size completions of

@@ -8,6 +8,7 @@
     python scripts/evaluate.py runs/gpt2 --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 1e7  # streamed, capped
     python scripts/evaluate.py runs/sft --choices sums.jsonl --chat --json mc.json       # multiple choice, chat format
     python scripts/evaluate.py runs/rl --synthetic-size 400 --samples-per-prompt 16        # sampled replies too
+    python scripts/evaluate.py runs/rl2 --samples-per-prompt 4 --kl-reference runs/sft       # KL to the SFT model
 
 Which part of a source: the validation split of the run's own data (the same source and, for a pre-training run, the
 same prepared-data hash as the run recorded; the run's own preparation in the cache is reused), of chat and of
@@ -36,6 +37,11 @@ What is measured:
               reply of each prompt is right: best-of-K selection by the reward model) and judge_pair_accuracy (of
               the (right, wrong) reply pairs of a prompt, the share it scores right above wrong): how well a reward
               model ranks what the policy actually writes, which the built-in pairs do not measure.
+              --kl-reference RUN_DIR (a policy run with the same tokenizer: the SFT run an RL chain started from,
+              say) measures how far the policy has moved from it where the policy samples: at each token of the K
+              replies, the exact KL(policy || reference) of the two next-token distributions at the sampling
+              temperature, over the whole vocabulary. kl_per_token (nats per reply token, the scale of RL's
+              train/kl, which estimates the same quantity from one token) and kl_to_reference (nats per reply).
   preference  on `prompt`/`chosen`/`rejected` records: preference_accuracy (share of pairs whose DPO reward, beta x
               the log-ratio to the reference model, is higher for the chosen answer) and reward_margin (mean
               chosen - rejected reward) against --reference (default: the checkpoint the run started from; beta and
@@ -98,6 +104,8 @@ from data.sft import load_records
 from data.sources import RECORD_FORMATS, local_files, parse_source
 from data.sources import SPLITS as SOURCE_SPLITS
 from data.synthetic import answer_matches
+from data.tokenizer import PAD_ID
+from model.losses import categorical_kl
 from model.reward import RewardModel
 from training import distributed
 from training.cli import run_script
@@ -111,7 +119,7 @@ from training.evaluation import (
     lm_figures,
     sampled_replies,
 )
-from training.load import PRECISIONS, LoadedRun, load_run
+from training.load import PRECISIONS, LoadedRun, load_run, refuse_reward_model
 from training.monitor import Monitor, print0
 from training.rewards import RewardModelScorer, Rollouts
 from training.stages import STAGES
@@ -384,20 +392,23 @@ def sampled_figures(run: LoadedRun, items, args, info) -> dict:
     """--samples-per-prompt K: K replies to each prompt sampled at --samples-temperature, scored by exact match;
     training/evaluation.group_figures overall and per task. Each reply's noise is keyed by (--seed, prompt index,
     sample), so the figures are the same on any number of ranks. --judge RM: the reward model also scores each
-    reply (its generated ids after the rendered prompt, as RL scores them): judge_figures."""
+    reply (its generated ids after the rendered prompt, as RL scores them): judge_figures. --kl-reference RUN: the
+    exact KL of each reply's next-token distributions to that run's: kl_figures."""
     k, tasks = args.samples_per_prompt, sorted({t for _, _, t in items})
     sums = torch.zeros(len(tasks) + 1, 5, dtype=torch.float64)  # group_counts per task; the last row is the total
     judged = torch.zeros(len(tasks) + 1, 3, dtype=torch.float64)  # judge_counts per task
+    kl = torch.zeros(len(tasks) + 1, 2, dtype=torch.float64)  # (nats, reply tokens) per task
     judge = load_judge(run, args.judge) if args.judge else None
+    reference = load_kl_reference(run, args.kl_reference) if args.kl_reference else None
     for i in tqdm(range(info.rank, len(items), info.world_size), desc="sampled", unit="prompt",
                   disable=not info.is_main):
-        messages, reference, task = items[i]
+        messages, reference_answer, task = items[i]
         ids = render_prompt(messages, run.tok)
         room = run.gcfg.block_size - len(ids)  # >= 1: chat_items left out the rest
         replies, reply_ids = sampled_replies(run.model, run.tok, ids, k, args.samples_temperature,
-                                             min(reply_budget(run, reference), room), args.seed, i, run.device,
-                                             with_ids=True)
-        right = [answer_matches(r, reference) for r in replies]
+                                             min(reply_budget(run, reference_answer), room), args.seed, i,
+                                             run.device, with_ids=True)
+        right = [answer_matches(r, reference_answer) for r in replies]
         counts = group_counts(torch.tensor([right]))
         sums[tasks.index(task)] += counts
         sums[-1] += counts
@@ -406,17 +417,68 @@ def sampled_figures(run: LoadedRun, items, args, info) -> dict:
             c = judge_counts(right, judge(rollouts, run.device, run.autocast).cpu())
             judged[tasks.index(task)] += c
             judged[-1] += c
-    both = torch.cat([sums, judged], dim=1).to(run.device)
+        if reference is not None:
+            c = reply_kl(run.model, reference.model, ids, reply_ids, args.samples_temperature, run.device)
+            kl[tasks.index(task)] += c
+            kl[-1] += c
+    both = torch.cat([sums, judged, kl], dim=1).to(run.device)
     distributed.all_reduce(both)
-    sums, judged = both[:, :5].cpu(), both[:, 5:].cpu()
+    sums, judged, kl = both[:, :5].cpu(), both[:, 5:8].cpu(), both[:, 8:].cpu()
+
+    def extra(j: int) -> dict:
+        out = judge_figures(judged[j], sums[j, 2].item()) if judge is not None else {}
+        return out | (kl_figures(kl[j], sums[j, 1].item()) if reference is not None else {})
+
     figures = {"samples_per_prompt": k, "samples_temperature": args.samples_temperature, **group_figures(sums[-1])}
-    if judge is not None:
-        figures |= {"judge": args.judge, **judge_figures(judged[-1], sums[-1, 2].item())}
+    figures |= {"judge": args.judge} if judge is not None else {}
+    figures |= {"kl_reference": args.kl_reference} if reference is not None else {}
+    figures |= extra(-1)
     if tasks != [""]:
-        figures["sampled_by_task"] = {
-            t or "(none)": group_figures(sums[j]) | (judge_figures(judged[j], sums[j, 2].item()) if judge else {})
-            for j, t in enumerate(tasks)}
+        figures["sampled_by_task"] = {t or "(none)": group_figures(sums[j]) | extra(j) for j, t in enumerate(tasks)}
     return figures
+
+
+def load_kl_reference(run: LoadedRun, run_dir: str) -> LoadedRun:
+    """--kl-reference: a policy run with the policy's tokenizer and vocabulary (KL compares distributions over the
+    same token ids), loaded on the policy's device in its precision."""
+    ref = load_run(run_dir, str(run.device), run.precision)
+    refuse_reward_model(ref, f"--kl-reference {run_dir}")
+    if ref.tok.hash != run.tok.hash or ref.gcfg.vocab_size != run.gcfg.vocab_size:
+        raise ValueError(f"--kl-reference {run_dir}: its tokenizer (hash {ref.tok.hash[:12]}, vocab_size "
+                         f"{ref.gcfg.vocab_size}) differs from the policy's ({run.tok.hash[:12]}, "
+                         f"{run.gcfg.vocab_size}); a KL compares next-token distributions over the same ids")
+    return ref
+
+
+@torch.no_grad()
+def reply_kl(policy, reference, prompt_ids: list[int], reply_ids: list[list[int]], temperature: float,
+             device) -> torch.Tensor:
+    """The exact KL(policy || reference) of the next-token distributions (logits / temperature, as RL's log-probs)
+    at every token position of the K replies to one prompt, summed -> float64 (2,): (nats, reply tokens).
+
+    Averaged over tokens sampled from the policy this is KL(policy || reference) per token under the policy's own
+    sampling: what RL's train/kl estimates from one token per position (model/losses.kl_estimate), here without
+    that estimator's noise. Rows are right-padded, which leaves a causal model's earlier logits unchanged."""
+    p, m = len(prompt_ids), max(len(r) for r in reply_ids)
+    rows = torch.full((len(reply_ids), p + m), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(reply_ids), m)  # (K, M): 1 on each reply's tokens, <|end|> included
+    for j, r in enumerate(reply_ids):
+        rows[j, :p] = torch.tensor(prompt_ids)
+        rows[j, p : p + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    rows = rows.to(device)
+    # Position p - 1 + t predicts reply token t: logits (K, M, V).
+    pol = policy(rows)[:, p - 1 : p - 1 + m].float() / temperature
+    ref = reference(rows)[:, p - 1 : p - 1 + m].float() / temperature
+    per_token = categorical_kl(pol, ref).cpu() * mask  # (K, M)
+    return torch.tensor([per_token.sum().item(), mask.sum().item()], dtype=torch.float64)
+
+
+def kl_figures(sums: torch.Tensor, replies: float) -> dict[str, float]:
+    """reply_kl's sums over `replies` replies -> kl_to_reference (nats per reply, summed over its tokens) and
+    kl_per_token (nats per reply token: the scale of RL's train/kl)."""
+    nats, tokens = sums.tolist()
+    return {"kl_to_reference": nats / replies, "kl_per_token": nats / tokens}
 
 
 def load_judge(run: LoadedRun, run_dir: str) -> RewardModelScorer:
@@ -706,6 +768,9 @@ def parse_args(argv: list[str] | None):
                    help="temperature of those K replies (default 1.0, the RL stage's; 0 = greedy)")
     p.add_argument("--judge", metavar="RM_RUN_DIR",
                    help="a reward model also scores the K replies: best_of_k_accuracy, judge_pair_accuracy")
+    p.add_argument("--kl-reference", metavar="RUN_DIR",
+                   help="the exact KL of the K replies' next-token distributions to this run's (an RL run's start, "
+                        "or the SFT run before several RL rounds): kl_to_reference, kl_per_token")
     p.add_argument("--seed", type=int, default=1337, help="of the samples and the sampled replies")
     p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--tensorboard", action="store_true", help="log the figures under eval/ in the run's TensorBoard")
@@ -718,6 +783,9 @@ def parse_args(argv: list[str] | None):
         raise ValueError("--max-tokens and --max-examples must be >= 0, --batch-size >= 1")
     if args.judge and args.samples_per_prompt < 2:
         raise ValueError("--judge ranks the sampled replies of each prompt: give --samples-per-prompt K >= 2")
+    if args.kl_reference and (args.samples_per_prompt < 1 or args.samples_temperature <= 0):
+        raise ValueError("--kl-reference measures the KL on sampled replies: give --samples-per-prompt K >= 1 and "
+                         f"--samples-temperature > 0 (got {args.samples_per_prompt} and {args.samples_temperature})")
     if args.samples_per_prompt < 0 or args.samples_temperature < 0:
         raise ValueError(f"--samples-per-prompt={args.samples_per_prompt} and --samples-temperature="
                          f"{args.samples_temperature} must be >= 0")

@@ -244,6 +244,47 @@ def test_judge_ranks_the_sampled_replies_as_recomputed_from_them(sft_run, tmp_pa
         run_eval(run_dir, "--samples-per-prompt", 1, "--judge", rm)
     with pytest.raises(ValueError, match=f"--judge {run_dir}: .* is not a reward model"):
         run_eval(run_dir, "--max-examples", 4, "--samples-per-prompt", 2, "--judge", run_dir)
+    with pytest.raises(ValueError, match="is a reward model .*: --kl-reference .* needs a policy run"):
+        run_eval(run_dir, "--max-examples", 4, "--samples-per-prompt", 2, "--kl-reference", rm)
+
+
+def test_kl_reference_is_zero_to_itself_and_equals_an_unpadded_recomputation(sft_run, tiny_run):
+    """--kl-reference RUN: to the run itself the KL is exactly 0; to the pre-training run it started from, the
+    figures equal the exact KL recomputed reply by reply from the same sampled replies, each reply alone (no right
+    padding), its position t's distribution read from the logits before token t, summed over the whole vocabulary."""
+    from training.evaluation import sampled_replies
+
+    run_dir, _ = sft_run
+    itself = run_eval(run_dir, "--max-examples", 12, "--samples-per-prompt", 3, "--kl-reference", run_dir)
+    assert itself["kl_to_reference"] == 0.0 and itself["kl_per_token"] == 0.0
+    got = run_eval(run_dir, "--max-examples", 12, "--samples-per-prompt", 3, "--kl-reference", tiny_run,
+                   "--samples-temperature", 0.8)
+    run, base = load_run(run_dir, "cpu"), load_run(tiny_run, "cpu")
+    items, _ = evaluate.chat_items("synthetic", evaluate.parse_args([str(run_dir), "--max-examples", "12"]), run)
+    nats, tokens, replies = 0.0, 0, 0
+    for i, (messages, reference, _) in enumerate(items):
+        ids = evaluate.render_prompt(messages, run.tok)
+        budget = min(evaluate.reply_budget(run, reference), run.gcfg.block_size - len(ids))
+        _, reply_ids = sampled_replies(run.model, run.tok, ids, 3, 0.8, budget, 1337, i, run.device, with_ids=True)
+        for reply in reply_ids:
+            seq = torch.tensor([ids + reply])
+            with torch.no_grad():
+                logp = (run.model(seq)[0].double() / 0.8).log_softmax(-1)
+                logr = (base.model(seq)[0].double() / 0.8).log_softmax(-1)
+            for t in range(len(reply)):  # the distribution of reply token t is read at position len(ids) - 1 + t
+                pos = len(ids) - 1 + t
+                nats += (logp[pos].exp() * (logp[pos] - logr[pos])).sum().item()
+            tokens += len(reply)
+            replies += 1
+    assert nats > 0 and replies == 3 * len(items)
+    assert got["kl_per_token"] == pytest.approx(nats / tokens, rel=1e-4)
+    assert got["kl_to_reference"] == pytest.approx(nats / replies, rel=1e-4)
+    assert got["kl_reference"] == str(tiny_run)
+    assert all("kl_per_token" in figures for figures in got["sampled_by_task"].values())
+    with pytest.raises(ValueError, match="--kl-reference measures the KL on sampled replies"):
+        run_eval(run_dir, "--max-examples", 4, "--kl-reference", tiny_run)
+    with pytest.raises(ValueError, match="--kl-reference measures the KL on sampled replies"):
+        run_eval(run_dir, "--samples-per-prompt", 2, "--samples-temperature", 0, "--kl-reference", tiny_run)
 
 
 def test_samples_per_prompt_needs_chat_data_and_sane_values(tiny_run, sft_run):
