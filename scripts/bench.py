@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "gpu": env["gpu"], "torch": env["packages"]["torch"], "python": env["python"],
                            "git_revision": env["git_revision"], "host_malloc_tuned": host_malloc_tuned},
-               "peak": {}, "step": [], "loop": None, "data": None, "prepare": None, "rl": None}
+               "peak": {}, "step": [], "loop": None, "data": None, "prepare": None, "rl": None, "complete": False}
     if args.scaling:
         return run_scaling(args, device, precisions, overrides, results)
     cache = tempfile.mkdtemp(prefix="gptrain-bench-cache-")
@@ -774,6 +774,8 @@ def main(argv: list[str] | None = None) -> dict:
                 r[f"mfu_vendor_peak{suffix}"] = r[f"achieved_tflops{suffix}"] * 1e12 / vp if vp else None
             readings.append(after)
             results["step"].append(r)
+            results["peak"][prec]["readings_tflops"] = [x / 1e12 for x in readings]
+            save_partial(args.json, results)  # a stage killed by its timeout (gpu_check.sh) keeps what it measured
             print(f"step {prec} {'compiled' if compile_ else 'eager':8s}: {r['tokens_per_sec']:,.0f} tok/s, "
                   f"{r['achieved_tflops'] * 1000:.1f} GFLOP/s, MFU {100 * r['mfu_measured_peak']:.1f}% of measured "
                   f"peak (6N + 12LdT; causal 6N + 6LdT: {100 * r['mfu_measured_peak_causal']:.1f}%)", flush=True)
@@ -781,11 +783,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_loop:
         results["loop"] = bench_loop(args.preset, device, batch_size, max(4 * args.steps, 20), overrides, cache,
                                      args.optimizer)
+        save_partial(args.json, results)
     if not args.no_data:
         vocab = GPTConfig.from_preset(args.preset, **overrides).vocab_size
         results["data"] = bench_data(min(vocab, 65536), cache)
+        save_partial(args.json, results)
     if args.prepare:
         results["prepare"] = bench_prepare(Path(args.prepare_dir), args.prepare_repeats)
+        save_partial(args.json, results)
     if args.rl:
         results["rl"] = bench_rl(args.rl, args.steps, device)
 
@@ -822,9 +827,19 @@ def main(argv: list[str] | None = None) -> dict:
     if results["rl"]:
         print_rl(results["rl"])
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        results["complete"] = True
+        save_partial(args.json, results)
         print(f"wrote {args.json}")
     return results
+
+
+def save_partial(path: str | None, results: dict) -> None:
+    """Write the results so far to --json, atomically (a temporary file renamed into place): a run stopped part way
+    leaves every measurement it finished and never a half-written file. "complete": true marks a finished run."""
+    if path:
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
 
 
 def run_scaling(args, device: torch.device, precisions: list[str], overrides: dict, results: dict) -> dict:
@@ -835,7 +850,8 @@ def run_scaling(args, device: torch.device, precisions: list[str], overrides: di
     modes = [c for c, skip in ((False, args.no_eager), (True, args.no_compile)) if not skip]
     if not modes:
         raise ValueError("--scaling with both --no-eager and --no-compile: no step to measure")
-    del results["step"], results["loop"], results["data"], results["prepare"], results["rl"], results["peak"]
+    for key in ("step", "loop", "data", "prepare", "rl", "peak", "complete"):
+        del results[key]
     results["scaling"] = bench_scaling(args, device, precisions[0], modes, overrides)
     table = scaling_markdown(results)
     print("\n" + table)

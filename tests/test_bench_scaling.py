@@ -144,3 +144,33 @@ def test_scaling_profiles_the_rows_own_model(tmp_path):
     assert all(r["profile"] is not None for r in rows)
     built = p.stdout.strip().splitlines()[-1]
     assert built == "built [(32, 16), (32, 16), (64, 16), (32, 32)]", built
+
+
+def test_a_stopped_bench_keeps_the_measurements_it_finished(tmp_path):
+    """bench.py writes its JSON after each measurement (atomically), so a run stopped by a stage timeout
+    (scripts/gpu_check.sh) keeps what it measured: stopped with SIGKILL while torch.compile works, after the eager
+    step was printed, the file holds that step, with its two peak readings, and says the run is not complete."""
+    import signal
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "tiny", "--device", "cpu", "--steps", "2",
+           "--warmup", "1", "--batch-size", "2", "--model", "vocab_size=256", "--peak-n", "128", "--peak-seconds",
+           "0.05", "--no-loop", "--no-data", "--json", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("step fp32 eager"):
+                p.send_signal(signal.SIGKILL)  # torch.compile of the next measurement has only begun
+                break
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+        p.stdout.close()
+    assert p.returncode == -signal.SIGKILL  # it was stopped, not finished
+    results = json.loads(out.read_text())
+    assert results["complete"] is False
+    [step] = results["step"]
+    assert (step["preset"], step["compile"], step["precision"]) == ("tiny", False, "fp32")
+    assert step["tokens_per_sec"] > 0 and len(results["peak"]["fp32"]["readings_tflops"]) == 2
+    assert not out.with_name(out.name + ".tmp").exists()

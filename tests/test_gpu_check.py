@@ -67,6 +67,7 @@ def test_smoke_bench_stages(smoke):
     assert s["profile"]["top"] and s["profile"]["what"] == "CPU ops, self CPU time"
     assert len(first["peak"]["bf16"]["readings_tflops"]) == 2  # before and after the step measurement
     assert [(r["precision"], r["compile"]) for r in eager["step"]] == [("bf16", False), ("fp16", False)]
+    assert first["complete"] is True and eager["complete"] is True
 
 
 def test_smoke_training_stages(smoke):
