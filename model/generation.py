@@ -85,21 +85,24 @@ def noise_seed(key: int, step: int) -> int:
 
 def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(N, V) standard Gumbel noise, a pure function of (row key, decode step): row i is -log(-log(u)) of V
-    uniforms drawn by a private CPU generator seeded with noise_seed(key_i, step) (no global torch random state
-    read or changed), fp32 on row_keys' device. One small draw per row: a hash of every (row, token) in torch ops
-    cost ~50 integer passes over (N, V), tens of times more on a CPU. On a GPU the N draws and the copy are a
-    per-step cost that grows with the vocabulary (not measured yet: no GPU check has run this stage)."""
+    uniforms drawn by a private generator on row_keys' device, seeded with noise_seed(key_i, step) (no global torch
+    random state read or changed), fp32 on that device. One small draw per row: a hash of every (row, token) in
+    torch ops cost ~50 integer passes over (N, V), tens of times more on a CPU. On a GPU the rows are drawn there
+    (CUDA's Philox generator: the same key gives the same noise on every GPU and rank, other numbers than the CPU's
+    Mersenne Twister), so no (N, V) float64 block is made on the host and copied over at each decode step; not
+    timed yet, no GPU check has run this stage."""
     if step < 0 or vocab <= 0:
         raise ValueError(f"gumbel_noise needs step >= 0 and vocab > 0, got step={step}, vocab={vocab}")
-    gen = torch.Generator()
+    device = row_keys.device
+    gen = torch.Generator(device=device)
     rows = []
     for key in row_keys.tolist():
         gen.manual_seed(noise_seed(key, step))
-        rows.append(torch.rand(vocab, generator=gen, dtype=torch.float64))
+        rows.append(torch.rand(vocab, generator=gen, dtype=torch.float64, device=device))
     if not rows:  # every row has stopped (a fixed-length decode runs on)
-        return torch.empty(0, vocab, device=row_keys.device)
+        return torch.empty(0, vocab, device=device)
     u = torch.stack(rows).clamp_(min=2.0**-60)  # (N, V) in (0, 1): rand can return exactly 0
-    return (-torch.log(-torch.log(u))).float().to(row_keys.device)
+    return (-torch.log(-torch.log(u))).float()
 
 
 # ---------------------------------------------------------------- generation
