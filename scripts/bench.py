@@ -68,6 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import GPT, GPTConfig
+from training import checkpoint
 from training.config import TrainSection, stage_defaults
 from training.hostmem import keep_freed_memory
 from training.loop import accumulate_gradients, apply_update, clip_gradients, unscale_gradients
@@ -837,9 +838,7 @@ def save_partial(path: str | None, results: dict) -> None:
     """Write the results so far to --json, atomically (a temporary file renamed into place): a run stopped part way
     leaves every measurement it finished and never a half-written file. "complete": true marks a finished run."""
     if path:
-        tmp = Path(path).with_name(Path(path).name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
+        checkpoint.atomic_write_bytes(Path(path), json.dumps(results, indent=2).encode())
 
 
 def run_scaling(args, device: torch.device, precisions: list[str], overrides: dict, results: dict) -> dict:
