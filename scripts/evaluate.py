@@ -459,19 +459,18 @@ def reply_kl(policy, reference, prompt_ids: list[int], reply_ids: list[list[int]
     Averaged over tokens sampled from the policy this is KL(policy || reference) per token under the policy's own
     sampling: what RL's train/kl estimates from one token per position (model/losses.kl_estimate), here without
     that estimator's noise. Rows are right-padded, which leaves a causal model's earlier logits unchanged."""
-    p, m = len(prompt_ids), max(len(r) for r in reply_ids)
+    p, lengths = len(prompt_ids), torch.tensor([len(r) for r in reply_ids])  # lengths (K,), <|end|> included
+    m = int(lengths.max())
     rows = torch.full((len(reply_ids), p + m), PAD_ID, dtype=torch.long)
-    mask = torch.zeros(len(reply_ids), m)  # (K, M): 1 on each reply's tokens, <|end|> included
     for j, r in enumerate(reply_ids):
-        rows[j, :p] = torch.tensor(prompt_ids)
-        rows[j, p : p + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[j, : len(r)] = 1
+        rows[j, : p + len(r)] = torch.tensor(prompt_ids + r)
     rows = rows.to(device)
     # Position p - 1 + t predicts reply token t: logits (K, M, V).
     pol = policy(rows)[:, p - 1 : p - 1 + m].float() / temperature
     ref = reference(rows)[:, p - 1 : p - 1 + m].float() / temperature
-    per_token = categorical_kl(pol, ref).cpu() * mask  # (K, M)
-    return torch.tensor([per_token.sum().item(), mask.sum().item()], dtype=torch.float64)
+    in_reply = torch.arange(m) < lengths[:, None]  # (K, M)
+    nats = categorical_kl(pol, ref).cpu()[in_reply].sum().item()
+    return torch.tensor([nats, lengths.sum().item()], dtype=torch.float64)
 
 
 def kl_figures(sums: torch.Tensor, replies: float) -> dict[str, float]:
